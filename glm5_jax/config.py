@@ -1,0 +1,351 @@
+"""Typed model configuration: YAML presets, HF ``config.json`` in and out, ``key=value`` overrides.
+
+Field names mirror transformers' ``GlmMoeDsaConfig`` so a config moves between the two ecosystems
+unchanged; the fields after ``num_nextn_predict_layers`` are this stack's own (compute settings).
+Every problem is reported as one :class:`ConfigError` line naming the key, before anything compiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.resources
+import json
+import logging
+import os
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPE = "glm_moe_dsa"
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+ROPE_TYPES = ("default", "linear")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration: the message is one line naming the key and what is allowed."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    # --- transformers GlmMoeDsaConfig fields (defaults: the released GLM-5) ---
+    vocab_size: int = 154880
+    hidden_size: int = 6144
+    intermediate_size: int = 12288
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 78
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 64
+    n_shared_experts: int = 1
+    n_routed_experts: int = 256
+    routed_scaling_factor: float = 2.5
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 2048
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 256
+    qk_nope_head_dim: int = 192
+    n_group: int = 1
+    topk_group: int = 1
+    num_experts_per_tok: int = 8
+    norm_topk_prob: bool = True
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 202752
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-5
+    pad_token_id: int | None = 154820
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = dataclasses.field(default_factory=lambda: [154820, 154827, 154829])
+    tie_word_embeddings: bool = False
+    rope_parameters: dict = dataclasses.field(default_factory=lambda: {"rope_type": "default", "rope_theta": 1e6})
+    mlp_layer_types: list[str] | None = None  # None: first_k_dense_replace "dense", then "sparse"
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    index_topk: int = 2048
+    index_head_dim: int = 128
+    index_n_heads: int = 32
+    mlp_bias: bool = False
+    first_k_dense_replace: int = 3
+    indexer_types: list[str] | None = None  # None: every layer "full"
+    num_nextn_predict_layers: int = 1  # MTP parameter sets stored after the main layers (0 or 1)
+    # --- this stack's own settings ---
+    mtp_depths: int = 3  # prediction depths run with the one shared MTP parameter set
+    indexer_relu: bool = True  # ReLU on indexer logits (transformers: on; Megatron's GLM-5: off)
+    dtype: str = "float32"  # compute dtype of activations and matmuls
+    param_dtype: str = "float32"  # storage dtype of parameters
+    remat_policy: str = "none"  # what a scanned layer keeps for the backward pass
+    attention_query_block: int = 256  # queries per block in sparse (top-k) attention
+
+    def __post_init__(self):
+        if self.mlp_layer_types is None:
+            n_dense = min(self.first_k_dense_replace, self.num_hidden_layers)
+            self.mlp_layer_types = ["dense"] * n_dense + ["sparse"] * (self.num_hidden_layers - n_dense)
+        if self.indexer_types is None:
+            self.indexer_types = ["full"] * self.num_hidden_layers
+        self.mlp_layer_types = list(self.mlp_layer_types)
+        self.indexer_types = list(self.indexer_types)
+        self.rope_parameters = dict(self.rope_parameters)
+
+    # ----- derived sizes -----
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        return self.moe_intermediate_size * self.n_shared_experts
+
+    @property
+    def rope_theta(self) -> float:
+        return float(self.rope_parameters["rope_theta"])
+
+    @property
+    def has_mtp(self) -> bool:
+        return self.num_nextn_predict_layers > 0
+
+    def validate(self) -> "ModelConfig":
+        """Raise :class:`ConfigError` for the first invalid value; return self."""
+        _validate(self)
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes).validate()
+
+
+HF_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))[
+    : [f.name for f in dataclasses.fields(ModelConfig)].index("num_nextn_predict_layers") + 1
+]
+OWN_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in HF_FIELDS)
+
+# Keys an HF config.json carries that say nothing about the architecture, or repeat a derived value.
+_HF_IGNORED = {
+    "architectures", "transformers_version", "dtype", "torch_dtype", "use_cache", "output_router_logits",
+    "_name_or_path", "output_hidden_states", "output_attentions", "return_dict", "chunk_size_feed_forward",
+    "is_encoder_decoder", "id2label", "label2id", "problem_type", "model_type", "head_dim", "qk_head_dim",
+    "layer_types", "ep_size", "auto_map", "tokenizer_class", "num_experts", "max_window_layers",
+}
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"{key}: {message}")
+
+
+def _check_positive(cfg: ModelConfig, *keys: str):
+    for key in keys:
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            _fail(key, f"must be a positive integer, got {value!r}")
+
+
+def _check_choice(key: str, value, allowed):
+    if value not in allowed:
+        _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+def _validate(cfg: ModelConfig):
+    _check_positive(
+        cfg, "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+        "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank",
+        "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
+        "num_experts_per_tok", "max_position_embeddings", "index_topk", "index_head_dim", "index_n_heads",
+        "mtp_depths", "attention_query_block",
+    )
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        _fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
+              f"got {cfg.num_key_value_heads}")
+    if cfg.qk_rope_head_dim % 2:
+        _fail("qk_rope_head_dim", f"RoPE rotates pairs, so it must be even; got {cfg.qk_rope_head_dim}")
+    if cfg.index_head_dim < cfg.qk_rope_head_dim:
+        _fail("index_head_dim", f"must be >= qk_rope_head_dim ({cfg.qk_rope_head_dim}) since RoPE covers its "
+              f"first qk_rope_head_dim dims; got {cfg.index_head_dim}")
+    if cfg.n_routed_experts % cfg.n_group:
+        _fail("n_group", f"must divide n_routed_experts ({cfg.n_routed_experts}); got {cfg.n_group}")
+    if cfg.n_group > 1 and cfg.n_routed_experts // cfg.n_group < 2:
+        _fail("n_group", "group scores sum the top-2 experts of a group, so groups need >= 2 experts")
+    if cfg.topk_group > cfg.n_group:
+        _fail("topk_group", f"must be <= n_group ({cfg.n_group}); got {cfg.topk_group}")
+    selectable = cfg.topk_group * (cfg.n_routed_experts // cfg.n_group)
+    if cfg.num_experts_per_tok > selectable:
+        _fail("num_experts_per_tok", f"must be <= topk_group * experts per group ({selectable}); "
+              f"got {cfg.num_experts_per_tok}")
+    _check_choice("hidden_act", cfg.hidden_act, ("silu",))
+    for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if getattr(cfg, key):
+            _fail(key, "GLM-5 has none; only false is supported")
+    if not 0 <= cfg.first_k_dense_replace <= cfg.num_hidden_layers:
+        _fail("first_k_dense_replace", f"must be in [0, num_hidden_layers={cfg.num_hidden_layers}]; "
+              f"got {cfg.first_k_dense_replace}")
+    for key, allowed in (("mlp_layer_types", ("dense", "sparse")), ("indexer_types", ("full", "shared"))):
+        types = getattr(cfg, key)
+        if len(types) != cfg.num_hidden_layers:
+            _fail(key, f"needs one entry per layer ({cfg.num_hidden_layers}); got {len(types)}")
+        for i, t in enumerate(types):
+            if t not in allowed:
+                _fail(f"{key}[{i}]", f"must be one of {', '.join(allowed)}; got {t!r}")
+    if cfg.indexer_types[0] != "full":
+        _fail("indexer_types[0]", "a 'shared' layer reuses the previous full layer's top-k, so layer 0 must be 'full'")
+    if cfg.num_nextn_predict_layers not in (0, 1):
+        _fail("num_nextn_predict_layers", f"must be 0 or 1 (depths share one parameter set); "
+              f"got {cfg.num_nextn_predict_layers}")
+    _check_choice("dtype", cfg.dtype, DTYPES)
+    _check_choice("param_dtype", cfg.param_dtype, DTYPES)
+    _check_choice("remat_policy", cfg.remat_policy, REMAT_POLICIES)
+    rope = cfg.rope_parameters
+    _check_choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
+    theta = rope.get("rope_theta")
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        _fail("rope_parameters.rope_theta", f"must be a positive number; got {theta!r}")
+    if rope.get("rope_type", "default") == "linear":
+        factor = rope.get("factor")
+        if not isinstance(factor, (int, float)) or factor < 1:
+            _fail("rope_parameters.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
+    if not 0 <= cfg.attention_dropout < 1:
+        _fail("attention_dropout", f"must be in [0, 1); got {cfg.attention_dropout}")
+    if cfg.rms_norm_eps <= 0:
+        _fail("rms_norm_eps", f"must be positive; got {cfg.rms_norm_eps}")
+
+
+def _unknown_key(key: str, known) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"{key}: unknown model config key{hint}")
+
+
+def from_dict(values: dict) -> ModelConfig:
+    """Build and validate a config from a plain dict; unknown keys are errors."""
+    known = [f.name for f in dataclasses.fields(ModelConfig)]
+    for key in values:
+        if key not in known:
+            raise _unknown_key(key, known)
+    try:
+        cfg = ModelConfig(**values)
+    except TypeError as e:  # e.g. a list where a dict belongs
+        raise ConfigError(f"model config: {e}") from None
+    return cfg.validate()
+
+
+def preset_path(name: str) -> str:
+    """Path of a shipped preset (``configs/models/NAME.yaml``)."""
+    root = importlib.resources.files("glm5_jax.configs") / "models"
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"model preset {name!r} does not exist; presets: {', '.join(names)}")
+    return str(path)
+
+
+def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
+    """Load a model config from a preset name, a YAML file, or an HF ``config.json``, then apply overrides."""
+    if os.path.isdir(source):
+        source = os.path.join(source, "config.json")
+    if source.endswith(".json"):
+        values = hf_to_dict(_read_json(source))
+    else:
+        path = source if os.path.exists(source) else preset_path(source)
+        with open(path) as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: a model config must be a mapping of keys to values")
+        values = values.get("model", values)
+    return from_dict(apply_overrides(values, overrides))
+
+
+def apply_overrides(values: dict, overrides) -> dict:
+    """Apply ``key=value`` strings (values parsed as YAML; ``a.b=v`` sets a nested key)."""
+    values = json.loads(json.dumps(values))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw else None
+        *parents, leaf = key.split(".")
+        node = values
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{key}: {p} is not a mapping")
+        node[leaf] = value
+    return values
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+
+
+def hf_to_dict(hf: dict) -> dict:
+    """Translate an HF ``config.json`` dict into ModelConfig keys, rejecting other architectures."""
+    model_type = hf.get("model_type")
+    if model_type != MODEL_TYPE:
+        raise ConfigError(f"model_type: only {MODEL_TYPE!r} (GLM-5) is supported; got {model_type!r}")
+    if "quantization_config" in hf:
+        method = hf["quantization_config"].get("quant_method", "?")
+        raise ConfigError(f"quantization_config: quantized checkpoints ({method}) are not supported; "
+                          "convert the bfloat16 release")
+    hf = dict(hf)
+    values: dict[str, Any] = {}
+    # Older exports carry rope_theta / rope_scaling at the top level.
+    rope = dict(hf.pop("rope_parameters", None) or {})
+    if "rope_theta" in hf:
+        rope.setdefault("rope_theta", hf.pop("rope_theta"))
+    if hf.get("rope_scaling"):
+        rope.update(hf.pop("rope_scaling"))
+        rope.setdefault("rope_type", rope.pop("type", "default"))
+    hf.pop("rope_scaling", None)
+    rope.setdefault("rope_type", "default")
+    values["rope_parameters"] = rope
+    # The indexer schedule keys that transformers expands into indexer_types.
+    pattern, freq, offset = hf.pop("index_topk_pattern", None), hf.pop("index_topk_freq", None), hf.pop(
+        "index_skip_topk_offset", None)
+    if hf.get("indexer_types") is None and (pattern is not None or freq is not None):
+        n = hf.get("num_hidden_layers", ModelConfig.num_hidden_layers)
+        if pattern is not None:
+            hf["indexer_types"] = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(
+                pattern, str) else list(pattern)
+        else:
+            freq, offset = max(freq, 1), 2 if offset is None else offset
+            hf["indexer_types"] = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
+    for key, expected in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("moe_layer_freq", 1)):
+        if key in hf and hf.pop(key) != expected:
+            raise ConfigError(f"{key}: GLM-5 uses {expected!r}; other values are not supported")
+    ignored = []
+    for key, value in hf.items():
+        if key in HF_FIELDS:
+            values[key] = value
+        elif key not in _HF_IGNORED:
+            ignored.append(key)
+    if ignored:
+        log.warning("config.json keys not used by glm5-jax: %s", ", ".join(sorted(ignored)))
+    return values
+
+
+def to_hf_dict(cfg: ModelConfig) -> dict:
+    """The ``config.json`` transformers loads as ``GlmMoeDsaConfig``."""
+    out = {"architectures": ["GlmMoeDsaForCausalLM"], "model_type": MODEL_TYPE}
+    for key in HF_FIELDS:
+        out[key] = getattr(cfg, key)
+    out["head_dim"] = cfg.qk_rope_head_dim
+    out["dtype"] = cfg.param_dtype
+    return out
+
+
+def save_hf_config(cfg: ModelConfig, path: str, dtype: str | None = None):
+    out = to_hf_dict(cfg)
+    if dtype:
+        out["dtype"] = dtype
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+        f.write("\n")

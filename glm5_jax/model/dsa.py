@@ -1,0 +1,97 @@
+"""The DeepSeek Sparse Attention lightning indexer and its top-k key selection.
+
+I[t, s] = sum_h w[t, h] * ReLU(q_I[t, h] . k_I[s] / sqrt(d_I)); query t attends only to the `index_topk`
+visible keys with the highest I[t, s]. Scores are computed per block of queries so memory is
+O(block * length), never [length, length] at once.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5_jax.model.norms import LayerNorm
+from glm5_jax.model.params import make_param
+from glm5_jax.model.rope import apply_rope
+
+
+class Indexer(nnx.Module):
+    def __init__(self, cfg, *, stack: int | None, rngs: nnx.Rngs):
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        self.n_heads, self.head_dim = cfg.index_n_heads, cfg.index_head_dim
+        self.rope_dim, self.relu = cfg.qk_rope_head_dim, cfg.indexer_relu
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.wq_b = make_param(rngs, (cfg.q_lora_rank, self.n_heads, self.head_dim),
+                               ("q_lora", "index_heads", "index_head_dim"), stack=stack, dtype=pd, std=std)
+        self.wk = make_param(rngs, (cfg.hidden_size, self.head_dim), ("embed", "index_head_dim"),
+                             stack=stack, dtype=pd, std=std)
+        self.k_norm = LayerNorm(self.head_dim, 1e-6, axis="index_head_dim", stack=stack, param_dtype=pd)
+        # transformers keeps weights_proj in float32 whatever the model dtype; so do we.
+        self.weights_proj = make_param(rngs, (cfg.hidden_size, self.n_heads), ("embed", "index_heads"),
+                                       stack=stack, dtype=jnp.float32, std=std)
+
+    def project(self, x, c_q, cos, sin):
+        """Indexer queries [B, L, Hi, Di], keys [B, L, Di] (float32) and head weights [B, L, Hi]."""
+        q = jnp.einsum("blr,rhd->blhd", c_q, self.wq_b[...].astype(self.dtype))
+        k = self.k_norm(x @ self.wk[...].astype(self.dtype))
+        r = self.rope_dim
+        q = jnp.concatenate([apply_rope(q[..., :r], cos, sin), q[..., r:]], axis=-1)
+        k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
+        w = (x.astype(jnp.float32) @ self.weights_proj[...]) * self.n_heads ** -0.5
+        return q.astype(jnp.float32), k.astype(jnp.float32), w
+
+    def scores(self, q, k, w):
+        """Index scores [B, Q, L] of query block q [B, Q, Hi, Di] against all keys k [B, L, Di]."""
+        s = jnp.einsum("bqhd,bkd->bqhk", q, k) * self.head_dim ** -0.5
+        if self.relu:
+            s = jax.nn.relu(s)
+        return jnp.einsum("bqh,bqhk->bqk", w, s)
+
+
+def visible(q_index, k_index, q_segment, k_segment):
+    """Causal and same-document visibility of keys to queries (indices are row positions)."""
+    return (k_index <= q_index) & (k_segment == q_segment)
+
+
+def query_blocks(n: int, block: int) -> tuple[int, int]:
+    """(block size, padded length) for processing n queries in blocks."""
+    block = min(block, n)
+    return block, -(-n // block) * block
+
+
+def map_query_blocks(fn, block: int, *arrays):
+    """Apply fn to blocks of `block` queries of each array [B, L, ...] (axis 1), concatenating results.
+
+    Arrays are padded at the end to a whole number of blocks and the padding is cut off the results.
+    """
+    n = arrays[0].shape[1]
+    block, padded = query_blocks(n, block)
+
+    def split(a):
+        a = jnp.pad(a, [(0, 0), (0, padded - n)] + [(0, 0)] * (a.ndim - 2))
+        a = a.reshape(a.shape[0], padded // block, block, *a.shape[2:])
+        return jnp.moveaxis(a, 1, 0)
+
+    out = jax.lax.map(lambda blocks: fn(*blocks), tuple(split(a) for a in arrays))
+
+    def join(o):
+        o = jnp.moveaxis(o, 0, 1)
+        return o.reshape(o.shape[0], padded, *o.shape[3:])[:, :n]
+
+    return jax.tree.map(join, out)
+
+
+def select_topk(indexer: Indexer, q, k, w, segment_ids, topk: int, block: int):
+    """Top-k key indices [B, L, topk] (int32) per query; invisible keys rank last (score -inf)."""
+    length = k.shape[1]
+    k_index = jnp.arange(length)
+
+    def block_topk(qb, wb, q_index, q_segment):
+        s = indexer.scores(qb, k, wb)
+        ok = visible(q_index[..., None], k_index, q_segment[..., None], segment_ids[:, None, :])
+        s = jnp.where(ok, s, -jnp.inf)
+        return jax.lax.top_k(s, topk)[1].astype(jnp.int32)
+
+    q_index = jnp.broadcast_to(k_index, segment_ids.shape)
+    return map_query_blocks(block_topk, block, q, w, q_index, segment_ids)

@@ -1,0 +1,94 @@
+"""Multi-head latent attention (MLA) with DeepSeek Sparse Attention.
+
+Short sequences (length <= index_topk) see every visible key, so DSA equals dense attention and runs as
+dense causal MLA. Longer ones attend to each query's top-k keys only, in the absorbed (MQA) form: the
+selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blocks of queries, so no
+[length, length] attention exists.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5_jax.model.dsa import Indexer, map_query_blocks, select_topk, visible
+from glm5_jax.model.norms import RMSNorm
+from glm5_jax.model.params import make_param
+from glm5_jax.model.rope import apply_rope
+
+
+class MLA(nnx.Module):
+    def __init__(self, cfg, *, has_indexer: bool, stack: int | None, rngs: nnx.Rngs):
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        self.cfg, self.dtype = cfg, jnp.dtype(cfg.dtype)
+        H = cfg.num_attention_heads
+        self.q_a_proj = make_param(rngs, (cfg.hidden_size, cfg.q_lora_rank), ("embed", "q_lora"),
+                                   stack=stack, dtype=pd, std=std)
+        self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, 1e-6, axis="q_lora", stack=stack, param_dtype=pd)
+        self.q_b_proj = make_param(rngs, (cfg.q_lora_rank, H, cfg.qk_head_dim), ("q_lora", "heads", "head_dim"),
+                                   stack=stack, dtype=pd, std=std)
+        self.kv_a_proj_with_mqa = make_param(rngs, (cfg.hidden_size, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                                             ("embed", "kv_lora"), stack=stack, dtype=pd, std=std)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, 1e-6, axis="kv_lora", stack=stack, param_dtype=pd)
+        self.kv_b_proj = make_param(rngs, (cfg.kv_lora_rank, H, cfg.qk_nope_head_dim + cfg.v_head_dim),
+                                    ("kv_lora", "heads", "head_dim"), stack=stack, dtype=pd, std=std)
+        self.o_proj = make_param(rngs, (H, cfg.v_head_dim, cfg.hidden_size), ("heads", "head_dim", "embed"),
+                                 stack=stack, dtype=pd, std=std)
+        self.indexer = Indexer(cfg, stack=stack, rngs=rngs) if has_indexer else None
+
+    def w(self, p):
+        return p[...].astype(self.dtype)
+
+    def __call__(self, x, cos, sin, segment_ids, topk_idx):
+        """x [B, L, D] -> (output [B, L, D], top-k indices for layers that share them, or None if dense)."""
+        cfg = self.cfg
+        nope, rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        c_q = self.q_a_layernorm(x @ self.w(self.q_a_proj))
+        q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
+        q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
+        kv_a = x @ self.w(self.kv_a_proj_with_mqa)
+        c_kv = self.kv_a_layernorm(kv_a[..., : cfg.kv_lora_rank])
+        k_rope = apply_rope(kv_a[..., cfg.kv_lora_rank:], cos, sin)
+        scale = cfg.qk_head_dim ** -0.5
+        length = x.shape[1]
+        if length <= cfg.index_topk:
+            out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, scale)
+            topk_idx = None
+        else:
+            if self.indexer is not None:
+                qi, ki, wi = self.indexer.project(x, c_q, cos, sin)
+                topk_idx = select_topk(self.indexer, qi, ki, wi, segment_ids, cfg.index_topk,
+                                       cfg.attention_query_block)
+            out = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, topk_idx, scale)
+        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx
+
+    def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, scale):
+        kv = jnp.einsum("blc,chd->blhd", c_kv, self.w(self.kv_b_proj))
+        k_nope, v = kv[..., : self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
+        s = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope)
+        index = jnp.arange(q_nope.shape[1])
+        ok = visible(index[:, None], index[None, :], segment_ids[:, :, None], segment_ids[:, None, :])
+        s = jnp.where(ok[:, None], s.astype(jnp.float32) * scale, -jnp.inf)
+        p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+
+    def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, topk_idx, scale):
+        nope = self.cfg.qk_nope_head_dim
+        kv_b = self.w(self.kv_b_proj)
+        w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
+        gather = jax.vmap(lambda a, i: a[i])  # per batch row: [L, ...][Q, K] -> [Q, K, ...]
+
+        def block(qn, qr, idx, q_index, q_segment):
+            q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
+            c_sel, r_sel = gather(c_kv, idx), gather(k_rope, idx)
+            s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
+            ok = visible(q_index[..., None], idx, q_segment[..., None], gather(segment_ids, idx))
+            s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, -jnp.inf)
+            p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+            o_lat = jnp.einsum("bqhk,bqkc->bqhc", p, c_sel)
+            return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
+
+        q_index = jnp.broadcast_to(jnp.arange(q_nope.shape[1]), segment_ids.shape)
+        return map_query_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, topk_idx, q_index,
+                                segment_ids)

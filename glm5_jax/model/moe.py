@@ -1,0 +1,89 @@
+"""Feed-forward blocks: dense SwiGLU and the routed MoE (sigmoid router, dropless grouped experts)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5_jax.model.params import RouterBias, make_param, stacked
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, cfg, width: int, *, stack: int | None, rngs: nnx.Rngs, axis: str = "mlp"):
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.gate_proj = make_param(rngs, (cfg.hidden_size, width), ("embed", axis), stack=stack, dtype=pd, std=std)
+        self.up_proj = make_param(rngs, (cfg.hidden_size, width), ("embed", axis), stack=stack, dtype=pd, std=std)
+        self.down_proj = make_param(rngs, (width, cfg.hidden_size), (axis, "embed"), stack=stack, dtype=pd, std=std)
+
+    def __call__(self, x):
+        w = lambda p: p[...].astype(self.dtype)
+        return (jax.nn.silu(x @ w(self.gate_proj)) * (x @ w(self.up_proj))) @ w(self.down_proj)
+
+
+def route(cfg, logits, bias):
+    """Expert indices [T, k] and combine weights [T, k] (float32) from router logits [T, E].
+
+    Selection uses sigmoid scores plus the correction bias (group-limited when n_group > 1); the weights
+    are the unbiased scores of the chosen experts, renormalised and scaled by routed_scaling_factor.
+    """
+    scores = jax.nn.sigmoid(logits)
+    choice = scores + bias
+    if cfg.n_group > 1:
+        grouped = choice.reshape(choice.shape[0], cfg.n_group, -1)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)
+        keep = jax.lax.top_k(group_score, cfg.topk_group)[1]
+        group_mask = jnp.zeros_like(group_score, dtype=bool).at[jnp.arange(keep.shape[0])[:, None], keep].set(True)
+        choice = jnp.where(jnp.repeat(group_mask, grouped.shape[-1], axis=1), choice, -jnp.inf)
+    idx = jax.lax.top_k(choice, cfg.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, idx, axis=-1)
+    if cfg.norm_topk_prob:
+        weights = weights / (weights.sum(-1, keepdims=True) + 1e-20)
+    return idx, weights * cfg.routed_scaling_factor
+
+
+def grouped_experts(x, idx, weights, gate, up, down, n_experts: int):
+    """Dropless expert compute: sort token copies by expert, run each expert on its rows only.
+
+    x [T, D]; idx, weights [T, k]; gate/up [E, D, F]; down [E, F, D]. `jax.lax.ragged_dot` multiplies
+    each contiguous group of rows by its expert's matrix, so no token meets an expert it was not sent to.
+    """
+    k = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // k]
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+    y = jax.lax.ragged_dot(h, down, sizes)
+    y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
+    out = jnp.zeros_like(y).at[jnp.argsort(order)].set(y)  # back to token-major order
+    return out.reshape(x.shape[0], k, -1).sum(axis=1), sizes
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg, *, stack: int | None, rngs: nnx.Rngs):
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        self.cfg, self.dtype = cfg, jnp.dtype(cfg.dtype)
+        E, D, F = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate = make_param(rngs, (D, E), ("embed", "experts"), stack=stack, dtype=jnp.float32, std=std)
+        shape, axes = stacked((E,), ("experts",), stack)
+        self.e_score_correction_bias = RouterBias(jnp.zeros(shape, jnp.float32), logical_axes=axes)
+        self.experts_gate = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), stack=stack, dtype=pd,
+                                       std=std)
+        self.experts_up = make_param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), stack=stack, dtype=pd,
+                                     std=std)
+        self.experts_down = make_param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), stack=stack, dtype=pd,
+                                       std=std)
+        self.shared_experts = SwiGLU(cfg, cfg.shared_intermediate_size, stack=stack, rngs=rngs)
+
+    def __call__(self, x):
+        """x [B, L, D] -> (output [B, L, D], tokens per expert [E])."""
+        cfg = self.cfg
+        flat = x.reshape(-1, x.shape[-1])
+        logits = flat.astype(jnp.float32) @ self.gate[...]
+        idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
+        w = lambda p: p[...].astype(self.dtype)
+        routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
+                                       w(self.experts_down), cfg.n_routed_experts)
+        return routed.reshape(x.shape) + self.shared_experts(x), load

@@ -1,0 +1,179 @@
+"""The GLM-5 decoder: embedding, scanned stacks of decoder layers, final norm, untied head, and MTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5_jax.model.mla import MLA
+from glm5_jax.model.moe import MoE, SwiGLU
+from glm5_jax.model.norms import RMSNorm
+from glm5_jax.model.params import make_param
+from glm5_jax.model.rope import inverse_frequencies, rope_angles
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerGroup:
+    """A run of consecutive layers of one kind, stored stacked and run with one scan."""
+
+    start: int
+    count: int
+    moe: bool
+    indexer: bool
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.start + self.count)
+
+
+def layer_groups(cfg) -> list[LayerGroup]:
+    """Split layers into maximal runs with the same FFN kind (dense/MoE) and indexer kind (full/shared)."""
+    groups: list[LayerGroup] = []
+    for i in range(cfg.num_hidden_layers):
+        moe, indexer = cfg.mlp_layer_types[i] == "sparse", cfg.indexer_types[i] == "full"
+        last = groups[-1] if groups else None
+        if last and (last.moe, last.indexer) == (moe, indexer):
+            groups[-1] = dataclasses.replace(last, count=last.count + 1)
+        else:
+            groups.append(LayerGroup(i, 1, moe, indexer))
+    return groups
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: h += MLA(norm(h)); h += FFN(norm(h))."""
+
+    def __init__(self, cfg, *, moe: bool, indexer: bool, stack: int | None, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis="embed", stack=stack, param_dtype=pd)
+        self.self_attn = MLA(cfg, has_indexer=indexer, stack=stack, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis="embed", stack=stack,
+                                                param_dtype=pd)
+        self.mlp = MoE(cfg, stack=stack, rngs=rngs) if moe else SwiGLU(cfg, cfg.intermediate_size, stack=stack,
+                                                                      rngs=rngs)
+
+    def __call__(self, h, cos, sin, segment_ids, topk_idx):
+        a, topk_idx = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, topk_idx)
+        h = h + a
+        y = self.mlp(self.post_attention_layernorm(h))
+        load = None
+        if isinstance(y, tuple):
+            y, load = y
+        return h + y, topk_idx, load
+
+
+def run_stack(stack: DecoderLayer, h, cos, sin, segment_ids, topk_idx, remat_policy: str):
+    """Run a stacked DecoderLayer (leading `layers` axis on every variable) with lax.scan."""
+    graphdef, state = nnx.split(stack)
+
+    def body(carry, layer_state):
+        h, topk_idx = carry
+        h, topk_idx, load = nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, topk_idx)
+        return (h, topk_idx), load
+
+    if remat_policy != "none":
+        body = jax.checkpoint(body, policy=REMAT[remat_policy], prevent_cse=False)
+    (h, topk_idx), loads = jax.lax.scan(body, (h, topk_idx), state)
+    return h, topk_idx, loads
+
+
+class MTP(nnx.Module):
+    """Multi-token prediction: one parameter set applied at several depths.
+
+    Depth k: h_k = Layer(eh_proj([enorm(embed(token[t+k])) ; hnorm(h_{k-1})])), logits_k =
+    head(shared_head.norm(h_k)) predict token t+k+1. h_0 is the main model's final-normed hidden state
+    (what vLLM and SGLang feed their GLM/DeepSeek MTP layer); depth k > 1 continues from h_k before
+    shared_head.norm. Embedding and output head are the main model's.
+    """
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        D = cfg.hidden_size
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
+        self.eh_proj = make_param(rngs, (2 * D, D), ("mtp_concat", "embed"), stack=None, dtype=pd, std=std)
+        self.layer = DecoderLayer(cfg, moe=True, indexer=True, stack=None, rngs=rngs)
+        self.shared_head_norm = RMSNorm(D, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
+
+    def step(self, h_prev, token_embeds, cos, sin, segment_ids):
+        x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(h_prev)], axis=-1)
+        x = x @ self.eh_proj[...].astype(self.dtype)
+        h, _, load = self.layer(x, cos, sin, segment_ids, None)
+        return h, self.shared_head_norm(h), load
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, L, V] float32
+    mtp_logits: jax.Array | None  # [depths, B, L, V] float32; depth k at t predicts token t + k + 1
+    expert_load: jax.Array | None  # [MoE layers, E] tokens routed to each expert (main stack)
+
+
+class GLM5(nnx.Module):
+    """GLM-5 causal LM (transformers' GlmMoeDsaForCausalLM) with its MTP head."""
+
+    def __init__(self, cfg, *, rngs: nnx.Rngs):
+        cfg.validate()
+        pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
+        self.cfg, self.dtype = cfg, jnp.dtype(cfg.dtype)
+        self.groups = tuple(layer_groups(cfg))
+        self.embed_tokens = make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), stack=None,
+                                       dtype=pd, std=std)
+        self.layers = nnx.List([DecoderLayer(cfg, moe=g.moe, indexer=g.indexer, stack=g.count, rngs=rngs)
+                                for g in self.groups])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
+        self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), stack=None,
+                                  dtype=pd, std=std)
+        self.mtp = MTP(cfg, rngs=rngs) if cfg.has_mtp else None
+
+    def embed(self, ids):
+        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+
+    def head(self, h):
+        return jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None):
+        """Logits for `input_ids` [B, L].
+
+        positions: [B, L] RoPE positions (default 0..L-1); segment_ids: [B, L] document ids of packed rows
+        (attention and the indexer never cross a change of id; default one document per row).
+        mtp_depths: MTP depths to run (default cfg.mtp_depths; 0 skips MTP).
+        """
+        cfg = self.cfg
+        B, L = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, L), jnp.int32)
+        cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
+        h, loads = self.embed(input_ids), []
+        # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
+        topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if L > cfg.index_topk else None
+        for group, stack in zip(self.groups, self.layers):
+            h, topk_idx, load = run_stack(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
+            if load is not None:
+                loads.append(load)
+        h = self.norm(h)
+        logits = self.head(h)
+        depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
+        mtp_logits = None
+        if self.mtp is not None and depths > 0:
+            mtp_logits = []
+            for k in range(1, depths + 1):
+                # Token t + k feeds position t; positions past the end see padding and are never scored.
+                ids_k = jnp.pad(input_ids[:, k:], ((0, 0), (0, min(k, L))))[:, :L]
+                h, normed, _ = self.mtp.step(h, self.embed(ids_k), cos, sin, segment_ids)
+                mtp_logits.append(self.head(normed))
+            mtp_logits = jnp.stack(mtp_logits)
+        expert_load = jnp.concatenate(loads) if loads else None
+        return ModelOutput(logits, mtp_logits, expert_load)

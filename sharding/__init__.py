@@ -1,0 +1,1 @@
+"""Device meshes and the rules that map the model's logical axis names onto mesh axes."""
