@@ -244,7 +244,7 @@ def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfi
     if os.path.isdir(source):
         source = os.path.join(source, "config.json")
     if source.endswith(".json"):
-        values = hf_to_dict(_read_json(source))
+        values = hf_to_dict(read_json(source))
     else:
         path = source if os.path.exists(source) else preset_path(source)
         with open(path) as f:
@@ -276,7 +276,7 @@ def apply_overrides(values: dict, overrides) -> dict:
     return values
 
 
-def _read_json(path: str) -> dict:
+def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)

@@ -57,7 +57,7 @@ def grouped_experts(x, idx, weights, gate, up, down, n_experts: int):
     h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
     y = jax.lax.ragged_dot(h, down, sizes)
     y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
-    out = jnp.zeros_like(y).at[jnp.argsort(order)].set(y)  # back to token-major order
+    out = y[jnp.argsort(order)]  # back to token-major order
     return out.reshape(x.shape[0], k, -1).sum(axis=1), sizes
 
 

@@ -1,0 +1,194 @@
+"""Orbax checkpoints of model state, written and read one array (or one slice) at a time.
+
+A checkpoint is an `orbax.checkpoint.CheckpointManager` directory; each step holds two items:
+`params` (the model's variables as a nested dict: dotted leaf names such as
+`layers.1.mlp.experts_gate`) and `config` (the model config as JSON). Conversion writes `params` through
+TensorStore slot by slot, so memory stays bounded by one tensor, never by the model; Orbax reads it like
+any other checkpoint, onto any sharding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from flax import nnx
+
+from glm5_jax import config as config_lib
+from glm5_jax.model import GLM5
+
+PARAMS, CONFIG = "params", "config"
+CHUNK_BYTES = 64 << 20  # on-disk chunk size bound: reads of one device's shard stay small
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or written; the message names the path and the cause."""
+
+
+def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
+    """Dotted name -> shape and dtype of every model variable, without allocating any of them."""
+    model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
+    return {_name(path): jax.ShapeDtypeStruct(v.shape, v.dtype) for path, v in _flat_variables(model)}
+
+
+def _flat_variables(model) -> Iterator[tuple[tuple, nnx.Variable]]:
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        yield path, var
+
+
+def _name(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _nest(flat: dict[str, object]) -> dict:
+    tree: dict = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str, overwrite: bool = False):
+    """Yield a temporary directory beside `out` that becomes `out` only when the block succeeds."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _chunks(shape, index_dims: int, itemsize: int) -> list[int]:
+    """Chunk shape: one slot per chunk (leading indexed dims 1), first free dim split to <= CHUNK_BYTES."""
+    chunks = [1] * index_dims + list(shape[index_dims:])
+    if len(chunks) > index_dims and chunks[index_dims]:
+        row = math.prod(chunks[index_dims + 1:]) * itemsize
+        chunks[index_dims] = max(1, min(chunks[index_dims], CHUNK_BYTES // max(row, 1)))
+    return chunks or [1]
+
+
+def _zarr_spec(path: str, shape=None, dtype=None, chunks=None) -> dict:
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
+    if shape is not None:
+        spec["metadata"] = {"shape": list(shape), "chunks": chunks, "dtype": jnp.dtype(dtype).str
+                            if jnp.dtype(dtype) != jnp.bfloat16 else "bfloat16",
+                            "compressor": {"id": "zstd", "level": 1}}
+    return spec
+
+
+def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], index_dims: dict[str, int],
+                    fill: Callable[[str, Callable[[tuple, np.ndarray], None]], None], *, step: int = 0,
+                    progress: Callable[[str], None] = lambda name: None):
+    """Write a one-step checkpoint into the (new, empty) directory `out`.
+
+    Orbax writes the tree structure and config; each leaf's array is then created with TensorStore and
+    `fill(name, write)` calls `write(index, value)` for every slot, so only one slot is in memory.
+    """
+    skeleton = {n: jnp.zeros((1,) * len(s.shape), s.dtype) for n, s in leaves.items()}
+    handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
+    with ocp.CheckpointManager(out, options=ocp.CheckpointManagerOptions(create=True),
+                               item_handlers={PARAMS: handler, CONFIG: ocp.JsonCheckpointHandler()}) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(_nest(skeleton)),
+                                                 config=ocp.args.JsonSave(cfg.to_dict())))
+        mngr.wait_until_finished()
+    item_dir = os.path.join(out, str(step), PARAMS)
+    for name, leaf in leaves.items():
+        chunks = _chunks(leaf.shape, index_dims.get(name, 0), jnp.dtype(leaf.dtype).itemsize)
+        array = ts.open(_zarr_spec(os.path.join(item_dir, name), leaf.shape, leaf.dtype, chunks),
+                        create=True, delete_existing=True).result()
+
+        def write(index: tuple, value: np.ndarray, array=array, leaf=leaf):
+            array[index].write(np.asarray(value, dtype=leaf.dtype)).result()
+
+        fill(name, write)
+        progress(name)
+
+
+class CheckpointReader:
+    """Read a saved step's config and its arrays one at a time (or slice by slice) with no mesh."""
+
+    def __init__(self, directory: str, step: int | None = None):
+        directory = os.path.abspath(directory)
+        if not os.path.isdir(directory):
+            raise CheckpointError(f"{directory}: no such checkpoint directory")
+        steps = ocp.utils.checkpoint_steps(directory)
+        committed = sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(directory, str(s))))
+        if not committed:
+            raise CheckpointError(f"{directory}: holds no committed checkpoint step")
+        if step is None:
+            step = committed[-1]
+        elif step not in committed:
+            raise CheckpointError(f"{directory}: step {step} is not a committed step (have {committed})")
+        self.directory, self.step = directory, step
+        self.item_dir = os.path.join(directory, str(step), PARAMS)
+        try:
+            with open(os.path.join(directory, str(step), CONFIG, "metadata")) as f:
+                self.config = config_lib.from_dict(json.load(f))
+            with open(os.path.join(self.item_dir, "_METADATA")) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{directory} step {step}: unreadable metadata ({e})") from None
+        self._ocdbt = meta.get("use_ocdbt", False)
+        self._driver = "zarr3" if meta.get("use_zarr3", False) else "zarr"
+        self.names = [".".join(k["key"] for k in leaf["key_metadata"]) for leaf in meta["tree_metadata"].values()]
+
+    def open(self, name: str) -> ts.TensorStore:
+        if self._ocdbt:
+            kvstore = {"driver": "ocdbt", "base": f"file://{self.item_dir}", "path": name}
+        else:
+            kvstore = {"driver": "file", "path": os.path.join(self.item_dir, name)}
+        try:
+            return ts.open({"driver": self._driver, "kvstore": kvstore}, open=True, read=True).result()
+        except ValueError as e:
+            raise CheckpointError(f"{self.item_dir}: array {name!r} unreadable ({e})") from None
+
+    def read(self, name: str, index: tuple = ()) -> np.ndarray:
+        return self.open(name)[index].read().result()
+
+
+def load_model(directory: str, step: int | None = None, cfg=None, overrides=()) -> tuple[GLM5, object]:
+    """Restore a checkpoint into a GLM5 model on the default device; returns (model, config)."""
+    reader = CheckpointReader(directory, step)
+    cfg = cfg or reader.config
+    if overrides:
+        cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
+    model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = _nest({n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+                    for n, s in abstract_leaves(cfg).items()})
+    with ocp.CheckpointManager(reader.directory, item_handlers={PARAMS: ocp.PyTreeCheckpointHandler()}) as mngr:
+        restored = mngr.restore(reader.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))[PARAMS]
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, _int_keys(restored))
+    nnx.update(model, state)
+    return model, cfg
+
+
+def _int_keys(tree):
+    """Orbax keys are strings; nnx.List positions are ints."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if k.isdigit() else k: _int_keys(v) for k, v in tree.items()}

@@ -1,0 +1,218 @@
+"""Conversion between Hugging Face safetensors directories and this stack's Orbax checkpoints.
+
+Both directions stream: one HF tensor is read, transformed and written before the next, so peak memory
+is about one tensor whatever the model size. Everything that can be checked before writing (config,
+names, shapes) is checked first, and output appears atomically under its final name only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from collections import defaultdict
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from glm5_jax import config as config_lib
+from glm5_jax.checkpoint import CheckpointError, CheckpointReader, abstract_leaves, atomic_output_dir, write_streaming
+from glm5_jax.convert.names import Entry, hf_entries
+from glm5_jax.progress import progress_bar
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+_ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+# Buffers that transformers keeps in float32 whatever the checkpoint dtype.
+FLOAT32_TENSORS = re.compile(r".*\.mlp\.gate\.e_score_correction_bias$")
+
+
+class ConversionError(RuntimeError):
+    """Input that cannot be converted; the message is one line naming the file or tensor."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+class HFDirectory:
+    """A transformers checkpoint directory: config.json plus single or sharded safetensors."""
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        if not os.path.isdir(self.path):
+            raise ConversionError(f"{self.path}: no such directory")
+        index = os.path.join(self.path, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map", {})
+            files = sorted(set(weight_map.values()))
+        elif os.path.exists(os.path.join(self.path, SINGLE_FILE)):
+            files = [SINGLE_FILE]
+        else:
+            raise ConversionError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+        self.file_of: dict[str, str] = {}
+        self.shape_of: dict[str, tuple[int, ...]] = {}
+        for name in files:
+            try:
+                with safe_open(os.path.join(self.path, name), framework="np") as f:
+                    for key in f.keys():
+                        self.file_of[key] = name
+                        self.shape_of[key] = tuple(f.get_slice(key).get_shape())
+            except Exception as e:  # safetensors raises several types for missing or corrupt files
+                raise ConversionError(f"{os.path.join(self.path, name)}: unreadable safetensors file ({e})") from None
+        self._open: dict[str, object] = {}
+        self.config = self._load_config()
+
+    def _load_config(self):
+        path = os.path.join(self.path, "config.json")
+        values = config_lib.hf_to_dict(config_lib.read_json(path))
+        if "num_nextn_predict_layers" not in values:
+            # transformers does not record it: an MTP layer is present iff its tensors are.
+            n = values.get("num_hidden_layers", config_lib.ModelConfig.num_hidden_layers)
+            values["num_nextn_predict_layers"] = int(f"model.layers.{n}.eh_proj.weight" in self.file_of)
+        return config_lib.from_dict(values)
+
+    def read(self, name: str) -> np.ndarray:
+        file = self.file_of[name]
+        if file not in self._open:
+            self._open = {file: safe_open(os.path.join(self.path, file), framework="np")}  # one file open at a time
+        return self._open[file].get_tensor(name)
+
+
+def _plan(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
+    """Entries for cfg, after checking the HF tensors match them exactly (names and shapes)."""
+    entries = hf_entries(cfg)
+    expected = {e.hf for e in entries}
+    unexpected = sorted(set(shapes) - expected)
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise ConversionError(f"unexpected tensor {unexpected[0]}{more}: not part of a GLM-5 model with this config")
+    for e in entries:
+        if e.hf not in shapes:
+            raise ConversionError(f"missing tensor {e.hf}")
+        slot_shape = leaves[e.path].shape[len(e.index):]
+        want = e.hf_shape(slot_shape)
+        if tuple(shapes[e.hf]) != want:
+            raise ConversionError(f"tensor {e.hf} has shape {list(shapes[e.hf])}, but config.json implies "
+                                  f"{list(want)}")
+    return entries
+
+
+def hf_to_orbax(hf_dir: str, out: str, *, param_dtype: str | None = None, overwrite: bool = False,
+                show_progress: bool = True):
+    """Convert a transformers GLM-5 directory into an Orbax checkpoint (step 0) at `out`."""
+    hf = HFDirectory(hf_dir)
+    cfg = hf.config if param_dtype is None else hf.config.replace(param_dtype=param_dtype)
+    leaves = abstract_leaves(cfg)
+    entries = _plan(cfg, hf.shape_of, leaves)
+    by_leaf: dict[str, list[Entry]] = defaultdict(list)
+    for e in entries:
+        by_leaf[e.path].append(e)
+    missing = sorted(set(leaves) - set(by_leaf))
+    if missing:  # a variable of ours that no HF tensor fills would be left uninitialised
+        raise ConversionError(f"no HF tensor maps to parameter {missing[0]}")
+    index_dims = {name: len(es[0].index) for name, es in by_leaf.items()}
+    # Files in order, tensors in file order: reads sweep each file once.
+    order = sorted(by_leaf, key=lambda n: min((hf.file_of[e.hf], e.hf) for e in by_leaf[n]))
+
+    def fill(name, write):
+        for e in by_leaf[name]:
+            slot_shape = leaves[name].shape[len(e.index):]
+            write(e.index, e.to_slot(hf.read(e.hf), slot_shape))
+
+    with atomic_output_dir(out, overwrite) as tmp, progress_bar("hf -> orbax", len(order), show_progress) as advance:
+        write_streaming(tmp, cfg, {n: leaves[n] for n in order}, index_dims, fill, progress=advance)
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------- writing
+def parse_size(text: str) -> int:
+    """'5GB' / '500MB' / '1024' -> bytes (decimal units, as transformers uses)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"--max-shard-size: cannot read {text!r}; use e.g. 5GB or 500MB")
+    unit = m.group(2).upper().rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
+             "TI": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+class SafetensorsWriter:
+    """Writes one safetensors file tensor by tensor: the header is laid out first from shapes and dtypes."""
+
+    def __init__(self, path: str, tensors: list[tuple[str, tuple, np.dtype]], metadata: dict):
+        header, offset = {"__metadata__": metadata}, 0
+        for name, shape, dtype in tensors:
+            size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            header[name] = {"dtype": _ST_DTYPE[np.dtype(dtype)], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self._expected = [(name, tuple(shape), np.dtype(dtype)) for name, shape, dtype in tensors]
+        self._file = open(path, "wb")
+        self._file.write(struct.pack("<Q", len(blob)) + blob)
+
+    def write(self, name: str, array: np.ndarray):
+        want = self._expected.pop(0)
+        if (name, array.shape, array.dtype) != want:
+            raise AssertionError(f"writing {name} {array.shape} {array.dtype}; header says {want}")
+        self._file.write(np.ascontiguousarray(array).tobytes())
+
+    def close(self):
+        if self._expected:
+            raise AssertionError(f"{len(self._expected)} tensors never written")
+        self._file.close()
+
+
+def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str = "bfloat16",
+                max_shard_size: str | int = "5GB", overwrite: bool = False, show_progress: bool = True):
+    """Export a checkpoint step as a transformers GLM-5 directory (safetensors + index + config.json)."""
+    if dtype not in DTYPES:
+        raise ConversionError(f"--dtype: must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    reader = CheckpointReader(checkpoint, step)
+    cfg = reader.config
+    leaves = abstract_leaves(cfg)
+    absent = sorted(set(leaves) - set(reader.names))
+    if absent:
+        raise CheckpointError(f"{checkpoint} step {reader.step}: parameter {absent[0]} is missing")
+    entries = hf_entries(cfg)
+
+    def out_dtype(e: Entry):
+        return np.dtype(np.float32 if FLOAT32_TENSORS.match(e.hf) else DTYPES[dtype])
+
+    shards: list[list[tuple[Entry, tuple, np.dtype]]] = [[]]
+    used = 0
+    for e in entries:
+        shape, dt = e.hf_shape(leaves[e.path].shape[len(e.index):]), out_dtype(e)
+        size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if shards[-1] and used + size > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append((e, shape, dt))
+        used += size
+    names = ([SINGLE_FILE] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    arrays: dict[str, object] = {}  # one open TensorStore per leaf; reads are per slot
+
+    with atomic_output_dir(out, overwrite) as tmp, progress_bar("orbax -> hf", len(entries), show_progress) as advance:
+        total = 0
+        for file, shard in zip(names, shards):
+            writer = SafetensorsWriter(os.path.join(tmp, file), [(e.hf, s, d) for e, s, d in shard],
+                                       {"format": "pt"})
+            for e, shape, dt in shard:
+                if e.path not in arrays:
+                    arrays = {e.path: reader.open(e.path)}  # leaves are visited in runs; keep one open
+                slot = arrays[e.path][e.index].read().result()
+                writer.write(e.hf, e.to_hf(np.asarray(slot)).astype(dt))
+                total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+                advance()
+            writer.close()
+        if len(shards) > 1:
+            weight_map = {e.hf: file for file, shard in zip(names, shards) for e, _, _ in shard}
+            with open(os.path.join(tmp, INDEX_FILE), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        config_lib.save_hf_config(cfg, os.path.join(tmp, "config.json"), dtype=dtype)
+    return cfg
