@@ -1,0 +1,133 @@
+"""The `glm5` command line: one entry point, a subcommand per job.
+
+Errors a user can fix (bad config, bad input files, an existing output) print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from glm5_jax.config import ConfigError
+
+
+def _convert_hf_to_orbax(args):
+    from glm5_jax.convert.hf import hf_to_orbax
+
+    cfg = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype, overwrite=args.overwrite,
+                      show_progress=not args.quiet)
+    print(f"wrote {args.out} (step 0): {cfg.num_hidden_layers} layers, "
+          f"{'with' if cfg.has_mtp else 'without'} MTP, params {cfg.param_dtype}")
+
+
+def _convert_orbax_to_hf(args):
+    from glm5_jax.convert.hf import orbax_to_hf
+
+    orbax_to_hf(args.checkpoint, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                overwrite=args.overwrite, show_progress=not args.quiet)
+    print(f"wrote {args.out}")
+
+
+def _load_ids(path: str, what: str, shape=None):
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{what} {path}: not a readable .npy file ({e})") from None
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+        raise InputError(f"{what} {path}: need a 2-D integer array [batch, seq]; got {array.dtype} {array.shape}")
+    if shape is not None and array.shape != shape:
+        raise InputError(f"{what} {path}: shape {array.shape} differs from --input-ids {shape}")
+    return array.astype(np.int32)
+
+
+def _forward(args):
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from glm5_jax.checkpoint import load_model
+
+    ids = _load_ids(args.input_ids, "--input-ids")
+    positions = _load_ids(args.positions, "--positions", ids.shape) if args.positions else None
+    segments = _load_ids(args.segment_ids, "--segment-ids", ids.shape) if args.segment_ids else None
+    model, cfg = load_model(args.checkpoint, args.step, overrides=args.override)
+    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        raise InputError(f"--input-ids {args.input_ids}: ids must lie in [0, {cfg.vocab_size}); "
+                         f"got [{ids.min()}, {ids.max()}]")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def logits_of(state, ids, positions, segments):
+        return nnx.merge(graphdef, state)(ids, positions, segments, mtp_depths=0).logits
+
+    logits = np.asarray(logits_of(state, ids, positions, segments), dtype=np.float32)
+    tmp = f"{args.output}.tmp-{os.getpid()}.npy"
+    np.save(tmp, logits)
+    os.replace(tmp, args.output)
+    print(f"wrote {args.output}: logits {logits.shape} float32")
+
+
+class InputError(ValueError):
+    """A user input file that cannot be used."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glm5", description="GLM-5 training stack in JAX/Flax.")
+    p.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    convert = sub.add_parser("convert", help="convert between HF safetensors and Orbax checkpoints")
+    csub = convert.add_subparsers(dest="direction", required=True)
+    h2o = csub.add_parser("hf-to-orbax", help="transformers GLM-5 directory -> Orbax checkpoint (step 0)")
+    h2o.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
+    h2o.add_argument("--out", required=True, help="checkpoint directory to create")
+    h2o.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                     help="storage dtype of the parameters (default: the config's param_dtype, float32)")
+    h2o.set_defaults(run=_convert_hf_to_orbax)
+    o2h = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> transformers GLM-5 directory")
+    o2h.add_argument("--checkpoint", required=True, help="checkpoint directory (Orbax CheckpointManager root)")
+    o2h.add_argument("--step", type=int, default=None, help="step to export (default: latest committed)")
+    o2h.add_argument("--out", required=True, help="directory to create")
+    o2h.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                     help="tensor dtype in the safetensors files (router bias stays float32)")
+    o2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    o2h.set_defaults(run=_convert_orbax_to_hf)
+    for c in (h2o, o2h):
+        c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    fwd = sub.add_parser("forward", help="main-head logits of a checkpoint for a batch of token ids")
+    fwd.add_argument("--checkpoint", required=True)
+    fwd.add_argument("--step", type=int, default=None, help="step to load (default: latest committed)")
+    fwd.add_argument("--input-ids", required=True, help=".npy int array [batch, seq]")
+    fwd.add_argument("--positions", help=".npy int array [batch, seq] of RoPE positions (default 0..seq-1)")
+    fwd.add_argument("--segment-ids", help=".npy int array [batch, seq] of document ids of packed rows")
+    fwd.add_argument("--output", required=True, help=".npy file for float32 logits [batch, seq, vocab]")
+    fwd.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="model config override, e.g. dtype=bfloat16 (repeatable)")
+    fwd.set_defaults(run=_forward)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    from glm5_jax.checkpoint import CheckpointError
+    from glm5_jax.convert.hf import ConversionError
+
+    try:
+        args.run(args)
+    except (ConfigError, ConversionError, CheckpointError, InputError) as e:
+        print(f"glm5: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
