@@ -51,18 +51,17 @@ def add_mtp_shard(path: str, model, seed: int = 1):
     cfg = model.config
     n, d = cfg.num_hidden_layers, cfg.hidden_size
     rng = np.random.default_rng(seed)
-    base = f"model.layers.{n - 1}."
+    main = load_file(os.path.join(path, "model.safetensors"))
+    base = f"model.layers.{n - 1}."  # an MoE layer, as saved on disk (experts one by one)
     tensors = {}
-    for name, value in model.state_dict().items():
+    for name, value in main.items():
         if name.startswith(base):
-            shape = tuple(value.shape)
-            noise = 1.0 if "norm" in name and "weight" in name else 0.0
+            offset = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             tensors[f"model.layers.{n}." + name[len(base):]] = (
-                noise + 0.05 * rng.standard_normal(shape)).astype(np.float32)
+                offset + 0.05 * rng.standard_normal(value.shape)).astype(np.float32)
     for norm in ("enorm", "hnorm", "shared_head.norm"):
         tensors[f"model.layers.{n}.{norm}.weight"] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
     tensors[f"model.layers.{n}.eh_proj.weight"] = (0.05 * rng.standard_normal((d, 2 * d))).astype(np.float32)
-    main = load_file(os.path.join(path, "model.safetensors"))
     os.remove(os.path.join(path, "model.safetensors"))
     save_file(main, os.path.join(path, "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
     save_file(tensors, os.path.join(path, "model-00002-of-00002.safetensors"), metadata={"format": "pt"})

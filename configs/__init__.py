@@ -1,0 +1,1 @@
+"""Shipped YAML configs (model presets in models/); a package only so installs carry them."""
