@@ -16,7 +16,7 @@ from glm5_jax.config import ConfigError
 def _convert_hf_to_orbax(args):
     from glm5_jax.convert.hf import hf_to_orbax
 
-    cfg = hf_to_orbax(args.hf_dir, args.out, param_dtype=args.param_dtype, overwrite=args.overwrite,
+    cfg = hf_to_orbax(args.hf_dir, args.out, overrides=args.override, overwrite=args.overwrite,
                       show_progress=not args.quiet)
     print(f"wrote {args.out} (step 0): {cfg.num_hidden_layers} layers, "
           f"{'with' if cfg.has_mtp else 'without'} MTP, params {cfg.param_dtype}")
@@ -28,6 +28,19 @@ def _convert_orbax_to_hf(args):
     orbax_to_hf(args.checkpoint, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
                 overwrite=args.overwrite, show_progress=not args.quiet)
     print(f"wrote {args.out}")
+
+
+def _init(args):
+    from flax import nnx
+
+    from glm5_jax import config
+    from glm5_jax.checkpoint import atomic_output_dir, save_model
+    from glm5_jax.model import GLM5
+
+    cfg = config.load(args.config, args.override)
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        save_model(GLM5(cfg, rngs=nnx.Rngs(args.seed)), cfg, tmp)
+    print(f"wrote {args.out} (step 0): randomly initialised {args.config} model, seed {args.seed}")
 
 
 def _load_ids(path: str, what: str, shape=None):
@@ -49,15 +62,15 @@ def _forward(args):
     import numpy as np
     from flax import nnx
 
-    from glm5_jax.checkpoint import load_model
+    from glm5_jax.checkpoint import CheckpointReader, load_model
 
     ids = _load_ids(args.input_ids, "--input-ids")
     positions = _load_ids(args.positions, "--positions", ids.shape) if args.positions else None
     segments = _load_ids(args.segment_ids, "--segment-ids", ids.shape) if args.segment_ids else None
+    vocab = CheckpointReader(args.checkpoint, args.step).config.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise InputError(f"--input-ids {args.input_ids}: ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")
     model, cfg = load_model(args.checkpoint, args.step, overrides=args.override)
-    if ids.min() < 0 or ids.max() >= cfg.vocab_size:
-        raise InputError(f"--input-ids {args.input_ids}: ids must lie in [0, {cfg.vocab_size}); "
-                         f"got [{ids.min()}, {ids.max()}]")
     graphdef, state = nnx.split(model)
 
     @jax.jit
@@ -85,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     h2o = csub.add_parser("hf-to-orbax", help="transformers GLM-5 directory -> Orbax checkpoint (step 0)")
     h2o.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     h2o.add_argument("--out", required=True, help="checkpoint directory to create")
-    h2o.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
-                     help="storage dtype of the parameters (default: the config's param_dtype, float32)")
+    h2o.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                     help="set a config field config.json lacks, e.g. param_dtype=bfloat16 (repeatable)")
     h2o.set_defaults(run=_convert_hf_to_orbax)
     o2h = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> transformers GLM-5 directory")
     o2h.add_argument("--checkpoint", required=True, help="checkpoint directory (Orbax CheckpointManager root)")
@@ -99,6 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     for c in (h2o, o2h):
         c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
         c.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    init = sub.add_parser("init", help="write a randomly initialised model as a checkpoint (step 0)")
+    init.add_argument("--config", required=True, help="model preset name (e.g. tiny), YAML file or HF config.json")
+    init.add_argument("--out", required=True, help="checkpoint directory to create")
+    init.add_argument("--seed", type=int, default=0, help="initialisation seed")
+    init.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="model config override (repeatable)")
+    init.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    init.set_defaults(run=_init)
 
     fwd = sub.add_parser("forward", help="main-head logits of a checkpoint for a batch of token ids")
     fwd.add_argument("--checkpoint", required=True)

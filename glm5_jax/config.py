@@ -306,6 +306,7 @@ def hf_to_dict(hf: dict) -> dict:
         rope.setdefault("rope_type", rope.pop("type", "default"))
     hf.pop("rope_scaling", None)
     rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", 10000.0)  # transformers' default when config.json names none
     values["rope_parameters"] = rope
     # The indexer schedule keys that transformers expands into indexer_types.
     pattern, freq, offset = hf.pop("index_topk_pattern", None), hf.pop("index_topk_freq", None), hf.pop(
@@ -313,6 +314,8 @@ def hf_to_dict(hf: dict) -> dict:
     if hf.get("indexer_types") is None and (pattern is not None or freq is not None):
         n = hf.get("num_hidden_layers", ModelConfig.num_hidden_layers)
         if pattern is not None:
+            if isinstance(pattern, str) and set(pattern) - {"F", "S"}:
+                raise ConfigError(f"index_topk_pattern: letters must be F (full) or S (shared); got {pattern!r}")
             hf["indexer_types"] = [{"F": "full", "S": "shared"}[c] for c in pattern] if isinstance(
                 pattern, str) else list(pattern)
         else:

@@ -48,8 +48,8 @@ def test_export_loads_in_transformers(hf_model_dir, convert, tmp_path):
     out = tmp_path / "export"
     assert run_cli("convert", "orbax-to-hf", "--checkpoint", ckpt, "--out", out, "-q") == 0  # bfloat16
     tensors = read_dir(str(out))
-    bias = [k for k in tensors if k.endswith("e_score_correction_bias")]
-    assert bias and all(tensors[k].dtype == np.float32 for k in bias)
+    kept = [k for k in tensors if k.endswith(("e_score_correction_bias", "indexer.weights_proj.weight"))]
+    assert kept and all(tensors[k].dtype == np.float32 for k in kept)  # transformers keeps these in float32
     assert tensors["model.embed_tokens.weight"].dtype == ml_dtypes.bfloat16
     loaded, info = transformers.GlmMoeDsaForCausalLM.from_pretrained(out, output_loading_info=True,
                                                                        dtype=torch.float32)
@@ -59,11 +59,31 @@ def test_export_loads_in_transformers(hf_model_dir, convert, tmp_path):
     assert not info["mismatched_keys"]
     sd = loaded.state_dict()
     for name, value in model.state_dict().items():
-        want = value if name.endswith("e_score_correction_bias") else value.to(torch.bfloat16).to(torch.float32)
+        float32 = name.endswith(("e_score_correction_bias", "indexer.weights_proj.weight"))
+        want = value if float32 else value.to(torch.bfloat16).to(torch.float32)
         assert torch.equal(sd[name].to(torch.float32), want), name
     # so the loaded model computes exactly what the original computes with bfloat16-rounded weights
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+            if not name.endswith("indexer.weights_proj.weight"):
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
         ids = torch.randint(0, model.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(1))
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_our_checkpoint_exports_to_an_equal_transformers_model(tmp_path):
+    """The other direction: a model initialised here, saved by Orbax (OCDBT), exported, run by transformers."""
+    import jax.numpy as jnp
+
+    from glm5_jax.checkpoint import load_model
+
+    ckpt, out = tmp_path / "init", tmp_path / "hf"
+    assert run_cli("init", "--config", "tiny", "--out", ckpt, "--seed", "3", "--override", "pad_token_id=null") == 0
+    assert run_cli("convert", "orbax-to-hf", "--checkpoint", ckpt, "--out", out, "--dtype", "float32", "-q") == 0
+    ours, cfg = load_model(str(ckpt))
+    hf = transformers.GlmMoeDsaForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 3 * cfg.index_topk))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(ids)).logits.numpy()
+    got = np.asarray(ours(jnp.asarray(ids), mtp_depths=0).logits)
+    assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4

@@ -66,6 +66,8 @@ def atomic_output_dir(out: str, overwrite: bool = False):
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CheckpointError(f"{out}: exists and is not a directory")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
@@ -73,9 +75,11 @@ def atomic_output_dir(out: str, overwrite: bool = False):
     os.makedirs(tmp)
     try:
         yield tmp
+        old = f"{tmp}-replaced"
         if os.path.exists(out):
-            shutil.rmtree(out)
+            os.replace(out, old)  # the old output stays whole until the new one has its name
         os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -114,6 +118,8 @@ def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], inde
                                                  config=ocp.args.JsonSave(cfg.to_dict())))
         mngr.wait_until_finished()
     item_dir = os.path.join(out, str(step), PARAMS)
+    # Orbax's per-array write metadata describes the placeholders; the zarr headers below are the truth.
+    shutil.rmtree(os.path.join(item_dir, "array_metadatas"), ignore_errors=True)
     for name, leaf in leaves.items():
         chunks = _chunks(leaf.shape, index_dims.get(name, 0), jnp.dtype(leaf.dtype).itemsize)
         array = ts.open(_zarr_spec(os.path.join(item_dir, name), leaf.shape, leaf.dtype, chunks),
@@ -124,6 +130,17 @@ def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], inde
 
         fill(name, write)
         progress(name)
+
+
+def save_model(model: GLM5, cfg, directory: str, step: int = 0):
+    """Save a model's variables and config as a new committed step (Orbax's default OCDBT format)."""
+    tree = _nest({_name(p): v[...] for p, v in _flat_variables(model)})
+    with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True),
+                               item_handlers={PARAMS: ocp.PyTreeCheckpointHandler(),
+                                              CONFIG: ocp.JsonCheckpointHandler()}) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(tree),
+                                                 config=ocp.args.JsonSave(cfg.to_dict())))
+        mngr.wait_until_finished()
 
 
 class CheckpointReader:

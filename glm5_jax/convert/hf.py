@@ -26,8 +26,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 _ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
-# Buffers that transformers keeps in float32 whatever the checkpoint dtype.
-FLOAT32_TENSORS = re.compile(r".*\.mlp\.gate\.e_score_correction_bias$")
+# Tensors that transformers keeps in float32 whatever the checkpoint dtype.
+FLOAT32_TENSORS = re.compile(r".*(\.mlp\.gate\.e_score_correction_bias|\.indexer\.weights_proj\.weight)$")
 
 
 class ConversionError(RuntimeError):
@@ -99,11 +99,14 @@ def _plan(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
     return entries
 
 
-def hf_to_orbax(hf_dir: str, out: str, *, param_dtype: str | None = None, overwrite: bool = False,
-                show_progress: bool = True):
-    """Convert a transformers GLM-5 directory into an Orbax checkpoint (step 0) at `out`."""
+def hf_to_orbax(hf_dir: str, out: str, *, overrides=(), overwrite: bool = False, show_progress: bool = True):
+    """Convert a transformers GLM-5 directory into an Orbax checkpoint (step 0) at `out`.
+
+    `overrides` (key=value) set this stack's own config fields (param_dtype, dtype, mtp_depths, ...),
+    which config.json does not carry; they are stored with the checkpoint.
+    """
     hf = HFDirectory(hf_dir)
-    cfg = hf.config if param_dtype is None else hf.config.replace(param_dtype=param_dtype)
+    cfg = config_lib.from_dict(config_lib.apply_overrides(hf.config.to_dict(), overrides))
     leaves = abstract_leaves(cfg)
     entries = _plan(cfg, hf.shape_of, leaves)
     by_leaf: dict[str, list[Entry]] = defaultdict(list)
@@ -113,7 +116,7 @@ def hf_to_orbax(hf_dir: str, out: str, *, param_dtype: str | None = None, overwr
     if missing:  # a variable of ours that no HF tensor fills would be left uninitialised
         raise ConversionError(f"no HF tensor maps to parameter {missing[0]}")
     index_dims = {name: len(es[0].index) for name, es in by_leaf.items()}
-    # Files in order, tensors in file order: reads sweep each file once.
+    # Leaves in the order of their first tensor's file, so reads mostly move forward through the files.
     order = sorted(by_leaf, key=lambda n: min((hf.file_of[e.hf], e.hf) for e in by_leaf[n]))
 
     def fill(name, write):
@@ -195,7 +198,7 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
         used += size
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    arrays: dict[str, object] = {}  # one open TensorStore per leaf; reads are per slot
+    arrays: dict[str, object] = {}  # open TensorStore handles (metadata only); reads are per slot
 
     with atomic_output_dir(out, overwrite) as tmp, progress_bar("orbax -> hf", len(entries), show_progress) as advance:
         total = 0
@@ -204,7 +207,11 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
                                        {"format": "pt"})
             for e, shape, dt in shard:
                 if e.path not in arrays:
-                    arrays = {e.path: reader.open(e.path)}  # leaves are visited in runs; keep one open
+                    arrays[e.path] = reader.open(e.path)
+                    if tuple(arrays[e.path].shape) != leaves[e.path].shape:
+                        raise CheckpointError(f"{checkpoint} step {reader.step}: array {e.path} has shape "
+                                              f"{list(arrays[e.path].shape)}; its config implies "
+                                              f"{list(leaves[e.path].shape)}")
                 slot = arrays[e.path][e.index].read().result()
                 writer.write(e.hf, e.to_hf(np.asarray(slot)).astype(dt))
                 total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize

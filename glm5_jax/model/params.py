@@ -19,8 +19,8 @@ def make_param(rngs: nnx.Rngs | None, shape, axes, *, stack: int | None, dtype, 
                std: float = 0.02) -> nnx.Param:
     """A parameter of `shape` (with a leading `layers` axis when `stack`) tagged with logical axis names.
 
-    `init` is "normal" (std), "ones" or "zeros". Logical names (`embed`, `heads`, ...) are mapped to mesh
-    axes by the rules in `glm5_jax.sharding`; model code never names a mesh axis.
+    `init` is "normal" (std), "ones" or "zeros". Logical names (`embed`, `heads`, ...) leave the choice of
+    mesh axes to a rules table outside the model; model code never names a mesh axis.
     """
     shape, axes = tuple(shape), tuple(axes)
     assert len(shape) == len(axes), (shape, axes)
