@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from typing import Callable, Iterator
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +37,12 @@ class CheckpointError(RuntimeError):
 def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
     """Dotted name -> shape and dtype of every model variable, without allocating any of them."""
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
-    return {_name(path): jax.ShapeDtypeStruct(v.shape, v.dtype) for path, v in _flat_variables(model)}
+    return {name: jax.ShapeDtypeStruct(v.shape, v.dtype) for name, v in named_variables(model).items()}
 
 
-def _flat_variables(model) -> Iterator[tuple[tuple, nnx.Variable]]:
-    for path, var in nnx.to_flat_state(nnx.state(model)):
-        yield path, var
-
-
-def _name(path) -> str:
-    return ".".join(str(p) for p in path)
+def named_variables(model) -> dict[str, nnx.Variable]:
+    """Every variable of a model by dotted name (`layers.1.mlp.experts_gate`), the checkpoint's leaf names."""
+    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
 def _nest(flat: dict[str, object]) -> dict:
@@ -93,13 +89,12 @@ def _chunks(shape, index_dims: int, itemsize: int) -> list[int]:
     return chunks or [1]
 
 
-def _zarr_spec(path: str, shape=None, dtype=None, chunks=None) -> dict:
-    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": path}}
-    if shape is not None:
-        spec["metadata"] = {"shape": list(shape), "chunks": chunks, "dtype": jnp.dtype(dtype).str
-                            if jnp.dtype(dtype) != jnp.bfloat16 else "bfloat16",
-                            "compressor": {"id": "zstd", "level": 1}}
-    return spec
+def _zarr_spec(path: str, shape, dtype, chunks) -> dict:
+    """A new zarr v2 array as Orbax writes them (zstd level 1); zarr names bfloat16 by name."""
+    dtype = jnp.dtype(dtype)
+    return {"driver": "zarr", "kvstore": {"driver": "file", "path": path},
+            "metadata": {"shape": list(shape), "chunks": chunks, "compressor": {"id": "zstd", "level": 1},
+                         "dtype": "bfloat16" if dtype == jnp.bfloat16 else dtype.str}}
 
 
 def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], index_dims: dict[str, int],
@@ -134,7 +129,7 @@ def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], inde
 
 def save_model(model: GLM5, cfg, directory: str, step: int = 0):
     """Save a model's variables and config as a new committed step (Orbax's default OCDBT format)."""
-    tree = _nest({_name(p): v[...] for p, v in _flat_variables(model)})
+    tree = _nest({name: v[...] for name, v in named_variables(model).items()})
     with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True),
                                item_handlers={PARAMS: ocp.PyTreeCheckpointHandler(),
                                               CONFIG: ocp.JsonCheckpointHandler()}) as mngr:
@@ -193,8 +188,8 @@ def load_model(directory: str, step: int | None = None, cfg=None, overrides=()) 
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = _nest({n: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
-                    for n, s in abstract_leaves(cfg).items()})
+    target = _nest({name: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+                    for name, v in named_variables(model).items()})
     with ocp.CheckpointManager(reader.directory, item_handlers={PARAMS: ocp.PyTreeCheckpointHandler()}) as mngr:
         restored = mngr.restore(reader.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))[PARAMS]
