@@ -17,6 +17,10 @@ from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
 
+# Masked logits get the lowest finite float, not -inf: a row with no visible key (the padding of the
+# last query block) then softmaxes to finite values instead of NaN, which would poison gradients.
+MASKED = float(jnp.finfo(jnp.float32).min)
+
 
 class MLA(nnx.Module):
     def __init__(self, cfg, *, has_indexer: bool, stack: int | None, rngs: nnx.Rngs):
@@ -69,7 +73,7 @@ class MLA(nnx.Module):
         s = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope)
         index = jnp.arange(q_nope.shape[1])
         ok = visible(index[:, None], index[None, :], segment_ids[:, :, None], segment_ids[:, None, :])
-        s = jnp.where(ok[:, None], s.astype(jnp.float32) * scale, -jnp.inf)
+        s = jnp.where(ok[:, None], s.astype(jnp.float32) * scale, MASKED)
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
@@ -84,7 +88,7 @@ class MLA(nnx.Module):
             c_sel, r_sel = gather(c_kv, idx), gather(k_rope, idx)
             s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
             ok = visible(q_index[..., None], idx, q_segment[..., None], gather(segment_ids, idx))
-            s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, -jnp.inf)
+            s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
             p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
             o_lat = jnp.einsum("bqhk,bqkc->bqhc", p, c_sel)
             return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
