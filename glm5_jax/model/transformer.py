@@ -168,12 +168,15 @@ class GLM5(nnx.Module):
         depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
         mtp_logits = None
         if self.mtp is not None and depths > 0:
-            mtp_logits = []
-            for k in range(1, depths + 1):
-                # Token t + k feeds position t; positions past the end see padding and are never scored.
-                ids_k = jnp.pad(input_ids[:, k:], ((0, 0), (0, min(k, L))))[:, :L]
-                h, normed, _ = self.mtp.step(h, self.embed(ids_k), cos, sin, segment_ids)
-                mtp_logits.append(self.head(normed))
-            mtp_logits = jnp.stack(mtp_logits)
+            # Depth k reads token t + k at position t; positions past the end read padding, never scored.
+            padded = jnp.pad(input_ids, ((0, 0), (0, depths)))
+            ids = jnp.stack([padded[:, k:k + L] for k in range(1, depths + 1)])
+            graphdef, mtp_state = nnx.split(self.mtp)
+
+            def depth(h, ids_k):  # one shared parameter set, scanned over depths: compiled once
+                h, normed, _ = nnx.merge(graphdef, mtp_state).step(h, self.embed(ids_k), cos, sin, segment_ids)
+                return h, self.head(normed)
+
+            _, mtp_logits = jax.lax.scan(depth, h, ids)
         expert_load = jnp.concatenate(loads) if loads else None
         return ModelOutput(logits, mtp_logits, expert_load)
