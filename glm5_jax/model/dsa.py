@@ -54,19 +54,14 @@ def visible(q_index, k_index, q_segment, k_segment):
     return (k_index <= q_index) & (k_segment == q_segment)
 
 
-def query_blocks(n: int, block: int) -> tuple[int, int]:
-    """(block size, padded length) for processing n queries in blocks."""
-    block = min(block, n)
-    return block, -(-n // block) * block
-
-
 def map_query_blocks(fn, block: int, *arrays):
     """Apply fn to blocks of `block` queries of each array [B, L, ...] (axis 1), concatenating results.
 
     Arrays are padded at the end to a whole number of blocks and the padding is cut off the results.
     """
     n = arrays[0].shape[1]
-    block, padded = query_blocks(n, block)
+    block = min(block, n)
+    padded = -(-n // block) * block
 
     def split(a):
         a = jnp.pad(a, [(0, 0), (0, padded - n)] + [(0, 0)] * (a.ndim - 2))

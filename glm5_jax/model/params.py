@@ -11,10 +11,6 @@ class RouterBias(nnx.Variable):
     """The MoE selection bias (`e_score_correction_bias`): moved by the load-balancing rule, not by gradients."""
 
 
-def dtype_of(name: str):
-    return jnp.dtype(name)
-
-
 def make_param(rngs: nnx.Rngs | None, shape, axes, *, stack: int | None, dtype, init: str = "normal",
                std: float = 0.02) -> nnx.Param:
     """A parameter of `shape` (with a leading `layers` axis when `stack`) tagged with logical axis names.
