@@ -47,7 +47,7 @@ class MLA(nnx.Module):
     def __call__(self, x, cos, sin, segment_ids, topk_idx):
         """x [B, L, D] -> (output [B, L, D], top-k indices for layers that share them, or None if dense)."""
         cfg = self.cfg
-        nope, _rope_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+        nope = cfg.qk_nope_head_dim
         c_q = self.q_a_layernorm(x @ self.w(self.q_a_proj))
         q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
         q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
