@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 MODEL_TYPE = "glm_moe_dsa"
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+EXPERT_MATMULS = ("auto", "ragged_dot", "tiled")
 ROPE_TYPES = ("default", "linear")
 
 
@@ -77,6 +78,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "none"  # what a scanned layer keeps for the backward pass
     attention_query_block: int = 256  # queries per block in sparse (top-k) attention
+    expert_matmul: str = "auto"  # ragged_dot (grouped GEMM), tiled (portable loop), auto: tiled on CPU only
+    expert_tile: int = 64  # rows per tile of the tiled expert matmul
 
     def __post_init__(self):
         if self.mlp_layer_types is None:
@@ -153,7 +156,7 @@ def _validate(cfg: ModelConfig):
         "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank",
         "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
         "num_experts_per_tok", "max_position_embeddings", "index_topk", "index_head_dim", "index_n_heads",
-        "mtp_depths", "attention_query_block",
+        "mtp_depths", "attention_query_block", "expert_tile",
     )
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         _fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
@@ -195,6 +198,7 @@ def _validate(cfg: ModelConfig):
     _check_choice("dtype", cfg.dtype, DTYPES)
     _check_choice("param_dtype", cfg.param_dtype, DTYPES)
     _check_choice("remat_policy", cfg.remat_policy, REMAT_POLICIES)
+    _check_choice("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
     rope = cfg.rope_parameters
     _check_choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")

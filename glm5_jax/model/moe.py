@@ -43,19 +43,58 @@ def route(cfg, logits, bias):
     return idx, weights * cfg.routed_scaling_factor
 
 
-def grouped_experts(x, idx, weights, gate, up, down, n_experts: int):
+class TiledGroups:
+    """Rows sorted by group, laid out so each tile of `tile` rows belongs to one group.
+
+    The portable grouped matmul: every group is padded to whole tiles, and a loop over tiles multiplies
+    each by its own group's matrix, so the work is the grouped product plus at most one partial tile per
+    group. Used where `jax.lax.ragged_dot` has no grouped kernel (XLA:CPU computes it densely, E times the
+    work).
+    """
+
+    def __init__(self, sizes, n_rows: int, tile: int):
+        padded = -(-sizes // tile) * tile
+        starts, padded_starts = jnp.cumsum(sizes) - sizes, jnp.cumsum(padded) - padded
+        group = jnp.repeat(jnp.arange(sizes.shape[0]), sizes, total_repeat_length=n_rows)
+        self.position = padded_starts[group] + jnp.arange(n_rows) - starts[group]  # row -> padded slot
+        self.n_tiles = -(-(n_rows + sizes.shape[0] * (tile - 1)) // tile)
+        ends = jnp.cumsum(padded)
+        self.tile_group = jnp.minimum(jnp.searchsorted(ends, jnp.arange(self.n_tiles) * tile, side="right"),
+                                      sizes.shape[0] - 1)
+        self.tile = tile
+
+    def pad(self, rows):
+        out = jnp.zeros((self.n_tiles * self.tile, rows.shape[1]), rows.dtype).at[self.position].set(rows)
+        return out.reshape(self.n_tiles, self.tile, rows.shape[1])
+
+    def unpad(self, tiles):
+        return tiles.reshape(-1, tiles.shape[-1])[self.position]
+
+    def matmul(self, tiles, w):
+        return jax.lax.map(lambda a: a[0] @ w[a[1]], (tiles, self.tile_group))
+
+
+def grouped_experts(x, idx, weights, gate, up, down, n_experts: int, tile: int = 0):
     """Dropless expert compute: sort token copies by expert, run each expert on its rows only.
 
-    x [T, D]; idx, weights [T, k]; gate/up [E, D, F]; down [E, F, D]. `jax.lax.ragged_dot` multiplies
-    each contiguous group of rows by its expert's matrix, so no token meets an expert it was not sent to.
+    x [T, D]; idx, weights [T, k]; gate/up [E, D, F]; down [E, F, D]. With tile == 0,
+    `jax.lax.ragged_dot` multiplies each contiguous group of rows by its expert's matrix (a grouped GEMM
+    on GPU/TPU); with tile > 0 the portable `TiledGroups` loop does. Either way no token meets an
+    expert it was not sent to.
     """
     k = idx.shape[1]
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]
     sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-    y = jax.lax.ragged_dot(h, down, sizes)
+    if tile:
+        groups = TiledGroups(sizes, rows.shape[0], tile)
+        xt = groups.pad(rows)
+        h = jax.nn.silu(groups.matmul(xt, gate)) * groups.matmul(xt, up)
+        y = groups.unpad(groups.matmul(h, down))
+    else:
+        h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+        y = jax.lax.ragged_dot(h, down, sizes)
     y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
     out = y[jnp.argsort(order)]  # back to token-major order
     return out.reshape(x.shape[0], k, -1).sum(axis=1), sizes
@@ -84,6 +123,8 @@ class MoE(nnx.Module):
         logits = flat.astype(jnp.float32) @ self.gate[...]
         idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
         w = lambda p: p[...].astype(self.dtype)
+        tile = cfg.expert_tile if cfg.expert_matmul == "tiled" or (
+            cfg.expert_matmul == "auto" and jax.default_backend() == "cpu") else 0
         routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
-                                       w(self.experts_down), cfg.n_routed_experts)
+                                       w(self.experts_down), cfg.n_routed_experts, tile)
         return routed.reshape(x.shape) + self.shared_experts(x), load
