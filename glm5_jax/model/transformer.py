@@ -58,15 +58,15 @@ class DecoderLayer(nnx.Module):
         self.self_attn = MLA(cfg, has_indexer=indexer, stack=stack, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis="embed", stack=stack,
                                                 param_dtype=pd)
+        self.moe = moe
         self.mlp = MoE(cfg, stack=stack, rngs=rngs) if moe else SwiGLU(cfg, cfg.intermediate_size, stack=stack,
                                                                       rngs=rngs)
 
     def __call__(self, h, cos, sin, segment_ids, topk_idx):
         a, topk_idx = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, topk_idx)
         h = h + a
-        y = self.mlp(self.post_attention_layernorm(h))
-        load = None
-        if isinstance(y, tuple):
+        y, load = self.mlp(self.post_attention_layernorm(h)), None
+        if self.moe:
             y, load = y
         return h + y, topk_idx, load
 
