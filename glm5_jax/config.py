@@ -116,14 +116,10 @@ class ModelConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes).validate()
 
 
-HF_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))[
-    : [f.name for f in dataclasses.fields(ModelConfig)].index("num_nextn_predict_layers") + 1
-]
-OWN_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in HF_FIELDS)
+_FIELDS = [f.name for f in dataclasses.fields(ModelConfig)]
+HF_FIELDS = tuple(_FIELDS[: _FIELDS.index("num_nextn_predict_layers") + 1])  # the ones config.json carries
 
 # Keys an HF config.json carries that say nothing about the architecture, or repeat a derived value.
 _HF_IGNORED = {
@@ -222,10 +218,9 @@ def _unknown_key(key: str, known) -> ConfigError:
 
 def from_dict(values: dict) -> ModelConfig:
     """Build and validate a config from a plain dict; unknown keys are errors."""
-    known = [f.name for f in dataclasses.fields(ModelConfig)]
     for key in values:
-        if key not in known:
-            raise _unknown_key(key, known)
+        if key not in _FIELDS:
+            raise _unknown_key(key, _FIELDS)
     try:
         cfg = ModelConfig(**values)
     except TypeError as e:  # e.g. a list where a dict belongs

@@ -9,7 +9,8 @@ RUN=${RUN:-runs/quickstart}
 rm -rf "$RUN" && mkdir -p "$RUN"
 glm5=.venv/bin/glm5
 $glm5 init --config tiny --out "$RUN/init" --seed 0
-.venv/bin/python -c "import numpy as np; np.save('$RUN/ids.npy', np.random.default_rng(0).integers(0, 512, (2, 64)))"
+.venv/bin/python -c "import numpy as np; from glm5_jax import config
+np.save('$RUN/ids.npy', np.random.default_rng(0).integers(0, config.load('tiny').vocab_size, (2, 64)))"
 $glm5 forward --checkpoint "$RUN/init" --input-ids "$RUN/ids.npy" --output "$RUN/logits.npy"
 $glm5 convert orbax-to-hf --checkpoint "$RUN/init" --out "$RUN/hf" --dtype float32
 # config.json carries the architecture; this stack's own settings (here the query block) come as overrides.

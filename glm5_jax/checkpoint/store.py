@@ -176,14 +176,14 @@ class CheckpointReader:
         except ValueError as e:
             raise CheckpointError(f"{self.item_dir}: array {name!r} unreadable ({e})") from None
 
-    def read(self, name: str, index: tuple = ()) -> np.ndarray:
-        return self.open(name)[index].read().result()
 
+def load_model(directory: str, step: int | None = None, overrides=()) -> tuple[GLM5, object]:
+    """Restore a checkpoint into a GLM5 model on the default device; returns (model, config).
 
-def load_model(directory: str, step: int | None = None, cfg=None, overrides=()) -> tuple[GLM5, object]:
-    """Restore a checkpoint into a GLM5 model on the default device; returns (model, config)."""
+    `overrides` (key=value) change compute settings such as dtype; shapes must match the checkpoint.
+    """
     reader = CheckpointReader(directory, step)
-    cfg = cfg or reader.config
+    cfg = reader.config
     if overrides:
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))

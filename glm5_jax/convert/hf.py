@@ -61,7 +61,7 @@ class HFDirectory:
                         self.shape_of[key] = tuple(f.get_slice(key).get_shape())
             except Exception as e:  # safetensors raises several types for missing or corrupt files
                 raise ConversionError(f"{os.path.join(self.path, name)}: unreadable safetensors file ({e})") from None
-        self._open: dict[str, object] = {}
+        self._open: tuple[str, object] | None = None  # one file open at a time keeps mapped pages few
         self.config = self._load_config()
 
     def _load_config(self):
@@ -75,9 +75,9 @@ class HFDirectory:
 
     def read(self, name: str) -> np.ndarray:
         file = self.file_of[name]
-        if file not in self._open:
-            self._open = {file: safe_open(os.path.join(self.path, file), framework="np")}  # one file open at a time
-        return self._open[file].get_tensor(name)
+        if self._open is None or self._open[0] != file:
+            self._open = (file, safe_open(os.path.join(self.path, file), framework="np"))
+        return self._open[1].get_tensor(name)
 
 
 def _plan(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
@@ -187,7 +187,7 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
         return np.dtype(np.float32 if FLOAT32_TENSORS.match(e.hf) else DTYPES[dtype])
 
     shards: list[list[tuple[Entry, tuple, np.dtype]]] = [[]]
-    used = 0
+    used = total = 0
     for e in entries:
         shape, dt = e.hf_shape(leaves[e.path].shape[len(e.index):]), out_dtype(e)
         size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
@@ -196,12 +196,12 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
             used = 0
         shards[-1].append((e, shape, dt))
         used += size
+        total += size
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     arrays: dict[str, object] = {}  # open TensorStore handles (metadata only); reads are per slot
 
     with atomic_output_dir(out, overwrite) as tmp, progress_bar("orbax -> hf", len(entries), show_progress) as advance:
-        total = 0
         for file, shard in zip(names, shards):
             writer = SafetensorsWriter(os.path.join(tmp, file), [(e.hf, s, d) for e, s, d in shard],
                                        {"format": "pt"})
@@ -214,7 +214,6 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
                                               f"{list(leaves[e.path].shape)}")
                 slot = arrays[e.path][e.index].read().result()
                 writer.write(e.hf, e.to_hf(np.asarray(slot)).astype(dt))
-                total += int(np.prod(shape, dtype=np.int64)) * dt.itemsize
                 advance()
             writer.close()
         if len(shards) > 1:

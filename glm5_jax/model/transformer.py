@@ -125,11 +125,10 @@ class GLM5(nnx.Module):
         cfg.validate()
         pd, std = jnp.dtype(cfg.param_dtype), cfg.initializer_range
         self.cfg, self.dtype = cfg, jnp.dtype(cfg.dtype)
-        self.groups = tuple(layer_groups(cfg))
         self.embed_tokens = make_param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), stack=None,
                                        dtype=pd, std=std)
         self.layers = nnx.List([DecoderLayer(cfg, moe=g.moe, indexer=g.indexer, stack=g.count, rngs=rngs)
-                                for g in self.groups])
+                                for g in layer_groups(cfg)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
         self.lm_head = make_param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), stack=None,
                                   dtype=pd, std=std)
@@ -159,7 +158,7 @@ class GLM5(nnx.Module):
         h, loads = self.embed(input_ids), []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if L > cfg.index_topk else None
-        for group, stack in zip(self.groups, self.layers):
+        for stack in self.layers:
             h, topk_idx, load = run_stack(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
             if load is not None:
                 loads.append(load)
