@@ -84,6 +84,15 @@ def _forward(args):
     print(f"wrote {args.output}: logits {logits.shape} float32")
 
 
+def _optimizer(args):
+    from glm5_jax import config
+    from glm5_jax.optim import from_dict, print_table, routing_table
+
+    cfg = config.load(args.config, args.override)
+    opt = from_dict(config.apply_overrides({}, args.opt))
+    print_table(routing_table(cfg, opt), cfg)
+
+
 class InputError(ValueError):
     """A user input file that cannot be used."""
 
@@ -132,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                      help="model config override, e.g. dtype=bfloat16 (repeatable)")
     fwd.set_defaults(run=_forward)
+
+    optim = sub.add_parser("optimizer", help="print which optimizer trains each parameter (Muon-Split / AdamW)")
+    optim.add_argument("--config", required=True, help="model preset name, YAML file or HF config.json")
+    optim.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="model config override (repeatable)")
+    optim.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                       help="optimizer config setting, e.g. split_o_proj=true (repeatable)")
+    optim.set_defaults(run=_optimizer)
     return p
 
 

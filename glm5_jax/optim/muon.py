@@ -1,0 +1,118 @@
+"""Muon with per-leaf matrix views, including GLM-5's Muon-Split (per-head, per-block orthogonalisation).
+
+The maths is `optax.contrib.muon`'s: Nesterov momentum with bias correction, Newton-Schulz on the
+Frobenius-normalised momentum (optax's own `orthogonalize_via_newton_schulz`), then the shape scaling
+(`consistent_rms * sqrt(max(fan_in, fan_out))`, Moonlight). What optax cannot express is a leaf whose
+output axis is cut into unequal blocks that are orthogonalised apart (W^UK | W^UV in `kv_b_proj`:
+192 | 256 columns per head), so this transformation owns the momentum and hands each block to optax.
+The momentum keeps the parameters' tree structure and shapes, so optimizer state shards like the params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+# Not re-exported by optax.contrib (0.2.8); optax's own NorMuon imports it from here too.
+from optax.contrib._muon import orthogonalize_via_newton_schulz
+
+QUINTIC = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default Newton-Schulz coefficients
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixSpec:
+    """How Muon sees one parameter: matrices [fan-in axes, output axes]; every other axis is a batch axis.
+
+    `split_axis`/`segments`: the axis (one of `output`) is cut into consecutive blocks of these sizes and
+    each block is orthogonalised on its own (with its own fan-out in the RMS scaling).
+    """
+
+    reduction: tuple[int, ...]
+    output: tuple[int, ...]
+    split_axis: int | None = None
+    segments: tuple[int, ...] = ()
+
+    @property
+    def dimension_numbers(self) -> MuonDimensionNumbers:
+        return MuonDimensionNumbers(self.reduction, self.output)
+
+    def blocks(self, shape) -> list[tuple[int, int]]:
+        """(start, size) of each block along split_axis; one block spanning everything when unsplit."""
+        if self.split_axis is None:
+            return [(0, 0)]
+        assert sum(self.segments) == shape[self.split_axis], (shape, self)
+        starts = [sum(self.segments[:i]) for i in range(len(self.segments))]
+        return list(zip(starts, self.segments))
+
+    def matrices(self, shape) -> list[tuple[int, int, int]]:
+        """(count, fan_in, fan_out) of the Newton-Schulz matrices per block."""
+        out = []
+        for _, size in self.blocks(shape):
+            dims = [size if (a == self.split_axis) else shape[a] for a in range(len(shape))]
+            fan_in = math.prod(dims[a] for a in self.reduction)
+            fan_out = math.prod(dims[a] for a in self.output)
+            out.append((math.prod(shape) // math.prod(shape[a] for a in self.reduction + self.output), fan_in, fan_out))
+        return out
+
+
+def shape_scale(fan_in: int, fan_out: int, consistent_rms: float | None) -> float:
+    """optax's shape scaling: Moonlight's `rms * sqrt(max(fan_in, fan_out))`, or Jordan's width scaling."""
+    if consistent_rms is None:
+        return math.sqrt(max(1.0, fan_out / fan_in))
+    return consistent_rms * math.sqrt(max(fan_in, fan_out))
+
+
+def orthogonalize(x: jax.Array, spec: MatrixSpec, *, ns_coeffs=QUINTIC, ns_steps: int = 5, eps: float = 1e-8,
+                  consistent_rms: float | None = 0.2) -> jax.Array:
+    """Newton-Schulz-orthogonalise every matrix (and block) of `x` and apply the shape scaling."""
+    coeffs = jnp.asarray(ns_coeffs, jnp.float32)
+    pieces = []
+    for start, size in spec.blocks(x.shape):
+        block = x if spec.split_axis is None else jax.lax.slice_in_dim(x, start, start + size, axis=spec.split_axis)
+        o = orthogonalize_via_newton_schulz(block, coeffs, ns_steps, "frobenius", eps, spec.dimension_numbers)
+        fan_in = math.prod(block.shape[a] for a in spec.reduction)
+        fan_out = math.prod(block.shape[a] for a in spec.output)
+        pieces.append(o * shape_scale(fan_in, fan_out, consistent_rms))
+    return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=spec.split_axis)
+
+
+class MuonSplitState(NamedTuple):
+    count: jax.Array  # int32 scalar: steps taken
+    mu: optax.Updates  # momentum, same tree and shapes as the parameters
+
+
+def scale_by_muon_split(spec_of: Callable[[tuple], MatrixSpec], *, beta: float = 0.95, nesterov: bool = True,
+                        ns_coeffs=QUINTIC, ns_steps: int = 5, eps: float = 1e-8,
+                        consistent_rms: float | None = 0.2, mu_dtype=None) -> optax.GradientTransformation:
+    """Muon's direction: momentum, Newton-Schulz per `spec_of(key_path)`, shape scaling.
+
+    Equal to `optax.contrib.scale_by_muon` followed by optax's `scale_by_shape` when no spec splits a
+    leaf. Learning rate and weight decay are chained after it (see `make_optimizer`).
+    """
+
+    def init_fn(params):
+        return MuonSplitState(jnp.zeros([], jnp.int32), optax.tree.zeros_like(params, dtype=mu_dtype))
+
+    def update_fn(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, beta, 1)
+        count = optax.safe_increment(state.count)
+        if nesterov:  # optax's bias-corrected Nesterov form, so updates match optax.contrib.muon exactly
+            mu_hat = jax.tree.map(lambda m, g: beta * m + (1 - beta) * g,
+                                  optax.tree.bias_correction(mu, beta, optax.safe_increment(count)),
+                                  optax.tree.bias_correction(updates, beta, count))
+        else:
+            mu_hat = optax.tree.bias_correction(mu, beta, count)
+        out = jax.tree_util.tree_map_with_path(
+            lambda path, m: orthogonalize(m, spec_of(path), ns_coeffs=ns_coeffs, ns_steps=ns_steps, eps=eps,
+                                          consistent_rms=consistent_rms), mu_hat)
+        return out, MuonSplitState(count, optax.tree.cast(mu, mu_dtype))
+
+    return optax.GradientTransformation(init_fn, update_fn)
