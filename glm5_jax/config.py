@@ -210,17 +210,18 @@ def _validate(cfg: ModelConfig):
         _fail("rms_norm_eps", f"must be positive; got {cfg.rms_norm_eps}")
 
 
-def _unknown_key(key: str, known) -> ConfigError:
+def unknown_key(key: str, known, what: str = "model config") -> ConfigError:
+    """The error for a key that is not a field, suggesting the closest known one."""
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{key}: unknown model config key{hint}")
+    return ConfigError(f"{key}: unknown {what} key{hint}")
 
 
 def from_dict(values: dict) -> ModelConfig:
     """Build and validate a config from a plain dict; unknown keys are errors."""
     for key in values:
         if key not in _FIELDS:
-            raise _unknown_key(key, _FIELDS)
+            raise unknown_key(key, _FIELDS)
     try:
         cfg = ModelConfig(**values)
     except TypeError as e:  # e.g. a list where a dict belongs

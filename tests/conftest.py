@@ -5,8 +5,13 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-import pytest
+# Eight simulated CPU devices for the parallel layouts; set before anything initialises JAX. Single-device
+# tests run on the first device as usual.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,1 @@
+"""Training: sharded model state, losses and the jitted train step."""

@@ -1,0 +1,77 @@
+"""The active parallel layout, as model code sees it: logical names in, mesh placement out.
+
+Model code calls `constrain(x, ("batch", "length", "act_embed"))` and asks `axis_size("experts")`; it
+never names a mesh axis. Outside `use(...)` (one device, plain `jax.jit`) both are no-ops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import math
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from glm5_jax.sharding.layout import ParallelConfig
+from glm5_jax.sharding.mesh import build_mesh
+from glm5_jax.sharding.rules import Rules, partition_spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallelism:
+    mesh: Mesh
+    rules: Rules
+    config: ParallelConfig
+
+    @classmethod
+    def create(cls, config: ParallelConfig, devices=None) -> "Parallelism":
+        """Build the mesh of `config` over `devices` (default: all) with its resolved rules."""
+        config.validate()
+        return cls(build_mesh(config.mesh, config.dcn, devices), config.resolved_rules(), config)
+
+    def spec(self, axes, shape=None) -> PartitionSpec:
+        return partition_spec(axes, self.rules, self.mesh, shape)
+
+    def sharding(self, axes, shape=None) -> NamedSharding:
+        return NamedSharding(self.mesh, self.spec(axes, shape))
+
+    def mesh_axes(self, logical: str) -> tuple[str, ...]:
+        """Mesh axes (of size > 1) that a logical name maps to."""
+        return tuple(a for a in self.rules.get(logical, ()) if self.mesh.shape[a] > 1)
+
+    def axis_size(self, logical: str) -> int:
+        return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical))
+
+
+_active: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("glm5_parallelism", default=None)
+
+
+def current() -> Parallelism | None:
+    return _active.get()
+
+
+@contextlib.contextmanager
+def use(par: Parallelism):
+    """Make `par` the layout that model code traced inside this block uses (and its mesh JAX's)."""
+    token = _active.set(par)
+    try:
+        with jax.set_mesh(par.mesh):
+            yield par
+    finally:
+        _active.reset(token)
+
+
+def constrain(x, axes):
+    """Pin activation `x` to the sharding its logical `axes` map to (no-op without an active layout)."""
+    par = current()
+    if par is None or par.mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, par.sharding(axes, x.shape))
+
+
+def axis_size(logical: str) -> int:
+    """How many shards the active layout splits logical axis `logical` into (1 without a layout)."""
+    par = current()
+    return 1 if par is None else par.axis_size(logical)
