@@ -1,0 +1,275 @@
+"""Typed data configuration (tokenizer, named sources, context-extension stages) loaded from YAML.
+
+Every problem is one :class:`~glm5_jax.config.ConfigError` line naming the key (``stages[1].seq_len``) and
+what is allowed, raised before any file is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import importlib.resources
+import os
+
+import yaml
+
+from glm5_jax.config import ROPE_TYPES, ConfigError
+
+from .errors import ON_ERROR
+
+SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens")
+TOKENIZER_KINDS = ("bytes", "hf")
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    kind: str = "bytes"  # bytes: built-in byte-level (259 ids); hf: a tokenizer.json
+    path: str | None = None  # tokenizer.json (kind hf); $VARS and ~ are expanded
+    eos_id: int | None = None  # id put after every document; bytes: 1
+    eos_token: str | None = None  # or the EOS token's text, looked up in tokenizer.json
+    pad_id: int | None = None  # id written at padding (always loss-masked); default: eos_id (bytes: 0)
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    name: str = ""  # its key under `sources:`
+    kind: str = "stdlib"  # one of SOURCE_KINDS
+    paths: list[str] = dataclasses.field(default_factory=list)  # files or globs; $VARS and ~ are expanded
+    text_field: str = "text"  # JSONL key / Parquet column holding the document
+    append_eos: bool = True  # put the tokenizer's EOS after each document (also pre-tokenized ones)
+
+
+@dataclasses.dataclass
+class StageConfig:
+    name: str = ""
+    seq_len: int = 4096  # tokens per packed row
+    tokens_per_step: int = 4096  # global: global batch = tokens_per_step / seq_len rows
+    tokens: int = 4096  # token budget; the stage runs tokens // tokens_per_step steps
+    mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source name -> weight
+    rope: dict | None = None  # rope_parameters the trainer sets on the model for this stage (None: unchanged)
+
+    @property
+    def global_batch(self) -> int:
+        return self.tokens_per_step // self.seq_len
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+
+@dataclasses.dataclass
+class DataConfig:
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    sources: dict[str, SourceConfig] = dataclasses.field(default_factory=dict)
+    stages: list[StageConfig] = dataclasses.field(default_factory=list)
+    seed: int = 0  # shuffle seed; the same seed gives the same batches
+    shuffle: bool = True  # global shuffle of each source's documents, reshuffled every epoch
+    on_error: str = "skip"  # bad records: skip (count and log) or raise
+    num_workers: int = 0  # Grain mp_prefetch worker processes per host (0: read in the trainer's process)
+    worker_buffer_size: int = 2  # batches each worker keeps ready
+    read_threads: int = 2  # threads per process reading and tokenizing documents
+    read_buffer_size: int = 64  # documents read ahead per process
+
+    def stage(self, name: str) -> StageConfig:
+        for s in self.stages:
+            if s.name == name:
+                return s
+        raise ConfigError(f"stage: no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"{key}: {message}")
+
+
+def _keys(key: str, values, cls, skip=()):
+    """Reject unknown keys of a mapping with a did-you-mean hint."""
+    if not isinstance(values, dict):
+        _fail(key, f"must be a mapping; got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
+    for k in values:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            _fail(f"{key}.{k}" if key else str(k), f"unknown data config key{hint}; allowed: {', '.join(known)}")
+
+
+def _int(key: str, value, minimum: int = 1) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # YAML reads 1.8e13 as a float
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        _fail(key, f"must be an integer >= {minimum}; got {value!r}")
+    return value
+
+
+def _choice(key: str, value, allowed):
+    if value not in allowed:
+        _fail(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+    return value
+
+
+def _tokenizer(values) -> TokenizerConfig:
+    _keys("tokenizer", values, TokenizerConfig)
+    cfg = TokenizerConfig(**values)
+    _choice("tokenizer.kind", cfg.kind, TOKENIZER_KINDS)
+    if cfg.kind == "hf" and not cfg.path:
+        _fail("tokenizer.path", "kind hf needs the path of a tokenizer.json")
+    if cfg.kind == "bytes" and (cfg.path or cfg.eos_id is not None or cfg.eos_token or cfg.pad_id is not None):
+        _fail("tokenizer", "kind bytes takes no path / eos_id / eos_token / pad_id (its ids are fixed)")
+    for k in ("eos_id", "pad_id"):
+        if getattr(cfg, k) is not None:
+            _int(f"tokenizer.{k}", getattr(cfg, k), 0)
+    return cfg
+
+
+def _source(name, values) -> SourceConfig:
+    key = f"sources.{name}"
+    _keys(key, values, SourceConfig, skip=("name",))
+    cfg = SourceConfig(name=str(name), **values)
+    _choice(f"{key}.kind", cfg.kind, SOURCE_KINDS)
+    if isinstance(cfg.paths, str):
+        cfg.paths = [cfg.paths]
+    if not isinstance(cfg.paths, list) or not all(isinstance(p, str) for p in cfg.paths):
+        _fail(f"{key}.paths", f"must be a list of file paths or globs; got {cfg.paths!r}")
+    if cfg.kind == "stdlib" and cfg.paths:
+        _fail(f"{key}.paths", "kind stdlib reads the running Python's standard library; it takes no paths")
+    if cfg.kind != "stdlib" and not cfg.paths:
+        _fail(f"{key}.paths", f"kind {cfg.kind} needs at least one file or glob")
+    if not isinstance(cfg.text_field, str) or not cfg.text_field:
+        _fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
+    if not isinstance(cfg.append_eos, bool):
+        _fail(f"{key}.append_eos", f"must be true or false; got {cfg.append_eos!r}")
+    return cfg
+
+
+def _rope(key: str, rope):
+    if rope is None:
+        return None
+    if not isinstance(rope, dict):
+        _fail(key, f"must be a mapping like {{rope_theta: 1000000.0}}; got {rope!r}")
+    rope = dict(rope)
+    for k in rope:
+        if k not in ("rope_type", "rope_theta", "factor"):
+            _fail(f"{key}.{k}", "unknown key; allowed: rope_type, rope_theta, factor")
+    _choice(f"{key}.rope_type", rope.setdefault("rope_type", "default"), ROPE_TYPES)
+    theta = rope.get("rope_theta")
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0):
+        _fail(f"{key}.rope_theta", f"must be a positive number; got {theta!r}")
+    if rope["rope_type"] == "linear":
+        factor = rope.get("factor")
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            _fail(f"{key}.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
+    return rope
+
+
+def _stage(i, values, sources) -> StageConfig:
+    key = f"stages[{i}]"
+    _keys(key, values, StageConfig)
+    cfg = StageConfig(**values)
+    if not isinstance(cfg.name, str) or not cfg.name:
+        _fail(f"{key}.name", f"must be a non-empty string; got {cfg.name!r}")
+    cfg.seq_len = _int(f"{key}.seq_len", cfg.seq_len)
+    cfg.tokens_per_step = _int(f"{key}.tokens_per_step", cfg.tokens_per_step)
+    cfg.tokens = _int(f"{key}.tokens", cfg.tokens)
+    if cfg.tokens_per_step % cfg.seq_len:
+        _fail(f"{key}.tokens_per_step", f"must be a multiple of seq_len ({cfg.seq_len}) so the global batch "
+              f"(tokens_per_step / seq_len rows) is whole; got {cfg.tokens_per_step}")
+    if cfg.tokens < cfg.tokens_per_step:
+        _fail(f"{key}.tokens", f"the budget must cover at least one step ({cfg.tokens_per_step} tokens); "
+              f"got {cfg.tokens}")
+    if not isinstance(cfg.mixture, dict) or not cfg.mixture:
+        _fail(f"{key}.mixture", f"must map source names to weights; sources: {', '.join(sources)}")
+    for name, weight in cfg.mixture.items():
+        if name not in sources:
+            _fail(f"{key}.mixture.{name}", f"no such source; sources: {', '.join(sources)}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            _fail(f"{key}.mixture.{name}", f"weight must be a positive number; got {weight!r}")
+    cfg.rope = _rope(f"{key}.rope", cfg.rope)
+    return cfg
+
+
+def from_dict(values: dict) -> DataConfig:
+    """Build and validate a :class:`DataConfig` from plain data (e.g. parsed YAML)."""
+    _keys("", values, DataConfig)
+    values = dict(values)
+    tokenizer = _tokenizer(values.pop("tokenizer", None) or {})
+    raw_sources = values.pop("sources", None)
+    if not isinstance(raw_sources, dict) or not raw_sources:
+        _fail("sources", "must map at least one source name to its settings")
+    sources = {str(name): _source(name, s or {}) for name, s in raw_sources.items()}
+    raw_stages = values.pop("stages", None)
+    if not isinstance(raw_stages, list) or not raw_stages:
+        _fail("stages", "must be a list of at least one stage")
+    stages = [_stage(i, s or {}, sources) for i, s in enumerate(raw_stages)]
+    names = [s.name for s in stages]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            _fail(f"stages[{i}].name", f"stage names must be unique; {name!r} repeats")
+    cfg = DataConfig(tokenizer=tokenizer, sources=sources, stages=stages, **values)
+    cfg.seed = _int("seed", cfg.seed, 0)
+    if cfg.seed >= 2**31:
+        _fail("seed", f"must be < 2**31; got {cfg.seed}")
+    if not isinstance(cfg.shuffle, bool):
+        _fail("shuffle", f"must be true or false; got {cfg.shuffle!r}")
+    _choice("on_error", cfg.on_error, ON_ERROR)
+    cfg.num_workers = _int("num_workers", cfg.num_workers, 0)
+    cfg.worker_buffer_size = _int("worker_buffer_size", cfg.worker_buffer_size)
+    cfg.read_threads = _int("read_threads", cfg.read_threads, 0)
+    cfg.read_buffer_size = _int("read_buffer_size", cfg.read_buffer_size)
+    return cfg
+
+
+def preset_path(name: str) -> str:
+    """Path of a shipped data preset (``configs/data/NAME.yaml``)."""
+    root = importlib.resources.files("glm5_jax.configs") / "data"
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"data preset {name!r} does not exist; presets: {', '.join(names)}")
+    return str(path)
+
+
+def _index(node: list, p: str, key: str) -> int:
+    if not p.isdigit() or int(p) >= len(node):
+        _fail(key, f"{p!r} is not an index of a list of {len(node)}")
+    return int(p)
+
+
+def apply_overrides(values: dict, overrides) -> dict:
+    """``key=value`` strings (YAML values); ``a.b=v`` sets nested keys, ``stages.1.seq_len=v`` list items."""
+    values = copy.deepcopy(values)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value")
+        key, raw = item.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = values
+        for p in parents:
+            if isinstance(node, list):
+                node = node[_index(node, p, key)]
+            elif isinstance(node, dict):
+                node = node.setdefault(p, {})
+            else:
+                _fail(key, f"{p} is inside a value that is not a mapping or list")
+        value = yaml.safe_load(raw) if raw else None
+        if isinstance(node, list):
+            node[_index(node, leaf, key)] = value
+        elif isinstance(node, dict):
+            node[leaf] = value
+        else:
+            _fail(key, f"{leaf} is inside a value that is not a mapping or list")
+    return values
+
+
+def load(source: str = "default", overrides=()) -> DataConfig:
+    """Load a data config from a preset name (``default``, ``glm5``) or a YAML file, then apply overrides."""
+    path = source if os.path.exists(source) else preset_path(source)
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a data config must be a mapping of keys to values")
+    values = values.get("data", values)
+    return from_dict(apply_overrides(values, overrides))

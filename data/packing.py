@@ -1,0 +1,98 @@
+"""Documents -> token arrays -> packed rows of one stage's sequence length -> the batch contract.
+
+Packing is Grain's ``ConcatThenSplitIterDataset``: documents (each followed by EOS) are laid end to end and
+cut into rows of ``seq_len``; a document that does not fit is split and its remainder starts the next row.
+Grain numbers the pieces of a row 1, 2, ... (``segment_ids``; 0 = padding) and restarts ``positions`` at 0
+for every piece, which is exactly what the model's attention mask and RoPE need. A row therefore never has
+padding unless the data ends; efficiency is still measured, not assumed.
+
+Batch contract (all ``int32``, shape ``[batch, seq_len]``):
+
+- ``input_ids``: token ids; padding holds the tokenizer's pad id.
+- ``segment_ids``: 1, 2, ... per document piece in the row; 0 at padding.
+- ``positions``: 0, 1, ... restarting at every piece (RoPE positions).
+- ``targets``: the next token of the same piece, or ``IGNORE`` (-1) where there is none: the last token
+  of a piece (a document's EOS, or the cut of a split document) and padding. Loss is
+  ``mean over targets != IGNORE``; targets never cross documents.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import Bad, ErrorPolicy
+
+IGNORE = -1  # target of tokens that predict nothing (end of a piece, padding)
+KEYS = ("input_ids", "targets", "segment_ids", "positions")
+
+
+class Encoder:
+    """Source record -> ``{"input_ids": int32[n]}`` (document + EOS), or None for a skipped bad record."""
+
+    def __init__(self, source: str, tokenizer, policy: ErrorPolicy, append_eos: bool = True):
+        self.source, self.tokenizer, self.policy, self.append_eos = source, tokenizer, policy, append_eos
+
+    def __call__(self, record):
+        if isinstance(record, Bad):
+            self.policy.handle(self.source, record)
+            return None
+        where, payload = record
+        if isinstance(payload, str):
+            if not payload.strip():
+                return self._bad(where, "empty document")
+            ids = self.tokenizer.encode(payload)
+        else:
+            ids = payload
+            if not len(ids):
+                return self._bad(where, "empty document")
+            bad = np.flatnonzero((ids < 0) | (ids >= self.tokenizer.vocab_size))
+            if len(bad):
+                return self._bad(where, f"token id {int(ids[bad[0]])} at offset {int(bad[0])} is outside "
+                                        f"[0, vocab_size={self.tokenizer.vocab_size})")
+        if self.append_eos:
+            ids = np.append(ids, np.int32(self.tokenizer.eos_id))
+        return {"input_ids": ids.astype(np.int32, copy=False)}
+
+    def _bad(self, where, reason):
+        self.policy.handle(self.source, Bad(where, reason))
+
+
+def pack(ds, seq_len: int):
+    """Pack an ``IterDataset`` of ``{"input_ids": int32[n]}`` into rows of ``seq_len`` (Grain's packer)."""
+    from grain.experimental import ConcatThenSplitIterDataset
+
+    return ConcatThenSplitIterDataset(ds, length_struct={"input_ids": seq_len})
+
+
+class Finalize:
+    """Grain's packed batch -> the batch contract above (targets, pad ids, fixed key names)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: dict) -> dict:
+        ids = np.asarray(batch["input_ids"], np.int32)
+        seg = np.asarray(batch["input_ids_segment_ids"], np.int32)
+        pos = np.asarray(batch["input_ids_positions"], np.int32)
+        return make_batch(ids, seg, pos, self.pad_id)
+
+
+def make_batch(ids: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, pad_id: int = 0) -> dict:
+    """The contract's four arrays from packed ids and segment ids (positions as given)."""
+    targets = np.full(ids.shape, IGNORE, np.int32)
+    same_piece = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
+    targets[:, :-1] = np.where(same_piece, ids[:, 1:], IGNORE)
+    return {
+        "input_ids": np.where(segment_ids > 0, ids, pad_id).astype(np.int32),
+        "targets": targets,
+        "segment_ids": segment_ids.astype(np.int32),
+        "positions": np.where(segment_ids > 0, positions, 0).astype(np.int32),
+    }
+
+
+def packing_stats(batch: dict) -> dict:
+    """Token counts of a batch: all, non-padding, with a target; efficiency = non-padding / all."""
+    total = int(batch["segment_ids"].size)
+    real = int(np.count_nonzero(batch["segment_ids"]))
+    return {"tokens": total, "real": real, "loss": int(np.count_nonzero(batch["targets"] != IGNORE)),
+            "efficiency": real / total if total else 0.0}

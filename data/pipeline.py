@@ -1,0 +1,212 @@
+"""The per-process data pipeline the trainer drives: staged, packed, sharded, resumable.
+
+Usage by a trainer::
+
+    pipe = DataPipeline(data_config.load("default"))          # process index/count from JAX
+    it = pipe.iterator()                                      # or restore its state, see below
+    for step in range(start, end):
+        stage = pipe.stage_at(step)                           # seq_len, rope, ... of this step
+        batch = global_batch(next(it), sharding)              # dict of jax.Arrays [global_batch, seq_len]
+    mngr.save(step, args=ocp.args.Composite(..., data=save_args(it)))
+    mngr.restore(step, args=ocp.args.Composite(..., data=restore_args(it)))
+
+Each process reads only its shard (record ``i`` of a source belongs to process ``i % process_count``), shuffles
+it with a seed derived from ``(seed, stage, source)``, repeats it in freshly shuffled epochs, tokenizes,
+packs and batches it with Grain. A stage's batches come from its own Grain pipeline, built when the stage
+starts, so a stage switch needs no state from the stage before.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grain
+import jax
+import numpy as np
+
+from . import config as data_config
+from .errors import DataError, ErrorPolicy
+from .packing import Encoder, Finalize, pack
+from .sources import open_source
+from .stages import Schedule, Stage
+from .tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def _derived_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def _mark_absl_flags_parsed():
+    # grain 0.2.18's mp_prefetch reads absl flags; outside absl.app they are unparsed and reading them raises
+    # UnparsedFlagAccessError. Marking them parsed keeps every flag at its default.
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+class DataPipeline:
+    """Batches of one process for every step of a :class:`~glm5_jax.data.config.DataConfig`'s stages.
+
+    ``process_index`` / ``process_count`` default to JAX's; tests pass them to simulate hosts. ``seed``
+    overrides ``cfg.seed``. Sources are opened (files listed and indexed) here, so a missing or unreadable
+    file is reported before training starts.
+    """
+
+    def __init__(self, cfg: data_config.DataConfig | str, process_index: int | None = None,
+                 process_count: int | None = None, seed: int | None = None):
+        self.cfg = data_config.load(cfg) if isinstance(cfg, str) else cfg
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if not 0 <= self.process_index < self.process_count:
+            raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count})")
+        self.seed = self.cfg.seed if seed is None else seed
+        self.tokenizer = build_tokenizer(self.cfg.tokenizer)
+        self.policy = ErrorPolicy(self.cfg.on_error)
+        self.schedule = Schedule(self.cfg.stages, self.process_count)
+        used = dict.fromkeys(name for s in self.cfg.stages for name in s.mixture)
+        self.sources = {name: open_source(self.cfg.sources[name], self.policy) for name in used}
+        for name, source in self.sources.items():
+            if len(source) < self.process_count:
+                raise DataError(f"source {name}: {len(source)} records cannot be sharded over "
+                                f"{self.process_count} processes")
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids the tokenizer emits; the model's vocab_size must be at least this."""
+        return self.tokenizer.vocab_size
+
+    def stage_at(self, step: int) -> Stage:
+        return self.schedule.at(step)
+
+    def dataset(self, stage: Stage | int | str) -> grain.IterDataset:
+        """The endless Grain dataset of this process's batches for one stage."""
+        if isinstance(stage, str):
+            stage = self.schedule.by_name(stage)
+        elif isinstance(stage, int):
+            stage = self.schedule.stages[stage]
+        cfg = self.cfg
+        parts, weights = [], []
+        for j, (name, weight) in enumerate(stage.mixture.items()):
+            ds = grain.MapDataset.source(self.sources[name])[self.process_index::self.process_count]
+            if cfg.shuffle:
+                ds = ds.shuffle(seed=_derived_seed(self.seed, stage.index, j))
+            ds = ds.repeat(None)  # reshuffled every epoch
+            ds = ds.map(Encoder(name, self.tokenizer, self.policy, cfg.sources[name].append_eos))
+            parts.append(ds)
+            weights.append(weight)
+        ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                  prefetch_buffer_size=cfg.read_buffer_size))
+        it = pack(it, stage.seq_len)
+        it = it.batch(stage.local_batch, drop_remainder=True)
+        it = it.map(Finalize(self.tokenizer.pad_id))
+        if cfg.num_workers:
+            _mark_absl_flags_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
+                                                             per_worker_buffer_size=cfg.worker_buffer_size))
+        return it
+
+    def iterator(self, start_step: int = 0) -> PipelineIterator:
+        """Batches from global step ``start_step`` on.
+
+        Starting inside a stage replays that stage from its first step (exact but O(steps)); to resume a
+        run, restore the saved iterator state instead (:func:`restore_args`).
+        """
+        return PipelineIterator(self, start_step)
+
+
+class PipelineIterator(grain.DatasetIterator):
+    """Yields one batch per global step, switching stage at stage boundaries; its state is JSON.
+
+    A Grain ``DatasetIterator``, so ``grain.checkpoint.CheckpointSave/Restore`` (and Orbax) save and restore
+    it: the state is the next step, its stage, and that stage's Grain iterator state.
+    """
+
+    def __init__(self, pipeline: DataPipeline, start_step: int = 0):
+        super().__init__()
+        self._pipeline = pipeline
+        self._step = start_step
+        stage = pipeline.stage_at(start_step)
+        self._stage = stage.index
+        self._it = iter(pipeline.dataset(stage))
+        for _ in range(start_step - stage.start_step):
+            next(self._it)
+
+    @property
+    def step(self) -> int:
+        """The global step of the next batch."""
+        return self._step
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of the next batch."""
+        return self._pipeline.stage_at(self._step)
+
+    def _switch(self, index: int):
+        self._it.close()
+        self._stage = index
+        self._it = iter(self._pipeline.dataset(index))
+
+    def __next__(self) -> dict:
+        stage = self._pipeline.stage_at(self._step)
+        if stage.index != self._stage:
+            log.info("data: stage %s (seq_len %d, %d rows per process) from step %d", stage.name,
+                     stage.seq_len, stage.local_batch, self._step)
+            self._switch(stage.index)
+        batch = next(self._it)
+        self._step += 1
+        return batch
+
+    def get_state(self) -> dict:
+        stage = self._pipeline.schedule.stages[self._stage]
+        return {"step": self._step, "stage": self._stage, "stage_name": stage.name, "seq_len": stage.seq_len,
+                "process_index": self._pipeline.process_index, "process_count": self._pipeline.process_count,
+                "stage_state": self._it.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        stages = self._pipeline.schedule.stages
+        index = int(state["stage"])
+        if index >= len(stages) or stages[index].name != state["stage_name"] or \
+                stages[index].seq_len != state["seq_len"]:
+            raise DataError(f"data iterator state is from stage {state['stage_name']!r} (seq_len {state['seq_len']})"
+                            f" at position {index}, which the data config's stages do not match")
+        if (state["process_index"], state["process_count"]) != (self._pipeline.process_index,
+                                                                 self._pipeline.process_count):
+            raise DataError(f"data iterator state is of process {state['process_index']} of "
+                            f"{state['process_count']}; this is process {self._pipeline.process_index} of "
+                            f"{self._pipeline.process_count}")
+        self._switch(index)
+        self._it.set_state(state["stage_state"])
+        self._step = int(state["step"])
+
+    def start_prefetch(self) -> None:
+        self._it.start_prefetch()
+
+    def close(self) -> None:
+        self._it.close()
+        super().close()
+
+
+def save_args(iterator: PipelineIterator):
+    """Orbax args saving the iterator state (one JSON file per process); use inside ``ocp.args.Composite``."""
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def restore_args(iterator: PipelineIterator):
+    """Orbax args restoring the state into ``iterator`` in place (its next batch is the saved next step)."""
+    return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, batch_axes: tuple[str, ...] = ("data", "fsdp")):
+    """``NamedSharding`` splitting the batch dimension over those of ``batch_axes`` the mesh has."""
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    spec = jax.sharding.PartitionSpec(axes or None, None)
+    return jax.sharding.NamedSharding(mesh, spec)
+
+
+def global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """Assemble every process's local rows into global ``jax.Array``s (rows in process order)."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
