@@ -14,6 +14,7 @@ from flax import nnx
 from glm5_jax.model.norms import LayerNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
+from glm5_jax.sharding.context import axis_size, constrain
 
 
 class Indexer(nnx.Module):
@@ -57,34 +58,48 @@ def visible(q_index, k_index, q_segment, k_segment):
 def map_query_blocks(fn, block: int, *arrays):
     """Apply fn to blocks of `block` queries of each array [B, L, ...] (axis 1), concatenating results.
 
-    Arrays are padded at the end to a whole number of blocks and the padding is cut off the results.
+    Under context parallelism the query axis is split into its `length` shards first and every shard is
+    cut into blocks of its own, so each loop iteration works on one block of every shard at once and no
+    query leaves its device. Each shard is padded at its end to a whole number of blocks; the padding is
+    cut off the results.
     """
-    n = arrays[0].shape[1]
-    block = min(block, n)
-    padded = -(-n // block) * block
+    n, shards = arrays[0].shape[1], axis_size("length")
+    if n % shards:
+        raise ValueError(f"sequence length {n} must divide evenly into {shards} context shards")
+    local = n // shards
+    block = min(block, local)
+    n_blocks = -(-local // block)
 
-    def split(a):
-        a = jnp.pad(a, [(0, 0), (0, padded - n)] + [(0, 0)] * (a.ndim - 2))
-        a = a.reshape(a.shape[0], padded // block, block, *a.shape[2:])
-        return jnp.moveaxis(a, 1, 0)
+    def split(a):  # [B, L, ...] -> [blocks, B, shards * block, ...]
+        a = a.reshape(a.shape[0], shards, local, *a.shape[2:])
+        a = jnp.pad(a, [(0, 0), (0, 0), (0, n_blocks * block - local)] + [(0, 0)] * (a.ndim - 3))
+        a = a.reshape(a.shape[0], shards, n_blocks, block, *a.shape[3:])
+        a = jnp.moveaxis(a, 2, 0).reshape(n_blocks, a.shape[0], shards * block, *a.shape[4:])
+        return constrain(a, (None, "batch", "length") + (None,) * (a.ndim - 3))
 
     out = jax.lax.map(lambda blocks: fn(*blocks), tuple(split(a) for a in arrays))
 
-    def join(o):
-        o = jnp.moveaxis(o, 0, 1)
-        return o.reshape(o.shape[0], padded, *o.shape[3:])[:, :n]
+    def join(o):  # [blocks, B, shards * block, ...] -> [B, L, ...]
+        o = o.reshape(n_blocks, o.shape[1], shards, block, *o.shape[3:])
+        o = jnp.moveaxis(o, 0, 2).reshape(o.shape[1], shards, n_blocks * block, *o.shape[4:])
+        return constrain(o[:, :, :local].reshape(o.shape[0], n, *o.shape[3:]),
+                         ("batch", "length") + (None,) * (o.ndim - 3))
 
     return jax.tree.map(join, out)
 
 
 def select_topk(indexer: Indexer, q, k, w, segment_ids, topk: int, block: int):
     """Top-k key indices [B, L, topk] (int32) per query; invisible keys rank last (score -inf)."""
+    # Every query scores every key, so under context parallelism the keys are gathered whole (128 numbers
+    # a token) while the queries stay in their shard.
+    k = constrain(k, ("batch", None, None))
+    key_segments = constrain(segment_ids, ("batch", None))
     length = k.shape[1]
     k_index = jnp.arange(length)
 
     def block_topk(qb, wb, q_index, q_segment):
         s = indexer.scores(qb, k, wb)
-        ok = visible(q_index[..., None], k_index, q_segment[..., None], segment_ids[:, None, :])
+        ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
         s = jnp.where(ok, s, -jnp.inf)
         return jax.lax.top_k(s, topk)[1].astype(jnp.int32)
 

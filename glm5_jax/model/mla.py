@@ -16,6 +16,7 @@ from glm5_jax.model.dsa import Indexer, map_query_blocks, select_topk, visible
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
+from glm5_jax.sharding.context import constrain
 
 # Masked logits get the lowest finite float, not -inf: a row with no visible key (the padding of the
 # last query block) then softmaxes to finite values instead of NaN, which would poison gradients.
@@ -54,30 +55,34 @@ class MLA(nnx.Module):
         kv_a = x @ self.w(self.kv_a_proj_with_mqa)
         c_kv = self.kv_a_layernorm(kv_a[..., : cfg.kv_lora_rank])
         k_rope = apply_rope(kv_a[..., cfg.kv_lora_rank:], cos, sin)
+        # Context parallelism: queries stay in their sequence shard; the latent KV (576 numbers a token) is
+        # gathered whole, which is what makes MLA cheap to split by sequence.
+        c_kv, k_rope = (constrain(a, ("batch", None, None)) for a in (c_kv, k_rope))
+        key_segments = constrain(segment_ids, ("batch", None))
         scale = cfg.qk_head_dim ** -0.5
         length = x.shape[1]
         if length <= cfg.index_topk:
-            out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, scale)
+            out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale)
             topk_idx = None
         else:
             if self.indexer is not None:
                 qi, ki, wi = self.indexer.project(x, c_q, cos, sin)
                 topk_idx = select_topk(self.indexer, qi, ki, wi, segment_ids, cfg.index_topk,
                                        cfg.attention_query_block)
-            out = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, topk_idx, scale)
+            out = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale)
         return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx
 
-    def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, scale):
+    def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale):
         kv = jnp.einsum("blc,chd->blhd", c_kv, self.w(self.kv_b_proj))
         k_nope, v = kv[..., : self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
         s = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope)
         index = jnp.arange(q_nope.shape[1])
-        ok = visible(index[:, None], index[None, :], segment_ids[:, :, None], segment_ids[:, None, :])
+        ok = visible(index[:, None], index[None, :], segment_ids[:, :, None], key_segments[:, None, :])
         s = jnp.where(ok[:, None], s.astype(jnp.float32) * scale, MASKED)
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
-    def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, topk_idx, scale):
+    def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale):
         nope = self.cfg.qk_nope_head_dim
         kv_b = self.w(self.kv_b_proj)
         w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
@@ -87,7 +92,7 @@ class MLA(nnx.Module):
             q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
             c_sel, r_sel = gather(c_kv, idx), gather(k_rope, idx)
             s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
-            ok = visible(q_index[..., None], idx, q_segment[..., None], gather(segment_ids, idx))
+            ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
             s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
             p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
             o_lat = jnp.einsum("bqhk,bqkc->bqhc", p, c_sel)

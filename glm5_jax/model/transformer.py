@@ -14,6 +14,9 @@ from glm5_jax.model.moe import MoE, SwiGLU
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import inverse_frequencies, rope_angles
+from glm5_jax.sharding.context import constrain
+
+HIDDEN = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
 REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -63,6 +66,7 @@ class DecoderLayer(nnx.Module):
                                                                       rngs=rngs)
 
     def __call__(self, h, cos, sin, segment_ids, topk_idx):
+        h = constrain(h, HIDDEN)
         a, topk_idx = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, topk_idx)
         h = h + a
         y, load = self.mlp(self.post_attention_layernorm(h)), None
@@ -138,8 +142,9 @@ class GLM5(nnx.Module):
         return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
 
     def head(self, h):
-        return jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None):
         """Logits for `input_ids` [B, L].
@@ -155,7 +160,7 @@ class GLM5(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
         cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
-        h, loads = self.embed(input_ids), []
+        h, loads = constrain(self.embed(input_ids), HIDDEN), []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if L > cfg.index_topk else None
         for stack in self.layers:
