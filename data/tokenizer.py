@@ -99,3 +99,20 @@ def build_tokenizer(cfg) -> ByteTokenizer | HFTokenizer:
         return ByteTokenizer()
     return HFTokenizer(os.path.expanduser(os.path.expandvars(cfg.path)), eos_id=cfg.eos_id,
                        eos_token=cfg.eos_token, pad_id=cfg.pad_id)
+
+
+def train_bpe(texts, vocab_size: int, path: str, eos_token: str = "<|endoftext|>") -> str:
+    """Train a byte-level BPE ``tokenizer.json`` on an iterable of strings (for tests and benchmarks).
+
+    Byte-level pre-tokenization means any text encodes; ``eos_token`` is added as a special token.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok.save(path)
+    return path
