@@ -93,6 +93,17 @@ def _optimizer(args):
     print_table(routing_table(cfg, opt), cfg)
 
 
+def _data_inspect(args):
+    from glm5_jax.data.errors import DataError
+    from glm5_jax.data.inspect import inspect
+
+    try:
+        inspect(args.config, rows=args.rows, stage=args.stage, batches=args.batches, chars=args.chars,
+                overrides=args.override)
+    except DataError as e:  # unusable data files: one line, like other bad input
+        raise InputError(str(e)) from None
+
+
 class InputError(ValueError):
     """A user input file that cannot be used."""
 
@@ -149,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
                        help="optimizer config setting, e.g. split_o_proj=true (repeatable)")
     optim.set_defaults(run=_optimizer)
+
+    data = sub.add_parser("data", help="data pipelines")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    insp = dsub.add_parser("inspect", help="stage table, decoded packed rows, packing efficiency and throughput")
+    insp.add_argument("--config", default="default", help="data preset name (default, glm5) or YAML file")
+    insp.add_argument("--rows", type=int, default=4, help="packed rows to show")
+    insp.add_argument("--stage", default=None, help="stage to show (default: the first)")
+    insp.add_argument("--batches", type=int, default=20, help="batches to time for the throughput figure")
+    insp.add_argument("--chars", type=int, default=400, help="characters shown per row")
+    insp.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                      help="data config override, e.g. stages.0.seq_len=256 (repeatable)")
+    insp.set_defaults(run=_data_inspect)
     return p
 
 
