@@ -47,6 +47,10 @@ def _mark_absl_flags_parsed():
         flags.FLAGS.mark_as_parsed()
 
 
+def _plain_arrays(batch: dict) -> dict:
+    return {k: np.array(v) for k, v in batch.items()}
+
+
 class DataPipeline:
     """Batches of one process for every step of a :class:`~glm5_jax.data.config.DataConfig`'s stages.
 
@@ -107,6 +111,9 @@ class DataPipeline:
             _mark_absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                              per_worker_buffer_size=cfg.worker_buffer_size))
+            # Batches arrive in shared-memory arrays the workers allocated; plain copies let that memory go at
+            # once instead of whenever (or, at interpreter exit, never) the trainer drops the batch.
+            it = it.map(_plain_arrays)
         return it
 
     def iterator(self, start_step: int = 0) -> PipelineIterator:

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from glm5_jax.data import config as data_config
+from glm5_jax.data.errors import DataError
 from glm5_jax.data.packing import IGNORE, KEYS
 from glm5_jax.data.pipeline import (
     DataPipeline,
@@ -192,3 +193,26 @@ def test_global_batch_assembly(corpus):
     for k in KEYS:
         assert out[k].sharding == sharding and out[k].shape == batch[k].shape
         np.testing.assert_array_equal(np.asarray(out[k]), batch[k])
+
+
+def test_worker_processes(corpus, tmp_path):
+    """mp_prefetch workers: the same batches as in-process reading, exact resume, and a bad record raised in a
+    worker arrives in the trainer's process as the same one-line DataError."""
+    _, paths = corpus
+    reference = take(DataPipeline(two_stage_config(paths), 0, 1).iterator(), 6)
+    it = DataPipeline(two_stage_config(paths, num_workers=1), 0, 1).iterator()
+    got = take(it, 3)
+    state = it.get_state()
+    it.close()
+    resumed = DataPipeline(two_stage_config(paths, num_workers=1), 0, 1).iterator()
+    resumed.set_state(json.loads(json.dumps(state)))
+    got += take(resumed, 3)
+    resumed.close()
+    assert_same_batches(got, reference)
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "fine"}\n{"text": "bad \xff"}\n')
+    it = DataPipeline(two_stage_config([str(bad)], num_workers=1, on_error="raise"), 0, 1).iterator()
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid UTF-8 at byte 14"):
+        take(it, 5)
+    it.close()
