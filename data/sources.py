@@ -118,7 +118,7 @@ class StdlibSource(Source):
 class JsonlSource(Source):
     """One JSON object per line; the document is ``obj[text_field]``. Blank lines are no records.
 
-    Opening a file scans it once for line starts (a NumPy pass, about 1 GB/s) so records can be read in any
+    Opening a file scans it once for line starts (one NumPy pass) so records can be read in any
     order with one ``pread`` each; for corpora of many billions of lines prefer ArrayRecord.
     """
 
