@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5_jax.model.params import RouterBias, make_param, stacked
+from glm5_jax.sharding.context import axis_size
 
 
 class SwiGLU(nnx.Module):
@@ -117,7 +118,11 @@ class MoE(nnx.Module):
         self.shared_experts = SwiGLU(cfg, cfg.shared_intermediate_size, stack=stack, rngs=rngs)
 
     def __call__(self, x):
-        """x [B, L, D] -> (output [B, L, D], tokens per expert [E])."""
+        """x [B, L, D] -> (output [B, L, D], tokens processed per expert [E]).
+
+        Every token sends num_experts_per_tok copies; with a capacity bound (expert parallelism) copies
+        that overflow are dropped, so dropped copies = tokens * k - sum(load).
+        """
         cfg = self.cfg
         flat = x.reshape(-1, x.shape[-1])
         logits = flat.astype(jnp.float32) @ self.gate[...]
@@ -125,6 +130,12 @@ class MoE(nnx.Module):
         w = lambda p: p[...].astype(self.dtype)
         tile = cfg.expert_tile if cfg.expert_matmul == "tiled" or (
             cfg.expert_matmul == "auto" and jax.default_backend() == "cpu") else 0
-        routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
-                                       w(self.experts_down), cfg.n_routed_experts, tile)
+        if axis_size("experts") > 1:
+            from glm5_jax.sharding.expert import expert_parallel_ffn
+
+            routed, load = expert_parallel_ffn(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
+                                               w(self.experts_down), tile=tile)
+        else:
+            routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
+                                           w(self.experts_down), cfg.n_routed_experts, tile)
         return routed.reshape(x.shape) + self.shared_experts(x), load
