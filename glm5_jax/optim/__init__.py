@@ -7,12 +7,12 @@ from glm5_jax.optim.muon import (
     orthogonalize,
     scale_by_muon_split,
 )
-from glm5_jax.optim.optimizer import make_optimizer, param_routes
+from glm5_jax.optim.optimizer import make_optimizer, param_routes, state_shardings
 from glm5_jax.optim.routing import Route, print_table, route, routing_table, summary
 from glm5_jax.optim.schedules import BatchRamp, learning_rate_schedule
 
 __all__ = [
     "BatchRamp", "MatrixSpec", "MuonSplitState", "OptimizerConfig", "Route", "from_dict", "learning_rate_schedule",
     "make_optimizer", "orthogonalize", "param_routes", "print_table", "route", "routing_table",
-    "scale_by_muon_split", "summary",
+    "scale_by_muon_split", "state_shardings", "summary",
 ]

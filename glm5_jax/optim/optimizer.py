@@ -29,13 +29,36 @@ def path_name(path) -> str:
     return ".".join(parts)
 
 
-def lookup(routes: dict[str, Route], path) -> Route:
-    """The route of the parameter a key path points into (the longest leading name that is a parameter)."""
+def find_param(names, path) -> str | None:
+    """The parameter a key path points into: the longest run of its dotted parts that is a name in `names`
+    (a parameter's own path, optionally ending in `.value`, or an optimizer-state path that contains one)."""
     parts = path_name(path).split(".")
-    for end in range(len(parts), 0, -1):
-        if (name := ".".join(parts[:end])) in routes:
-            return routes[name]
-    raise KeyError(f"{'.'.join(parts)}: not a parameter the optimizer was built for")
+    for length in range(len(parts), 0, -1):
+        for start in range(len(parts) - length + 1):
+            if (name := ".".join(parts[start:start + length])) in names:
+                return name
+    return None
+
+
+def lookup(routes: dict[str, Route], path) -> Route:
+    name = find_param(routes, path)
+    if name is None:
+        raise KeyError(f"{path_name(path)}: not a parameter the optimizer was built for")
+    return routes[name]
+
+
+def state_shardings(opt_state, param_shardings, default):
+    """Shardings for an optimizer state (real or from `jax.eval_shape(tx.init, params)`): every leaf that
+    mirrors a parameter takes that parameter's sharding (from `param_shardings`, a tree with the params'
+    key paths), every other leaf (step counts) `default`."""
+    by_name = {path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    by_name.update({n.removesuffix(".value"): s for n, s in list(by_name.items())})
+
+    def pick(path, leaf):
+        name = find_param(by_name, path)
+        return by_name[name] if name is not None and leaf.ndim else default
+
+    return jax.tree_util.tree_map_with_path(pick, opt_state)
 
 
 def param_routes(params, model_cfg, opt: OptimizerConfig) -> dict[str, Route]:

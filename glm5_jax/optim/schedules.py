@@ -23,19 +23,19 @@ def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
     lr, end, warm, total = c.learning_rate, c.end_learning_rate, c.warmup_steps, c.total_steps
     if c.schedule == "cosine":
         return optax.schedules.warmup_cosine_decay_schedule(0.0, lr, warm, total, end)
-    if c.schedule == "constant":
-        return optax.schedules.warmup_constant_schedule(0.0, lr, warm)
     warmup = optax.schedules.linear_schedule(0.0, lr, warm)
+    if c.schedule == "constant":  # (optax's warmup_constant_schedule stays at 0 when warmup_steps is 0)
+        return optax.schedules.join_schedules([warmup, optax.schedules.constant_schedule(lr)], [warm])
     if c.schedule == "linear":
         return optax.schedules.join_schedules([warmup, optax.schedules.linear_schedule(lr, end, total - warm)],
                                               [warm])
     # wsd
-    stable_end = total - c.decay_steps
     if c.wsd_decay == "linear":
         decay = optax.schedules.linear_schedule(lr, end, c.decay_steps)
     else:
         decay = optax.schedules.cosine_decay_schedule(lr, c.decay_steps, alpha=end / lr if lr else 0.0)
-    return optax.schedules.join_schedules([warmup, optax.schedules.constant_schedule(lr), decay], [warm, stable_end])
+    return optax.schedules.join_schedules([warmup, optax.schedules.constant_schedule(lr), decay],
+                                          [warm, total - c.decay_steps])
 
 
 @dataclasses.dataclass(frozen=True)
