@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -14,7 +15,8 @@ from glm5_jax.model.moe import MoE, SwiGLU
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import inverse_frequencies, rope_angles
-from glm5_jax.sharding.context import constrain
+from glm5_jax.sharding import pipeline
+from glm5_jax.sharding.context import axis_size, constrain
 
 HIDDEN = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
@@ -78,6 +80,11 @@ class DecoderLayer(nnx.Module):
 def run_stack(stack: DecoderLayer, h, cos, sin, segment_ids, topk_idx, remat_policy: str):
     """Run a stacked DecoderLayer (leading `layers` axis on every variable) with lax.scan."""
     graphdef, state = nnx.split(stack)
+    return scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy)
+
+
+def scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy: str):
+    """`run_stack` on a split stack: `state` holds the stacked variables (leading `layers` axis)."""
 
     def body(carry, layer_state):
         h, topk_idx = carry
@@ -163,8 +170,11 @@ class GLM5(nnx.Module):
         h, loads = constrain(self.embed(input_ids), HIDDEN), []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if L > cfg.index_topk else None
-        for stack in self.layers:
-            h, topk_idx, load = run_stack(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
+        # With a `stages` axis one group runs as a pipeline (sharding/pipeline.py; docs/parallelism.md).
+        piped = pipeline.pipelined_group(layer_groups(cfg)) if axis_size("stages") > 1 else None
+        for i, stack in enumerate(self.layers):
+            run = functools.partial(pipeline.run_pipelined, scan_layers=scan_layers) if i == piped else run_stack
+            h, topk_idx, load = run(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
             if load is not None:
                 loads.append(load)
         h = self.norm(h)

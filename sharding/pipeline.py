@@ -1,0 +1,194 @@
+"""Pipeline parallelism: one stacked layer group split into stages over the mesh axes of logical `stages`.
+
+Placement (docs/parallelism.md, "Pipeline parallelism"): only the last MoE group is pipelined. Of its n
+layers the first n mod (stages * repeats) run before the pipeline, with the embedding and the other
+groups, replicated on every pipeline rank; the rest split into stages * repeats equal chunks of
+consecutive layers. Chunk c = r * stages + s (model order) lives on stage s as its repeat r, which is a
+plain reshape of the stacked weights [n, ...] -> [repeats, stages, per_chunk, ...].
+
+Schedule: the batch is cut into M microbatches (row m, m + M, ... form microbatch m, so each keeps the
+data-parallel sharding of the batch). All stages run at once under `jax.vmap` over the stage axis
+(sharded over the stage mesh axes; `spmd_axis_name` makes shardings and shard_maps inside batch per
+stage). Iteration t runs (microbatch m, repeat r) on stage s where t - s = r * M + m, for
+t in [0, M * repeats + stages - 1); stage outputs move to the next stage with a ring `ppermute` in a
+`shard_map` over the stage axes. Stage 0 reads microbatches from a per-stage store [M, ...] that starts as
+the pipeline input; the last stage's outputs reach stage 0 over the ring's wrap-around link and are
+written back into the store, where stage 0 picks them up for the next repeat (M >= stages guarantees they
+arrive in time) and where the final outputs are left. Iterations outside a stage's valid range compute
+on zeros or stale rows; their results are never stored, so they reach neither the loss, the gradients
+nor the expert loads (masked). RoPE tables, segment ids and shared top-k indices are per microbatch and
+indexed by each stage's microbatch number, never shifted.
+
+Memory: each iteration's stage compute is rematerialised (`jax.checkpoint`); what a scan iteration keeps
+for the backward pass is its stage inputs (one microbatch per stage). The store and the ring buffer are
+carried outside the checkpoint and are only read and written at a dynamic index, so they are not saved
+per iteration.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from glm5_jax.config import ConfigError
+from glm5_jax.sharding.context import Parallelism, constrain, current
+
+
+class Plan(NamedTuple):
+    stages: int
+    repeats: int
+    microbatches: int
+    before: int  # layers of the group that run before the pipeline (n mod stages * repeats)
+    per_chunk: int  # layers in each of the stages * repeats chunks
+
+
+def pipelined_group(groups) -> int:
+    """Index of the layer group that runs as a pipeline: the last MoE group (the last group if none is)."""
+    moe = [i for i, g in enumerate(groups) if g.moe]
+    index = moe[-1] if moe else len(groups) - 1
+    if groups[index].indexer and any(not g.indexer for g in groups[index + 1:]):
+        raise ConfigError("pipeline: layers after the pipelined group (the last MoE run of layers) use 'shared' "
+                          "indexer top-k from inside the pipeline, which the pipeline does not return; give "
+                          "them a 'full' indexer or run without a pipeline")
+    return index
+
+
+def plan(n_layers: int, batch: int, par: Parallelism | None = None) -> Plan:
+    """Check the pipeline settings against a group of `n_layers` layers and a batch; raise a clear error."""
+    par = par or current()
+    stages, repeats, micro = par.axis_size("stages"), par.config.pipeline_repeats, par.config.microbatches
+    if micro < stages:
+        raise ConfigError(f"microbatches: the pipeline needs at least one microbatch per stage; got microbatches "
+                          f"{micro} for {stages} stages")
+    if batch % micro:
+        raise ConfigError(f"microbatches: the batch of {batch} rows does not split into {micro} microbatches")
+    chunks = stages * repeats
+    if n_layers < chunks:
+        raise ConfigError(f"pipeline_repeats: the pipelined group has {n_layers} layers, fewer than stages x "
+                          f"repeats = {stages} x {repeats} chunks")
+    return Plan(stages, repeats, micro, n_layers % chunks, n_layers // chunks)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _map_variables(fn, state):
+    """Apply fn(value, logical_axes) to every variable of an nnx State, keeping the variables' metadata."""
+    return jax.tree.map(lambda v: v.replace(fn(v[...], v.get_metadata().get("logical_axes"))), state,
+                        is_leaf=_is_variable)
+
+
+def _microbatches(a, micro: int, axes):
+    """[B, ...] -> [M, B / M, ...]: microbatch m is rows m, m + M, ...; the rows keep the batch sharding."""
+    if a is None:
+        return None
+    a = a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1)
+    return constrain(a, (None,) + axes)
+
+
+def _ring(x, par: Parallelism, axes):
+    """Stage s's slice of x [stages, ...] moves to stage s + 1 (the last one's to stage 0): a ppermute."""
+    n = par.axis_size("stages")
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return jax.shard_map(lambda a: jax.lax.ppermute(a, axes, perm), mesh=par.mesh, in_specs=P(axes),
+                         out_specs=P(axes), axis_names=frozenset(axes))(x)
+
+
+def _from_first_stage(x, par: Parallelism, axes):
+    """x[0] of x [stages, ...] on every pipeline rank (stage 0's block, summed with zeros elsewhere)."""
+
+    def first(a):
+        return jax.lax.psum(jnp.where(jax.lax.axis_index(axes) == 0, a[0], jnp.zeros_like(a[0])), axes)
+
+    return jax.shard_map(first, mesh=par.mesh, in_specs=P(axes), out_specs=P(), axis_names=frozenset(axes))(x)
+
+
+def run_pipelined(stack, h, cos, sin, segment_ids, topk_idx, remat_policy: str, *, scan_layers):
+    """Run a stacked DecoderLayer group as a pipeline; same contract as `transformer.run_stack`.
+
+    scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy) -> (h, topk_idx, loads)
+    runs consecutive stacked layers; it runs the remainder layers before the pipeline and each chunk
+    inside it. A group of 'shared' indexer layers reads the incoming top-k per microbatch; a 'full' group
+    returns the incoming top-k unchanged (no later layer reads it; `pipelined_group` checks).
+    """
+    par = current()
+    graphdef, state = nnx.split(stack)
+    n_layers = jax.tree.leaves(state)[0].shape[0]
+    p = plan(n_layers, h.shape[0], par)
+    loads = []
+    if p.before:
+        head = jax.tree.map(lambda a: a[:p.before], state)
+        h, topk_idx, load = scan_layers(graphdef, head, h, cos, sin, segment_ids, topk_idx, remat_policy)
+        loads.append(load)
+    body = jax.tree.map(lambda a: a[p.before:], state)
+    h, load = _pipeline(graphdef, body, h, (cos, sin, segment_ids, topk_idx), p, par, scan_layers, remat_policy)
+    loads.append(load)
+    return h, topk_idx, None if loads[-1] is None else jnp.concatenate(loads)
+
+
+def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layers, remat_policy):
+    S, R, M, per_chunk = p.stages, p.repeats, p.microbatches, p.per_chunk
+    axes = par.mesh_axes("stages")
+
+    def stage_view(a, logical):  # [R * S * per_chunk, ...] -> [S, R, per_chunk, ...], stage axis sharded
+        a = a.reshape(R, S, per_chunk, *a.shape[1:]).swapaxes(0, 1)
+        rest = tuple(logical[1:]) if logical else (None,) * (a.ndim - 3)
+        return constrain(a, ("stages", None, "layers") + rest)
+
+    weights = _map_variables(stage_view, state)
+    cos, sin, segment_ids, topk_idx = per_row
+    per_mb = (_microbatches(cos, M, ("batch", "length", None)), _microbatches(sin, M, ("batch", "length", None)),
+              _microbatches(segment_ids, M, ("batch", "length")), _microbatches(topk_idx, M, ("batch", "length", None)))
+
+    def stage(w, x, r, m, valid, per_mb):
+        """One stage's work in one iteration: repeat r's chunk of layers on microbatch m."""
+        chunk = jax.tree.map(lambda a: a[r], w)
+        cos, sin, seg, topk = jax.tree.map(lambda a: a[m], per_mb)
+        x, _, load = scan_layers(graphdef, chunk, x, cos, sin, seg, topk, remat_policy)
+        return x, None if load is None else jnp.where(valid, load, 0)
+
+    compute = jax.checkpoint(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, None), spmd_axis_name=axes),
+                             policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+    stage_ids = jnp.arange(S)
+    hidden = ("stages", "batch", "length", "act_embed")
+
+    def iteration(carry, t):
+        store, shifted, loads = carry
+        k = t - stage_ids  # (microbatch, repeat) = divmod-ish of k on each stage
+        valid = (k >= 0) & (k < M * R)
+        k = jnp.clip(k, 0, M * R - 1)
+        first = jax.lax.dynamic_index_in_dim(store, t % M, axis=1, keepdims=False)
+        x = constrain(jnp.where((stage_ids == 0)[:, None, None, None], first, shifted), hidden)
+        out, load = compute(weights, x, k // M, k % M, valid, per_mb)
+        received = constrain(_ring(out, par, axes), hidden)
+        # Stage 0 now holds the last stage's output of this iteration: microbatch done = t - (S - 1).
+        done = t - (S - 1)
+        slot = jnp.maximum(done, 0) % M
+        kept = jax.lax.dynamic_index_in_dim(store, slot, axis=1, keepdims=False)
+        store = jax.lax.dynamic_update_index_in_dim(store, jnp.where(done >= 0, received, kept), slot, axis=1)
+        if load is not None:
+            loads = loads + jax.nn.one_hot(k // M, R, dtype=load.dtype)[:, :, None, None] * load[:, None]
+        return (store, received, loads), None
+
+    x = _microbatches(h, M, ("batch", "length", "act_embed"))
+    store = constrain(jnp.broadcast_to(x, (S,) + x.shape), ("stages", None) + hidden[1:])
+    shifted = constrain(jnp.zeros((S,) + x.shape[1:], x.dtype), hidden)
+    n_experts = _n_experts(graphdef, state)
+    loads = None if n_experts is None else jnp.zeros((S, R, per_chunk, n_experts), jnp.int32)
+    (store, _, loads), _ = jax.lax.scan(iteration, (store, shifted, loads), jnp.arange(M * R + S - 1))
+    out = _from_first_stage(store, par, axes)  # [M, B / M, L, D]
+    h = constrain(out.swapaxes(0, 1).reshape(h.shape), ("batch", "length", "act_embed"))
+    if loads is not None:  # [S, R, per_chunk, E] -> layers in model order (r * S + s) * per_chunk + j
+        loads = loads.swapaxes(0, 1).reshape(R * S * per_chunk, n_experts)
+    return h, loads
+
+
+def _n_experts(graphdef, state) -> int | None:
+    """Experts per MoE layer of a stacked group, None for a dense group (no loads)."""
+    layer = nnx.merge(graphdef, state)
+    return layer.mlp.cfg.n_routed_experts if layer.moe else None
