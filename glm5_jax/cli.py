@@ -104,6 +104,46 @@ def _data_inspect(args):
         raise InputError(str(e)) from None
 
 
+def _plan(args):
+    from glm5_jax import plan
+
+    if args.devices < 1:
+        raise ConfigError(f"--devices: must be a positive integer; got {args.devices}")
+    if not plan.cpu_devices_ready(args.devices):  # JAX already started with fewer devices: a fresh process
+        argv = ["plan", "--config", args.config, "--devices", str(args.devices), "--seq-len", str(args.seq_len),
+                "--device-memory", args.device_memory]
+        argv += ["--layout", args.layout] if args.layout else []
+        argv += ["--global-batch", str(args.global_batch)] if args.global_batch else []
+        for flag, values in (("--override", args.override), ("--layout-override", args.layout_override),
+                             ("--opt", args.opt)):
+            argv += [a for v in values for a in (flag, v)]
+        code = plan.reexec_with_devices(args.devices, argv)
+        if code:
+            sys.exit(code)
+        return
+    result = plan.run(args.config, args.override, args.layout, args.layout_override, args.devices, args.seq_len,
+                      args.global_batch, args.device_memory, args.opt)
+    plan.print_report(result)
+
+
+def _add_plan_parser(sub):
+    pl = sub.add_parser("plan", help="compile a train step ahead of time on simulated devices: memory and FLOPs")
+    pl.add_argument("--config", required=True, help="model preset name, YAML file or HF config.json")
+    pl.add_argument("--layout", default=None, help="layout preset (configs/layouts/NAME.yaml) or YAML file")
+    pl.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8)")
+    pl.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
+    pl.add_argument("--global-batch", type=int, default=None,
+                    help="sequences per step (default: one per batch shard and microbatch)")
+    pl.add_argument("--device-memory", default="80GB", help="memory of one accelerator, e.g. 80GB, 96GiB")
+    pl.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override, e.g. num_hidden_layers=6 (repeatable)")
+    pl.add_argument("--layout-override", action="append", default=[], metavar="KEY=VALUE",
+                    help="layout override, e.g. mesh.tensor=8 (repeatable)")
+    pl.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="optimizer config setting (default: GLM-5's Muon-Split) (repeatable)")
+    pl.set_defaults(run=_plan)
+
+
 class InputError(ValueError):
     """A user input file that cannot be used."""
 
@@ -172,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="data config override, e.g. stages.0.seq_len=256 (repeatable)")
     insp.set_defaults(run=_data_inspect)
+    _add_plan_parser(sub)
     return p
 
 
