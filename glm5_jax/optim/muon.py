@@ -43,22 +43,20 @@ class MatrixSpec:
     def dimension_numbers(self) -> MuonDimensionNumbers:
         return MuonDimensionNumbers(self.reduction, self.output)
 
-    def blocks(self, shape) -> list[tuple[int, int]]:
-        """(start, size) of each block along split_axis; one block spanning everything when unsplit."""
+    def blocks(self, shape) -> list[tuple[int, ...]]:
+        """Shape of each separately orthogonalised block (the whole shape when unsplit)."""
         if self.split_axis is None:
-            return [(0, 0)]
+            return [tuple(shape)]
         assert sum(self.segments) == shape[self.split_axis], (shape, self)
-        starts = [sum(self.segments[:i]) for i in range(len(self.segments))]
-        return list(zip(starts, self.segments))
+        return [tuple(size if a == self.split_axis else d for a, d in enumerate(shape)) for size in self.segments]
 
     def matrices(self, shape) -> list[tuple[int, int, int]]:
-        """(count, fan_in, fan_out) of the Newton-Schulz matrices per block."""
+        """(count, fan_in, fan_out) of the Newton-Schulz matrices, per block."""
         out = []
-        for _, size in self.blocks(shape):
-            dims = [size if (a == self.split_axis) else shape[a] for a in range(len(shape))]
-            fan_in = math.prod(dims[a] for a in self.reduction)
-            fan_out = math.prod(dims[a] for a in self.output)
-            out.append((math.prod(shape) // math.prod(shape[a] for a in self.reduction + self.output), fan_in, fan_out))
+        for block in self.blocks(shape):
+            fan_in = math.prod(block[a] for a in self.reduction)
+            fan_out = math.prod(block[a] for a in self.output)
+            out.append((math.prod(block) // (fan_in * fan_out), fan_in, fan_out))
         return out
 
 
@@ -73,12 +71,14 @@ def orthogonalize(x: jax.Array, spec: MatrixSpec, *, ns_coeffs=QUINTIC, ns_steps
                   consistent_rms: float | None = 0.2) -> jax.Array:
     """Newton-Schulz-orthogonalise every matrix (and block) of `x` and apply the shape scaling."""
     coeffs = jnp.asarray(ns_coeffs, jnp.float32)
-    pieces = []
-    for start, size in spec.blocks(x.shape):
-        block = x if spec.split_axis is None else jax.lax.slice_in_dim(x, start, start + size, axis=spec.split_axis)
-        o = orthogonalize_via_newton_schulz(block, coeffs, ns_steps, "frobenius", eps, spec.dimension_numbers)
-        fan_in = math.prod(block.shape[a] for a in spec.reduction)
-        fan_out = math.prod(block.shape[a] for a in spec.output)
+    pieces, start = [], 0
+    for block, (_, fan_in, fan_out) in zip(spec.blocks(x.shape), spec.matrices(x.shape)):
+        if spec.split_axis is not None:
+            size = block[spec.split_axis]
+            piece, start = jax.lax.slice_in_dim(x, start, start + size, axis=spec.split_axis), start + size
+        else:
+            piece = x
+        o = orthogonalize_via_newton_schulz(piece, coeffs, ns_steps, "frobenius", eps, spec.dimension_numbers)
         pieces.append(o * shape_scale(fan_in, fan_out, consistent_rms))
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=spec.split_axis)
 
