@@ -17,8 +17,8 @@ from glm5_jax.optim.muon import MatrixSpec
 
 MUON, ADAMW, FROZEN = "muon", "adamw", "frozen"
 
-# Optimizer by parameter name; first match wins. Anything unmatched is Muon if it has >= 2 non-batch
-# axes (a matrix), else AdamW. The router gate [D, E] (float32) and the indexer's weights_proj [D, heads]
+# Optimizer by parameter name; first match wins. Anything unmatched is Muon if it has >= 2 axes besides
+# the leading batch axes (a matrix), else AdamW. The router gate [D, E] (float32) and the indexer's weights_proj [D, heads]
 # are matrices and so go to Muon.
 ROUTES = (
     ("*e_score_correction_bias", FROZEN),  # selection bias: moved by the load-balancing rule, never by gradients
@@ -67,7 +67,7 @@ def _leading_batch_axes(axes) -> int:
     return n
 
 
-def matrix_spec(name: str, axes: tuple[str, ...], shape: tuple[int, ...], cfg, opt: OptimizerConfig) -> MatrixSpec:
+def matrix_spec(name: str, axes: tuple[str, ...], cfg, opt: OptimizerConfig) -> MatrixSpec:
     """Muon's view of a matrix parameter from its logical axes (see BATCH_AXES, HEAD_OF, split_rules)."""
     rest = list(range(_leading_batch_axes(axes), len(axes)))
     last = rest[-1]
@@ -85,12 +85,13 @@ def matrix_spec(name: str, axes: tuple[str, ...], shape: tuple[int, ...], cfg, o
 
 
 def route(name: str, shape, axes, cfg, opt: OptimizerConfig) -> Route:
+    """The optimizer (and, for Muon, the matrix view) of one parameter."""
     shape, axes = tuple(shape), tuple(axes)
     optimizer = next((o for pattern, o in ROUTES if fnmatch.fnmatchcase(name, pattern)), None)
     if optimizer is None:
         matrix = len(axes) - _leading_batch_axes(axes) >= 2
         optimizer = MUON if matrix and opt.matrix_optimizer == "muon" else ADAMW
-    spec = matrix_spec(name, axes, shape, cfg, opt) if optimizer == MUON else None
+    spec = matrix_spec(name, axes, cfg, opt) if optimizer == MUON else None
     return Route(name, shape, axes, optimizer, spec)
 
 
