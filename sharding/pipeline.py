@@ -32,10 +32,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from glm5_jax.sharding.context import Parallelism, constrain, current
 from jax.sharding import PartitionSpec as P
 
 from glm5_jax.config import ConfigError
-from glm5_jax.sharding.context import Parallelism, constrain, current
 
 
 class Plan(NamedTuple):
@@ -111,24 +111,24 @@ def _from_first_stage(x, par: Parallelism, axes):
 def run_pipelined(stack, h, cos, sin, segment_ids, topk_idx, remat_policy: str, *, scan_layers):
     """Run a stacked DecoderLayer group as a pipeline; same contract as `transformer.run_stack`.
 
-    scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy) -> (h, topk_idx, loads)
-    runs consecutive stacked layers; it runs the remainder layers before the pipeline and each chunk
-    inside it. A group of 'shared' indexer layers reads the incoming top-k per microbatch; a 'full' group
-    returns the incoming top-k unchanged (no later layer reads it; `pipelined_group` checks).
+    scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy) -> (h, topk_idx, stats)
+    runs consecutive stacked layers (stats: a pytree of per-layer arrays [layers, ...], each a sum over
+    batch rows, so microbatch results add up); it runs the remainder layers before the pipeline and each
+    chunk inside it. A group of 'shared' indexer layers reads the incoming top-k per microbatch; a 'full'
+    group returns the incoming top-k unchanged (no later layer reads it; `pipelined_group` checks).
     """
     par = current()
     graphdef, state = nnx.split(stack)
     n_layers = jax.tree.leaves(state)[0].shape[0]
     p = plan(n_layers, h.shape[0], par)
-    loads = []
+    body = jax.tree.map(lambda a: a[p.before:], state)
     if p.before:
         head = jax.tree.map(lambda a: a[:p.before], state)
-        h, topk_idx, load = scan_layers(graphdef, head, h, cos, sin, segment_ids, topk_idx, remat_policy)
-        loads.append(load)
-    body = jax.tree.map(lambda a: a[p.before:], state)
-    h, load = _pipeline(graphdef, body, h, (cos, sin, segment_ids, topk_idx), p, par, scan_layers, remat_policy)
-    loads.append(load)
-    return h, topk_idx, None if loads[-1] is None else jnp.concatenate(loads)
+        h, topk_idx, head_stats = scan_layers(graphdef, head, h, cos, sin, segment_ids, topk_idx, remat_policy)
+    h, stats = _pipeline(graphdef, body, h, (cos, sin, segment_ids, topk_idx), p, par, scan_layers, remat_policy)
+    if p.before:
+        stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_stats, stats)
+    return h, topk_idx, stats
 
 
 def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layers, remat_policy):
@@ -149,8 +149,8 @@ def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layer
         """One stage's work in one iteration: repeat r's chunk of layers on microbatch m."""
         chunk = jax.tree.map(lambda a: a[r], w)
         cos, sin, seg, topk = jax.tree.map(lambda a: a[m], per_mb)
-        x, _, load = scan_layers(graphdef, chunk, x, cos, sin, seg, topk, remat_policy)
-        return x, None if load is None else jnp.where(valid, load, 0)
+        x, _, stats = scan_layers(graphdef, chunk, x, cos, sin, seg, topk, remat_policy)
+        return x, jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), stats)  # fill/drain: no stats
 
     compute = jax.checkpoint(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, None), spmd_axis_name=axes),
                              policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
@@ -158,37 +158,37 @@ def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layer
     hidden = ("stages", "batch", "length", "act_embed")
 
     def iteration(carry, t):
-        store, shifted, loads = carry
-        k = t - stage_ids  # (microbatch, repeat) = divmod-ish of k on each stage
+        store, shifted, stats = carry
+        k = t - stage_ids  # stage s works on microbatch k % M of repeat k // M
         valid = (k >= 0) & (k < M * R)
         k = jnp.clip(k, 0, M * R - 1)
         first = jax.lax.dynamic_index_in_dim(store, t % M, axis=1, keepdims=False)
         x = constrain(jnp.where((stage_ids == 0)[:, None, None, None], first, shifted), hidden)
-        out, load = compute(weights, x, k // M, k % M, valid, per_mb)
+        out, new = compute(weights, x, k // M, k % M, valid, per_mb)
         received = constrain(_ring(out, par, axes), hidden)
         # Stage 0 now holds the last stage's output of this iteration: microbatch done = t - (S - 1).
         done = t - (S - 1)
         slot = jnp.maximum(done, 0) % M
         kept = jax.lax.dynamic_index_in_dim(store, slot, axis=1, keepdims=False)
         store = jax.lax.dynamic_update_index_in_dim(store, jnp.where(done >= 0, received, kept), slot, axis=1)
-        if load is not None:
-            loads = loads + jax.nn.one_hot(k // M, R, dtype=load.dtype)[:, :, None, None] * load[:, None]
-        return (store, received, loads), None
+        repeat = jax.nn.one_hot(k // M, R, dtype=jnp.int32)  # [S, R]: add each stage's stats at its repeat
+        stats = jax.tree.map(lambda acc, a: acc + _expand(repeat, a.ndim + 1).astype(a.dtype) * a[:, None],
+                             stats, new)
+        return (store, received, stats), None
 
     x = _microbatches(h, M, ("batch", "length", "act_embed"))
     store = constrain(jnp.broadcast_to(x, (S,) + x.shape), ("stages", None) + hidden[1:])
     shifted = constrain(jnp.zeros((S,) + x.shape[1:], x.dtype), hidden)
-    n_experts = _n_experts(graphdef, state)
-    loads = None if n_experts is None else jnp.zeros((S, R, per_chunk, n_experts), jnp.int32)
-    (store, _, loads), _ = jax.lax.scan(iteration, (store, shifted, loads), jnp.arange(M * R + S - 1))
+    ids = jnp.zeros((S,), jnp.int32)
+    shapes = jax.eval_shape(compute, weights, shifted, ids, ids, ids > 0, per_mb)[1]  # [S, per_chunk, ...]
+    stats = jax.tree.map(lambda a: jnp.zeros((S, R) + a.shape[1:], a.dtype), shapes)
+    (store, _, stats), _ = jax.lax.scan(iteration, (store, shifted, stats), jnp.arange(M * R + S - 1))
     out = _from_first_stage(store, par, axes)  # [M, B / M, L, D]
     h = constrain(out.swapaxes(0, 1).reshape(h.shape), ("batch", "length", "act_embed"))
-    if loads is not None:  # [S, R, per_chunk, E] -> layers in model order (r * S + s) * per_chunk + j
-        loads = loads.swapaxes(0, 1).reshape(R * S * per_chunk, n_experts)
-    return h, loads
+    # [S, R, per_chunk, ...] -> [layers, ...] in model order: layer (r * S + s) * per_chunk + j.
+    stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(R * S * per_chunk, *a.shape[3:]), stats)
+    return h, stats
 
 
-def _n_experts(graphdef, state) -> int | None:
-    """Experts per MoE layer of a stacked group, None for a dense group (no loads)."""
-    layer = nnx.merge(graphdef, state)
-    return layer.mlp.cfg.n_routed_experts if layer.moe else None
+def _expand(a, ndim: int):
+    return a.reshape(a.shape + (1,) * (ndim - a.ndim))
