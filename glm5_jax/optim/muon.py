@@ -78,9 +78,32 @@ def orthogonalize(x: jax.Array, spec: MatrixSpec, *, ns_coeffs=QUINTIC, ns_steps
             piece, start = jax.lax.slice_in_dim(x, start, start + size, axis=spec.split_axis), start + size
         else:
             piece = x
-        o = orthogonalize_via_newton_schulz(piece, coeffs, ns_steps, "frobenius", eps, spec.dimension_numbers)
+        o = _newton_schulz_per_matrix(piece, spec, coeffs, ns_steps, eps)
         pieces.append(o * shape_scale(fan_in, fan_out, consistent_rms))
     return pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces, axis=spec.split_axis)
+
+
+def _newton_schulz_per_matrix(x, spec: MatrixSpec, coeffs, ns_steps: int, eps: float):
+    """optax's Newton-Schulz on every matrix of x, one nested `vmap` per batch axis.
+
+    optax reshapes all batch axes into one, which a sharded layout cannot follow (merging the `layers`
+    and `experts` axes drops the expert sharding, so every expert matrix would be gathered on every
+    device); vmapping each batch axis on its own keeps them batch dimensions of the products, still
+    sharded.
+    """
+    batch = [a for a in range(x.ndim) if a not in spec.reduction + spec.output]
+    order = batch + list(spec.reduction) + list(spec.output)
+    y = jnp.transpose(x, order)
+    fan_in = math.prod(x.shape[a] for a in spec.reduction)
+    matrix_shape = y.shape[len(batch):]
+
+    def one(m):
+        m2 = m.reshape(fan_in, -1)
+        return orthogonalize_via_newton_schulz(m2, coeffs, ns_steps, "frobenius", eps).reshape(matrix_shape)
+
+    for _ in batch:
+        one = jax.vmap(one)
+    return jnp.transpose(one(y), [order.index(a) for a in range(x.ndim)])
 
 
 class MuonSplitState(NamedTuple):
