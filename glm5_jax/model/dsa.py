@@ -3,6 +3,9 @@
 I[t, s] = sum_h w[t, h] * ReLU(q_I[t, h] . k_I[s] / sqrt(d_I)); query t attends only to the `index_topk`
 visible keys with the highest I[t, s]. Scores are computed per block of queries so memory is
 O(block * length), never [length, length] at once.
+
+Training the indexer (docs/losses.md): `indexer_kl` is KL(p || softmax(I)) of one query block, with p the
+main attention's probabilities summed over heads (a stop-gradient target).
 """
 
 from __future__ import annotations
@@ -48,6 +51,29 @@ class Indexer(nnx.Module):
         if self.relu:
             s = jax.nn.relu(s)
         return jnp.einsum("bqh,bqhk->bqk", w, s)
+
+    def scores_at(self, q, k_sel, w):
+        """Index scores [B, Q, K] of query block q [B, Q, Hi, Di] against its own keys k_sel [B, Q, K, Di]."""
+        s = jnp.einsum("bqhd,bqkd->bqhk", q, k_sel) * self.head_dim ** -0.5
+        if self.relu:
+            s = jax.nn.relu(s)
+        return jnp.einsum("bqh,bqhk->bqk", w, s)
+
+
+def indexer_kl(probs, index_scores, ok):
+    """KL(p || softmax(I)) per query [B, Q] over the keys where `ok` [B, Q, K].
+
+    probs [B, Q, H, K]: the main attention's probabilities (float32); their sum over heads, L1-normalised
+    per query, is the target p and gets no gradient. index_scores [B, Q, K]: the indexer's I over the same
+    keys; only they carry gradient. Masked keys have p = 0 and drop out of the softmax of I.
+    """
+    p = jax.lax.stop_gradient(jnp.where(ok, probs.astype(jnp.float32).sum(axis=2), 0.0))
+    p = p / jnp.maximum(p.sum(axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+    # The lowest finite float, not -inf, for masked keys: rows with no visible key stay finite.
+    log_q = jax.nn.log_softmax(jnp.where(ok, index_scores, jnp.finfo(jnp.float32).min), axis=-1)
+    positive = p > 0
+    log_p = jnp.log(jnp.where(positive, p, 1.0))
+    return jnp.sum(jnp.where(positive, p * (log_p - log_q), 0.0), axis=-1)
 
 
 def visible(q_index, k_index, q_segment, k_segment):

@@ -4,6 +4,12 @@ Short sequences (length <= index_topk) see every visible key, so DSA equals dens
 dense causal MLA. Longer ones attend to each query's top-k keys only, in the absorbed (MQA) form: the
 selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blocks of queries, so no
 [length, length] attention exists.
+
+`dsa_mode` (docs/losses.md) selects how the indexer trains: "sparse" (default; no indexer loss),
+"warmup" (attention stays dense at every length, in query blocks when length > index_topk; the indexer's
+KL against the dense attention is returned) and "sparse_adapt" (top-k attention; KL over the selected
+keys). In both training modes the indexer's inputs are detached, so no gradient passes between the
+indexer and the rest of the model.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5_jax.model.dsa import Indexer, map_query_blocks, select_topk, visible
+from glm5_jax.model.dsa import Indexer, indexer_kl, map_query_blocks, select_topk, visible
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
@@ -21,6 +27,7 @@ from glm5_jax.sharding.context import constrain
 # Masked logits get the lowest finite float, not -inf: a row with no visible key (the padding of the
 # last query block) then softmaxes to finite values instead of NaN, which would poison gradients.
 MASKED = float(jnp.finfo(jnp.float32).min)
+DSA_MODES = ("sparse", "warmup", "sparse_adapt")
 
 
 class MLA(nnx.Module):
@@ -45,9 +52,12 @@ class MLA(nnx.Module):
     def w(self, p):
         return p[...].astype(self.dtype)
 
-    def __call__(self, x, cos, sin, segment_ids, topk_idx):
-        """x [B, L, D] -> (output [B, L, D], top-k indices for layers that share them, or None if dense)."""
+    def __call__(self, x, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse"):
+        """x [B, L, D] -> (output [B, L, D], top-k indices for layers that share them or None if dense,
+        indexer KL summed over the queries of real tokens (segment id > 0), or None when not computed)."""
         cfg = self.cfg
+        if dsa_mode not in DSA_MODES:
+            raise ValueError(f"dsa_mode must be one of {', '.join(DSA_MODES)}; got {dsa_mode!r}")
         nope = cfg.qk_nope_head_dim
         c_q = self.q_a_layernorm(x @ self.w(self.q_a_proj))
         q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
@@ -61,16 +71,26 @@ class MLA(nnx.Module):
         key_segments = constrain(segment_ids, ("batch", None))
         scale = cfg.qk_head_dim ** -0.5
         length = x.shape[1]
-        if length <= cfg.index_topk:
-            out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale)
-            topk_idx = None
-        else:
+        train_indexer = dsa_mode != "sparse" and self.indexer is not None
+        index = None
+        if train_indexer:  # detached inputs: the indexer learns from its KL only, the model never from it
+            index = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), cos, sin)
+        kl = None
+        if length > cfg.index_topk and dsa_mode != "warmup":
             if self.indexer is not None:
-                qi, ki, wi = self.indexer.project(x, c_q, cos, sin)
+                qi, ki, wi = index if index is not None else self.indexer.project(x, c_q, cos, sin)
                 topk_idx = select_topk(self.indexer, qi, ki, wi, segment_ids, cfg.index_topk,
                                        cfg.attention_query_block)
-            out = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale)
-        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx
+            out, kl = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index)
+        elif train_indexer or length > cfg.index_topk:
+            out, kl = self._dense_blocked(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale, index)
+            topk_idx = None
+        else:
+            out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale)
+            topk_idx = None
+        if kl is not None:
+            kl = jnp.sum(jnp.where(segment_ids > 0, kl, 0.0))
+        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, kl
 
     def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale):
         kv = jnp.einsum("blc,chd->blhd", c_kv, self.w(self.kv_b_proj))
@@ -82,22 +102,57 @@ class MLA(nnx.Module):
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", p, v)
 
-    def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale):
+    def _dense_blocked(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale, index):
+        """Dense attention over every visible key in absorbed form, one query block at a time (DSA warm-up
+        at any length, and shared-indexer layers then). With `index` = the indexer's (q, k, w), also the
+        per-query indexer KL over all visible keys."""
+        nope = self.cfg.qk_nope_head_dim
+        kv_b = self.w(self.kv_b_proj)
+        w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
+        k_index = jnp.arange(q_nope.shape[1])
+        ki = None if index is None else constrain(index[1], ("batch", None, None))
+
+        def block(qn, qr, q_index, q_segment, *qw):
+            q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
+            s = jnp.einsum("bqhc,bkc->bqhk", q_lat, c_kv) + jnp.einsum("bqhr,bkr->bqhk", qr, k_rope)
+            ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
+            s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
+            p32 = jax.nn.softmax(s, axis=-1)
+            o_lat = jnp.einsum("bqhk,bkc->bqhc", p32.astype(self.dtype), c_kv)
+            out = jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
+            if not qw:
+                return out, None
+            return out, indexer_kl(p32, self.indexer.scores(qw[0], ki, qw[1]), ok)
+
+        q_index = jnp.broadcast_to(k_index, segment_ids.shape)
+        extra = () if index is None else (index[0], index[2])
+        return map_query_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, q_index, segment_ids,
+                                *extra)
+
+    def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index=None):
+        """Attention over each query's top-k keys; with `index` (sparse adaptation) also the per-query
+        indexer KL restricted to those keys."""
         nope = self.cfg.qk_nope_head_dim
         kv_b = self.w(self.kv_b_proj)
         w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
         gather = jax.vmap(lambda a, i: a[i])  # per batch row: [L, ...][Q, K] -> [Q, K, ...]
+        ki = None if index is None else constrain(index[1], ("batch", None, None))
 
-        def block(qn, qr, idx, q_index, q_segment):
+        def block(qn, qr, idx, q_index, q_segment, *qw):
             q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
             c_sel, r_sel = gather(c_kv, idx), gather(k_rope, idx)
             s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
             ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
             s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
-            p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
+            p32 = jax.nn.softmax(s, axis=-1)
+            p = p32.astype(self.dtype)
             o_lat = jnp.einsum("bqhk,bqkc->bqhc", p, c_sel)
-            return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
+            out = jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
+            if not qw:
+                return out, None
+            return out, indexer_kl(p32, self.indexer.scores_at(qw[0], gather(ki, idx), qw[1]), ok)
 
         q_index = jnp.broadcast_to(jnp.arange(q_nope.shape[1]), segment_ids.shape)
+        extra = () if index is None else (index[0], index[2])
         return map_query_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, topk_idx, q_index,
-                                segment_ids)
+                                segment_ids, *extra)

@@ -44,6 +44,25 @@ def route(cfg, logits, bias):
     return idx, weights * cfg.routed_scaling_factor
 
 
+def sequence_balance(scores, idx, mask, n_experts: int):
+    """Sequence-level balance terms (DeepSeek-V3), summed over the batch rows.
+
+    scores [B, L, E] sigmoid router scores (float32); idx [B, L, k] selected experts; mask [B, L] real
+    tokens. Per row: sum_i f_i * P_i with f_i = E / (k * T) * (tokens of the row selecting i) and P_i the
+    row's mean of s_i / sum_j s_j, T its real tokens. Rows without real tokens add 0. Only P carries
+    gradient (f counts selections).
+    """
+    B, _, k = idx.shape
+    m = mask.astype(jnp.float32)
+    n = jnp.maximum(m.sum(axis=1), 1.0)  # [B]
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None, None], idx.shape)
+    counts = jnp.zeros((B, n_experts), jnp.float32).at[rows, idx].add(jnp.broadcast_to(m[..., None], idx.shape))
+    f = counts * (n_experts / k) / n[:, None]
+    probs = scores / scores.sum(axis=-1, keepdims=True)
+    P = jnp.einsum("ble,bl->be", probs, m) / n[:, None]
+    return jnp.sum(f * P)
+
+
 class TiledGroups:
     """Rows sorted by group, laid out so each tile of `tile` rows belongs to one group.
 
@@ -119,11 +138,13 @@ class MoE(nnx.Module):
                                        std=std)
         self.shared_experts = SwiGLU(cfg, cfg.shared_intermediate_size, stack=stack, rngs=rngs)
 
-    def __call__(self, x):
-        """x [B, L, D] -> (output [B, L, D], tokens processed per expert [E]).
+    def __call__(self, x, segment_ids=None, *, with_balance: bool = False):
+        """x [B, L, D] -> (output [B, L, D], tokens processed per expert [E]) (+ balance terms).
 
         Every token sends num_experts_per_tok copies; with a capacity bound (expert parallelism) copies
-        that overflow are dropped, so dropped copies = tokens * k - sum(load).
+        that overflow are dropped, so dropped copies = tokens * k - sum(load). With `with_balance` a third
+        result is the `sequence_balance` sum (from the routing before any drop), counting tokens with
+        segment id > 0 (all tokens without segment_ids).
         """
         cfg = self.cfg
         flat = x.reshape(-1, x.shape[-1])
@@ -140,4 +161,10 @@ class MoE(nnx.Module):
         else:
             routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
                                            w(self.experts_down), cfg.n_routed_experts, tile)
-        return routed.reshape(x.shape) + self.shared_experts(x), load
+        out = routed.reshape(x.shape) + self.shared_experts(x)
+        if not with_balance:
+            return out, load
+        mask = jnp.ones(x.shape[:2], bool) if segment_ids is None else segment_ids > 0
+        balance = sequence_balance(jax.nn.sigmoid(logits).reshape(*x.shape[:2], -1),
+                                   idx.reshape(*x.shape[:2], -1), mask, cfg.n_routed_experts)
+        return out, load, balance

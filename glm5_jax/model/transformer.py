@@ -54,6 +54,17 @@ def layer_groups(cfg) -> list[LayerGroup]:
     return groups
 
 
+class LayerStats(NamedTuple):
+    """Per-layer training statistics, stacked over layers by the layer scan; None where a layer has none.
+
+    Every field is a sum over batch rows (and queries), so microbatch results add up (sharding/pipeline.py).
+    """
+
+    load: jax.Array | None = None  # [E] int32 tokens processed per expert (MoE layers)
+    balance: jax.Array | None = None  # float32 sum over rows of sum_i f_i P_i (moe.sequence_balance)
+    indexer_kl: jax.Array | None = None  # float32 sum over real queries of KL(p || softmax(I)); DSA training
+
+
 class DecoderLayer(nnx.Module):
     """Pre-norm block: h += MLA(norm(h)); h += FFN(norm(h))."""
 
@@ -67,34 +78,41 @@ class DecoderLayer(nnx.Module):
         self.mlp = MoE(cfg, stack=stack, rngs=rngs) if moe else SwiGLU(cfg, cfg.intermediate_size, stack=stack,
                                                                       rngs=rngs)
 
-    def __call__(self, h, cos, sin, segment_ids, topk_idx):
+    def __call__(self, h, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse"):
+        """-> (h, top-k indices, LayerStats)."""
         h = constrain(h, HIDDEN)
-        a, topk_idx = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, topk_idx)
+        a, topk_idx, kl = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, topk_idx, dsa_mode)
         h = h + a
-        y, load = self.mlp(self.post_attention_layernorm(h)), None
+        x = self.post_attention_layernorm(h)
         if self.moe:
-            y, load = y
-        return h + y, topk_idx, load
+            y, load, balance = self.mlp(x, segment_ids, with_balance=True)
+        else:
+            y, load, balance = self.mlp(x), None, None
+        return h + y, topk_idx, LayerStats(load, balance, kl)
 
 
-def run_stack(stack: DecoderLayer, h, cos, sin, segment_ids, topk_idx, remat_policy: str):
-    """Run a stacked DecoderLayer (leading `layers` axis on every variable) with lax.scan."""
+def run_stack(stack: DecoderLayer, h, cos, sin, segment_ids, topk_idx, remat_policy: str,
+              dsa_mode: str = "sparse"):
+    """Run a stacked DecoderLayer (leading `layers` axis on every variable) with lax.scan.
+
+    -> (h, topk_idx, LayerStats stacked over the group's layers).
+    """
     graphdef, state = nnx.split(stack)
-    return scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy)
+    return scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy, dsa_mode)
 
 
-def scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy: str):
+def scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy: str, dsa_mode: str = "sparse"):
     """`run_stack` on a split stack: `state` holds the stacked variables (leading `layers` axis)."""
 
     def body(carry, layer_state):
         h, topk_idx = carry
-        h, topk_idx, load = nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, topk_idx)
-        return (h, topk_idx), load
+        h, topk_idx, stats = nnx.merge(graphdef, layer_state)(h, cos, sin, segment_ids, topk_idx, dsa_mode)
+        return (h, topk_idx), stats
 
     if remat_policy != "none":
         body = jax.checkpoint(body, policy=REMAT[remat_policy], prevent_cse=False)
-    (h, topk_idx), loads = jax.lax.scan(body, (h, topk_idx), state)
-    return h, topk_idx, loads
+    (h, topk_idx), stats = jax.lax.scan(body, (h, topk_idx), state)
+    return h, topk_idx, stats
 
 
 class MTP(nnx.Module):
@@ -116,17 +134,21 @@ class MTP(nnx.Module):
         self.layer = DecoderLayer(cfg, moe=True, indexer=True, stack=None, rngs=rngs)
         self.shared_head_norm = RMSNorm(D, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
 
-    def step(self, h_prev, token_embeds, cos, sin, segment_ids):
+    def step(self, h_prev, token_embeds, cos, sin, segment_ids, dsa_mode: str = "sparse"):
         x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(h_prev)], axis=-1)
         x = x @ self.eh_proj[...].astype(self.dtype)
-        h, _, load = self.layer(x, cos, sin, segment_ids, None)
-        return h, self.shared_head_norm(h), load
+        h, _, stats = self.layer(x, cos, sin, segment_ids, None, dsa_mode)
+        return h, self.shared_head_norm(h), stats
 
 
 class ModelOutput(NamedTuple):
     logits: jax.Array  # [B, L, V] float32
     mtp_logits: jax.Array | None  # [depths, B, L, V] float32; depth k at t predicts token t + k + 1
     expert_load: jax.Array | None  # [MoE layers, E] tokens routed to each expert (main stack)
+    # Per-layer statistics of the main stack, each field concatenated over the layers that have it
+    # (load, balance: MoE layers in order; indexer_kl: layers with an indexer, only in DSA training modes).
+    stats: LayerStats | None = None
+    mtp_stats: LayerStats | None = None  # the MTP layer's, stacked over depths [depths, ...]; None without MTP
 
 
 class GLM5(nnx.Module):
@@ -153,12 +175,16 @@ class GLM5(nnx.Module):
                             preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length", "act_vocab"))
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None):
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None,
+                 dsa_mode: str = "sparse"):
         """Logits for `input_ids` [B, L].
 
         positions: [B, L] RoPE positions (default 0..L-1); segment_ids: [B, L] document ids of packed rows
         (attention and the indexer never cross a change of id; default one document per row).
         mtp_depths: MTP depths to run (default cfg.mtp_depths; 0 skips MTP).
+        dsa_mode: "sparse" (inference and normal training), "warmup" (dense attention at every length; the
+        indexer's KL against it in `stats.indexer_kl`) or "sparse_adapt" (top-k attention; KL over the
+        selected keys). See docs/losses.md.
         """
         cfg = self.cfg
         B, L = input_ids.shape
@@ -167,20 +193,25 @@ class GLM5(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
         cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
-        h, loads = constrain(self.embed(input_ids), HIDDEN), []
+        h, stats = constrain(self.embed(input_ids), HIDDEN), []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
-        topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if L > cfg.index_topk else None
+        sparse = L > cfg.index_topk and dsa_mode != "warmup"
+        topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if sparse else None
         # With a `stages` axis one group runs as a pipeline (sharding/pipeline.py; docs/parallelism.md).
         piped = pipeline.pipelined_group(layer_groups(cfg)) if axis_size("stages") > 1 else None
         for i, stack in enumerate(self.layers):
-            run = functools.partial(pipeline.run_pipelined, scan_layers=scan_layers) if i == piped else run_stack
-            h, topk_idx, load = run(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
-            if load is not None:
-                loads.append(load)
+            if i == piped:
+                run = functools.partial(pipeline.run_pipelined,
+                                        scan_layers=functools.partial(scan_layers, dsa_mode=dsa_mode))
+            else:
+                run = functools.partial(run_stack, dsa_mode=dsa_mode)
+            h, topk_idx, group_stats = run(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
+            stats.append(group_stats)
+        stats = LayerStats(*(_concat([getattr(s, f) for s in stats]) for f in LayerStats._fields))
         h = self.norm(h)
         logits = self.head(h)
         depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
-        mtp_logits = None
+        mtp_logits = mtp_stats = None
         if self.mtp is not None and depths > 0:
             # Depth k reads token t + k at position t; positions past the end read padding, never scored.
             padded = jnp.pad(input_ids, ((0, 0), (0, depths)))
@@ -188,9 +219,14 @@ class GLM5(nnx.Module):
             graphdef, mtp_state = nnx.split(self.mtp)
 
             def depth(h, ids_k):  # one shared parameter set, scanned over depths: compiled once
-                h, normed, _ = nnx.merge(graphdef, mtp_state).step(h, self.embed(ids_k), cos, sin, segment_ids)
-                return h, self.head(normed)
+                h, normed, layer_stats = nnx.merge(graphdef, mtp_state).step(h, self.embed(ids_k), cos, sin,
+                                                                             segment_ids, dsa_mode)
+                return h, (self.head(normed), layer_stats)
 
-            _, mtp_logits = jax.lax.scan(depth, h, ids)
-        expert_load = jnp.concatenate(loads) if loads else None
-        return ModelOutput(logits, mtp_logits, expert_load)
+            _, (mtp_logits, mtp_stats) = jax.lax.scan(depth, h, ids)
+        return ModelOutput(logits, mtp_logits, stats.load, stats, mtp_stats)
+
+
+def _concat(parts):
+    parts = [p for p in parts if p is not None]
+    return jnp.concatenate(parts) if parts else None

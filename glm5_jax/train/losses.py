@@ -1,0 +1,220 @@
+"""The GLM-5 training losses: next-token LM loss, MTP, sequence-level balance, z-loss and the DSA indexer
+KL; the aux-loss-free router bias update; and the trainable-parameter mask for DSA warm-up.
+
+`total_loss` is a drop-in replacement for `step.lm_loss` (same batch contract). docs/losses.md gives every
+formula, default and schedule knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import numbers
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from glm5_jax.config import ConfigError, unknown_key
+from glm5_jax.model.mla import DSA_MODES
+
+TRAINABLE = ("all", "indexer")
+
+
+@dataclasses.dataclass
+class LossConfig:
+    z_loss: float = 0.0  # weight of mean(logsumexp(logits) ** 2) over scored tokens (main head)
+    mtp_weight: float = 0.3  # weight of the MTP loss (mean over cfg.mtp_depths depths); 0 skips MTP
+    balance_weight: float = 1e-4  # sequence-level balance loss (DeepSeek-V3), MoE layers incl. MTP's
+    bias_update_rate: float = 0.001  # aux-loss-free router bias step (update_router_bias), not a loss
+    dsa: str = "sparse"  # "sparse" | "warmup" | "sparse_adapt" (DSA training stage)
+    indexer_loss_weight: float = 1.0  # weight of the indexer KL (warmup, sparse_adapt)
+
+    def validate(self, prefix: str = "") -> LossConfig:
+        """Raise :class:`ConfigError` (one line naming the key) for the first invalid value; return self."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "dsa":
+                if value not in DSA_MODES:
+                    raise ConfigError(f"{prefix}dsa: must be one of {', '.join(DSA_MODES)}; got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
+                raise ConfigError(f"{prefix}{f.name}: must be a number >= 0; got {value!r}")
+        return self
+
+
+_LOSS_FIELDS = [f.name for f in dataclasses.fields(LossConfig)]
+
+
+def loss_config_from_dict(values: dict | None, prefix: str = "") -> LossConfig:
+    """A validated LossConfig from a plain dict (missing keys keep their defaults; unknown keys are errors).
+
+    `prefix` (e.g. "loss.") is put before key names in error messages.
+    """
+    values = dict(values or {})
+    for key in values:
+        if key not in _LOSS_FIELDS:
+            raise unknown_key(prefix + key, [prefix + k for k in _LOSS_FIELDS], "loss config")
+    values = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
+    return LossConfig(**values).validate(prefix)
+
+
+def _is_static_zero(x) -> bool:
+    return isinstance(x, (numbers.Real,)) and not isinstance(x, bool) and float(x) == 0.0
+
+
+def _token_terms(logits, targets, mask):
+    """(summed cross-entropy, summed logsumexp ** 2, count) over `mask`; logits [..., V] float32."""
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+    return (jnp.sum(jnp.where(mask, logz - picked, 0.0)), jnp.sum(jnp.where(mask, logz * logz, 0.0)),
+            jnp.sum(mask))
+
+
+def mtp_targets(targets, segment_ids, depths: int):
+    """Targets [depths, B, L] of the MTP depths: depth k (1-based) at t predicts token t + k + 1, which is
+    `targets[t + k]`; -1 (not scored) where t + k is past the row end, in another document, or unscored."""
+    L = targets.shape[1]
+    t = jnp.pad(targets, ((0, 0), (0, depths)), constant_values=-1)
+    s = jnp.pad(segment_ids, ((0, 0), (0, depths)), constant_values=-1)
+    return jnp.stack([jnp.where(s[:, k:k + L] == segment_ids, t[:, k:k + L], -1) for k in range(1, depths + 1)])
+
+
+def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=None):
+    """The training objective and its parts; a drop-in replacement for `step.lm_loss`.
+
+    batch: `input_ids`, `targets`, `positions`, `segment_ids` [B, L] int32; a target < 0 is not scored;
+    segment id 0 marks padding (no balance or indexer terms). mtp_weight: overrides loss_cfg.mtp_weight,
+    may be a traced scalar (a schedule without recompiling); MTP runs unless the weight is a static 0.
+
+    loss = lm + w_mtp * mtp + balance_weight * balance + z_loss * z (+ indexer_loss_weight * indexer_kl in
+    "sparse_adapt"); in "warmup" loss = indexer_loss_weight * indexer_kl only (the rest is reported).
+    aux = {"tokens", "expert_load": [main MoE layers (+1: the MTP layer's, summed over depths, when MTP
+    ran), E] int32, "metrics": {"lm", "mtp", "balance", "z", "indexer_kl"} float32 scalars}.
+    """
+    model = nnx.merge(graphdef, params, rest)
+    cfg = model.cfg
+    w_mtp = loss_cfg.mtp_weight if mtp_weight is None else mtp_weight
+    depths = cfg.mtp_depths if model.mtp is not None and not _is_static_zero(w_mtp) else 0
+    ids, targets, segments = batch["input_ids"], batch["targets"], batch["segment_ids"]
+    out = model(ids, batch["positions"], segments, mtp_depths=depths, dsa_mode=loss_cfg.dsa)
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+
+    ce, zz, count = _token_terms(out.logits, targets, targets >= 0)
+    lm = ce / jnp.maximum(count, 1)
+    z = zz / jnp.maximum(count, 1)
+    stats = [out.stats] + ([out.mtp_stats] if depths else [])
+
+    mtp = jnp.float32(0.0)
+    if depths:
+        mtp_t = mtp_targets(targets, segments, depths)
+        per_depth = [_token_terms(out.mtp_logits[k], mtp_t[k], mtp_t[k] >= 0) for k in range(depths)]
+        mtp = sum(c / jnp.maximum(n, 1) for c, _, n in per_depth) / depths
+
+    real = segments > 0
+    rows = jnp.maximum(jnp.sum(jnp.any(real, axis=1)), 1)
+    balances = [s.balance for s in stats if s.balance is not None]
+    balance = jnp.float32(0.0)
+    if balances:  # mean over sequences (rows) and MoE layer applications (MTP: one per depth)
+        balance = sum(jnp.sum(b) for b in balances) / (rows * sum(b.shape[0] for b in balances))
+    kls = [s.indexer_kl for s in stats if s.indexer_kl is not None]
+    kl = jnp.float32(0.0)
+    if kls:  # mean over real queries and indexer-layer applications (MTP: one per depth)
+        kl = sum(jnp.sum(k) for k in kls) / (jnp.maximum(jnp.sum(real), 1) * sum(k.shape[0] for k in kls))
+
+    if loss_cfg.dsa == "warmup":
+        loss = loss_cfg.indexer_loss_weight * kl
+    else:
+        loss = lm + loss_cfg.balance_weight * balance + loss_cfg.z_loss * z
+        if depths:
+            loss = loss + w_mtp * mtp
+        if loss_cfg.dsa == "sparse_adapt":
+            loss = loss + loss_cfg.indexer_loss_weight * kl
+
+    loads = [out.expert_load] if out.expert_load is not None else []
+    if depths and out.mtp_stats.load is not None:
+        loads.append(out.mtp_stats.load.sum(axis=0, keepdims=True))
+    expert_load = jnp.concatenate(loads) if loads else None
+    metrics = {"lm": f32(lm), "mtp": f32(mtp), "balance": f32(balance), "z": f32(z), "indexer_kl": f32(kl)}
+    return f32(loss), {"tokens": count, "expert_load": expert_load, "metrics": metrics}
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _keys(path) -> tuple:
+    return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
+
+
+def _router_bias_paths(rest) -> list[tuple]:
+    """Paths of the e_score_correction_bias buffers in model order: main groups, then MTP's layer."""
+    paths = [_keys(p) for p, v in jax.tree_util.tree_flatten_with_path(rest, is_leaf=_is_variable)[0]
+             if _is_variable(v) and _keys(p)[-1] == "e_score_correction_bias"]
+    main = sorted((p for p in paths if p[0] == "layers"), key=lambda p: p[1])
+    return main + [p for p in paths if p[0] != "layers"]
+
+
+def update_router_bias(rest, expert_load, rate):
+    """Aux-loss-free balancing: bias_i += rate * sign(mean_j load_j - load_i), per MoE layer.
+
+    rest: the model's non-parameter state (holds every `e_score_correction_bias`); expert_load: the
+    `total_loss` aux `expert_load` [rows, E], main MoE layers in model order, then the MTP layer's row
+    (its load summed over depths) when MTP ran; without that row the MTP bias is left as it is. rate may
+    be traced. Pure and jit-friendly; returns the new `rest`.
+    """
+    paths = _router_bias_paths(rest)
+    main = [p for p in paths if p[0] == "layers"]
+    rows = {}
+    start = 0
+    for p in main:
+        v = _get(rest, p)
+        n = v.shape[0]
+        rows[p] = (start, n)
+        start += n
+    extra = [p for p in paths if p[0] != "layers"]
+    if expert_load.shape[0] not in (start, start + len(extra)):
+        raise ValueError(f"expert_load has {expert_load.shape[0]} rows; the model has {start} MoE layers "
+                         f"(+{len(extra)} MTP)")
+    if expert_load.shape[0] > start:
+        for i, p in enumerate(extra):
+            rows[p] = (start + i, None)
+
+    def step(load):
+        load = load.astype(jnp.float32)
+        return rate * jnp.sign(load.mean(axis=-1, keepdims=True) - load)
+
+    def update(path, v):
+        key = _keys(path)
+        if not _is_variable(v) or key not in rows:
+            return v
+        s, n = rows[key]
+        delta = step(expert_load[s:s + n]) if n is not None else step(expert_load[s])
+        return v.replace((v[...] + delta).astype(v[...].dtype))
+
+    return jax.tree_util.tree_map_with_path(update, rest, is_leaf=_is_variable)
+
+
+def _get(state, path):
+    for k in path:
+        state = state[k]
+    return state
+
+
+def is_indexer_path(path) -> bool:
+    keys = _keys(path)
+    return any(a == "self_attn" and b == "indexer" for a, b in itertools.pairwise(keys))
+
+
+def trainable_mask(params, which: str):
+    """A pytree of bools with the structure of `params` (one per parameter): True where it trains.
+
+    which: "all", or "indexer" (every `...self_attn.indexer.*` parameter, MTP's included: DSA warm-up).
+    Use with `optax.masked(tx, mask)` or multiply updates by it.
+    """
+    if which not in TRAINABLE:
+        raise ConfigError(f"trainable: must be one of {', '.join(TRAINABLE)}; got {which!r}")
+    def leaf(path, v):
+        keep = which == "all" or is_indexer_path(path)
+        return v.replace(keep) if _is_variable(v) else keep
+
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_variable)
