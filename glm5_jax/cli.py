@@ -144,6 +144,48 @@ def _add_plan_parser(sub):
     pl.set_defaults(run=_plan)
 
 
+# ----- glm5 train / glm5 plot -----
+
+
+def _train(args):
+    from glm5_jax.data.errors import DataError
+    from glm5_jax.train import recipe as recipe_lib
+
+    overrides = list(args.overrides)
+    if args.stage:
+        overrides.append(f"start_stage={args.stage}")
+    recipe = recipe_lib.load(args.config, overrides)  # every config error surfaces here, before JAX starts
+    from glm5_jax.train.trainer import TrainingStopped, train
+
+    try:
+        train(recipe)
+    except DataError as e:
+        raise InputError(str(e)) from None
+    except TrainingStopped as e:
+        print(f"glm5: stopped: {e}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _plot(args):
+    from glm5_jax.train.plot import plot
+
+    out = plot(args.run_dir, args.out)
+    print(f"wrote {out}")
+
+
+def _add_train_parsers(sub):
+    tr = sub.add_parser("train", help="train a model with a recipe (configs/recipes), resuming from its run dir")
+    tr.add_argument("--config", required=True, help="recipe preset name (quickstart, glm5) or YAML file")
+    tr.add_argument("--stage", default=None, help="start at this stage (same as start_stage=NAME)")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="recipe overrides, e.g. max_steps=40 stages.0.steps=100 optimizer.weight_decay=0.1")
+    tr.set_defaults(run=_train)
+    pl = sub.add_parser("plot", help="draw a run's loss and throughput curves (RUN_DIR/metrics.jsonl) to a PNG")
+    pl.add_argument("run_dir", help="the run directory (recipe run_dir)")
+    pl.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png)")
+    pl.set_defaults(run=_plot)
+
+
 class InputError(ValueError):
     """A user input file that cannot be used."""
 
@@ -213,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="data config override, e.g. stages.0.seq_len=256 (repeatable)")
     insp.set_defaults(run=_data_inspect)
     _add_plan_parser(sub)
+    _add_train_parsers(sub)
     return p
 
 

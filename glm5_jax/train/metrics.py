@@ -1,0 +1,120 @@
+"""Training metrics: JSONL log, TensorBoard event files, console lines / progress bar, MFU.
+
+MFU = model FLOPs per step (the analytic count of `glm5_jax.plan.analytic_flops`, model parts only:
+6 N T for the weights plus the attention core; no optimizer or rematerialisation work) divided by
+(step time x devices x peak FLOP/s of one device). Peak FLOP/s come from `PEAK_FLOPS` by device kind
+(dense bf16 matmul peaks from the vendors' data sheets) or `metrics.peak_flops`; CPU gets a nominal
+1e11 FLOP/s per device so the column is defined, not a measured peak: CPU MFU is only comparable to itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+# (substring of jax Device.device_kind, lower-case) -> dense bf16 peak FLOP/s of one device.
+PEAK_FLOPS = (
+    ("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12), ("gh200", 989e12), ("b200", 2250e12),
+    ("a100", 312e12), ("l40s", 362e12), ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12),
+    ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12), ("v3", 123e12), ("cpu", 1e11),
+)
+CPU_NOMINAL = 1e11
+
+
+def peak_flops(device_kind: str, platform: str) -> float:
+    kind = device_kind.lower()
+    for key, value in PEAK_FLOPS:
+        if key in kind:
+            return value
+    return CPU_NOMINAL if platform == "cpu" else float("nan")
+
+
+def model_flops_per_step(cfg, par, batch: int, seq: int) -> float:
+    """Analytic model FLOPs of one train step (all devices): `plan.analytic_flops`' model parts."""
+    from glm5_jax.plan import analytic_flops
+
+    return float(sum(f.flops for f in analytic_flops(cfg, par, batch, seq, {}, None) if f.model))
+
+
+def _finite(x):
+    return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None
+
+
+class MetricsLog:
+    """`RUN_DIR/metrics.jsonl` (one record per logged step), TensorBoard events, console lines."""
+
+    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool, progress: bool, total_steps: int):
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        os.makedirs(run_dir, exist_ok=True)
+        self._truncate(resume_step)
+        self.file = open(self.path, "a", buffering=1)
+        self.tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                print("glm5 train: tensorboardX is not installed; no TensorBoard events", file=sys.stderr)
+        self.progress = None
+        if progress and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.progress.add_task("train", total=total_steps, completed=resume_step, info="")
+            self.progress.start()
+
+    def _truncate(self, step: int):
+        """Drop records after `step` (written after the checkpoint a resume starts from)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def advance(self, step: int, stage: str, loss: float | None = None):
+        if self.progress is not None:
+            info = f"{stage}" + (f"  loss {loss:.4f}" if loss is not None else "")
+            self.progress.update(self.task, completed=step, info=info)
+
+    def write(self, record: dict):
+        self.file.write(json.dumps({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+        self.line(format_record(record))
+
+    def line(self, text: str):
+        if self.progress is not None:
+            self.progress.console.print(text)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.progress is not None:
+            self.progress.stop()
+        if self.tb is not None:
+            self.tb.close()
+        self.file.close()
+
+
+def format_record(r: dict) -> str:
+    parts = [f"step {r['step']:>6}", f"[{r['stage']}]", f"loss {r['loss']:.4f}"]
+    for key in ("mtp", "balance", "indexer_kl"):
+        if r.get(key) is not None:
+            parts.append(f"{key} {r[key]:.4g}")
+    parts += [f"gnorm {r['grad_norm']:.3g}", f"lr {r['lr']:.3g}", f"{r['tokens_per_s']:,.0f} tok/s",
+              f"MFU {100 * r['mfu']:.2f}%", f"{1000 * r['step_time']:.0f} ms/step"]
+    if r.get("expert_load_max_over_mean") is not None:
+        parts.append(f"load max/mean {r['expert_load_max_over_mean']:.2f}")
+    if r.get("skipped"):
+        parts.append(f"skipped {r['skipped']}")
+    return "  ".join(parts)

@@ -1,0 +1,58 @@
+"""`glm5 plot RUN_DIR`: loss and throughput curves of a run (its metrics.jsonl) as a PNG (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from glm5_jax.config import ConfigError
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a training run directory?)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot(run_dir: str, out: str | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    if not records:
+        raise ConfigError(f"{run_dir}: metrics.jsonl holds no records yet")
+    out = out or os.path.join(run_dir, "curves.png")
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label in (("loss", "loss"), ("lm", "LM"), ("mtp", "MTP"), ("indexer_kl", "indexer KL")):
+        values = [(s, r.get(key)) for s, r in zip(steps, records) if r.get(key) is not None]
+        if values and (key == "loss" or any(v for _, v in values)):
+            ax_loss.plot(*zip(*values), label=label, marker="." if len(values) < 50 else None)
+    for i, r in enumerate(records):  # stage boundaries
+        if i and r["stage"] != records[i - 1]["stage"]:
+            ax_loss.axvline(r["step"], color="grey", linestyle=":")
+            ax_loss.text(r["step"], ax_loss.get_ylim()[1], f" {r['stage']}", va="top", fontsize=8)
+    ax_loss.set(xlabel="step", ylabel="loss", title="loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    tput = [(s, r.get("tokens_per_s")) for s, r in zip(steps, records) if r.get("tokens_per_s")]
+    if tput:
+        ax_tput.plot(*zip(*tput), color="tab:green", label="tokens/s")
+    ax_tput.set(xlabel="step", ylabel="tokens / s", title="throughput")
+    mfu = [(s, 100 * r["mfu"]) for s, r in zip(steps, records) if r.get("mfu") is not None]
+    if mfu:
+        ax_mfu = ax_tput.twinx()
+        ax_mfu.plot(*zip(*mfu), color="tab:orange", alpha=0.6, label="MFU %")
+        ax_mfu.set_ylabel("MFU % (CPU: of a nominal peak)")
+    ax_tput.grid(alpha=0.3)
+    fig.suptitle(os.path.abspath(run_dir))
+    fig.tight_layout()
+    tmp = out + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

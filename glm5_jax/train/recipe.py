@@ -1,0 +1,220 @@
+"""Training recipes: typed dataclasses loaded from YAML (`configs/recipes/NAME.yaml`), `key=value` overrides.
+
+A recipe names everything a run needs (model, layout, data, optimizer, losses, run directory, seed, checkpoint
+and metrics policy) and an ordered list of stages. Each stage trains on one data stage (its steps come from
+that data stage's token budget, or from `steps`), with its own learning-rate schedule, trainable set and loss
+settings. `load` validates the whole recipe (and the model, layout, data and optimizer configs it names)
+before anything compiles: a bad value is one `ConfigError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import os
+from typing import Any
+
+import yaml
+
+from glm5_jax.config import ConfigError, apply_overrides, unknown_key
+
+TRAINABLE = ("all", "indexer")
+# Optimizer fields a stage's `schedule` may set; the rest of the optimizer is the recipe's `optimizer`.
+SCHEDULE_KEYS = ("schedule", "learning_rate", "warmup_steps", "total_steps", "end_learning_rate", "decay_steps",
+                 "wsd_decay")
+
+
+@dataclasses.dataclass
+class CheckpointPolicy:
+    interval_steps: int | None = 100  # save every N steps (None: only by time, at stage ends and at the end)
+    interval_seconds: float | None = None  # also save when this much wall time passed since the last save
+    max_to_keep: int | None = 3  # committed steps kept (None: all)
+    async_save: bool = True  # write in a background thread while training goes on
+    save_at_stage_end: bool = True  # a checkpoint at the last step of every stage
+    save_on_exit: bool = True  # a checkpoint when the run ends (steps done, max_steps, SIGTERM)
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    interval: int = 10  # log every N steps (and the first and last step)
+    tensorboard: bool = True  # TensorBoard event files in RUN_DIR/tensorboard (tensorboardX)
+    progress: bool = True  # rich progress bar on the console (off when not a terminal)
+    peak_flops: float | None = None  # peak FLOP/s of one device for MFU (None: the table by device kind)
+
+
+@dataclasses.dataclass
+class StageRecipe:
+    name: str = ""
+    data_stage: str | None = None  # data stage it reads (default: the stage's own name)
+    steps: int | None = None  # default: the data stage's token budget / tokens per step
+    schedule: dict = dataclasses.field(default_factory=dict)  # learning-rate schedule (optimizer schedule keys)
+    trainable: str = "all"  # "all" or "indexer" (DSA warm-up: everything else frozen)
+    losses: dict = dataclasses.field(default_factory=dict)  # overrides of the recipe's `losses` for this stage
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # model config settings for this stage
+
+
+@dataclasses.dataclass
+class Recipe:
+    model: str | None = "tiny"  # model preset name, YAML file or HF config.json / directory
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    init_from: str | None = None  # checkpoint (Orbax model or training checkpoint, e.g. from hf-to-orbax)
+    layout: str | None = None  # layout preset (configs/layouts) or YAML file; None: all devices on data
+    layout_overrides: dict = dataclasses.field(default_factory=dict)  # e.g. {mesh: {data: 2, expert: 4}}
+    devices: int | None = None  # use the first N devices (None: all)
+    data: str = "default"  # data preset or YAML file
+    data_overrides: dict = dataclasses.field(default_factory=dict)  # dotted key -> value, e.g. stages.0.seq_len
+    optimizer: dict = dataclasses.field(default_factory=dict)  # OptimizerConfig fields (docs/optimizer.md)
+    losses: dict = dataclasses.field(default_factory=dict)  # loss settings (glm5_jax.train.losses)
+    run_dir: str = "runs/default"
+    seed: int = 0  # model initialisation and the saved RNG key (the data order is the data config's `seed`)
+    compilation_cache: str | None = None  # persistent XLA compilation cache directory (restarts skip compiles)
+    start_stage: str | None = None  # begin at this stage (from init_from, or from the run's checkpoint)
+    max_steps: int | None = None  # stop (with a checkpoint) once this global step is reached
+    max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before the run stops
+    checkpoint: CheckpointPolicy = dataclasses.field(default_factory=CheckpointPolicy)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    stages: list[StageRecipe] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: must be a mapping; got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in fields:
+            raise unknown_key(f"{prefix}{key}", [f"{prefix}{k}" for k in fields], "recipe")
+    kwargs = dict(values)
+    if cls is Recipe:
+        if "checkpoint" in kwargs:
+            kwargs["checkpoint"] = _build(CheckpointPolicy, kwargs["checkpoint"] or {}, "checkpoint.")
+        if "metrics" in kwargs:
+            kwargs["metrics"] = _build(MetricsConfig, kwargs["metrics"] or {}, "metrics.")
+        if "stages" in kwargs:
+            stages = kwargs["stages"]
+            if not isinstance(stages, list):
+                raise ConfigError("stages: must be a list of stages")
+            kwargs["stages"] = [_build(StageRecipe, s, f"stages.{i}.") for i, s in enumerate(stages)]
+    return cls(**kwargs)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _positive_int(key: str, v, allow_none: bool = False):
+    if v is None and allow_none:
+        return
+    if not _is_int(v) or v < 1:
+        raise ConfigError(f"{key}: must be a positive integer{' or null' if allow_none else ''}; got {v!r}")
+
+
+def validate(r: Recipe) -> Recipe:
+    """Check the recipe's own values (the configs it names are checked by `resolve`)."""
+    if r.model is None and r.init_from is None:
+        raise ConfigError("model: name a model preset / config, or set init_from to a checkpoint")
+    for key in ("model_overrides", "layout_overrides", "data_overrides", "optimizer", "losses"):
+        if not isinstance(getattr(r, key), dict):
+            raise ConfigError(f"{key}: must be a mapping; got {getattr(r, key)!r}")
+    _positive_int("devices", r.devices, allow_none=True)
+    _positive_int("max_steps", r.max_steps, allow_none=True)
+    _positive_int("max_nonfinite_in_a_row", r.max_nonfinite_in_a_row)
+    if not _is_int(r.seed):
+        raise ConfigError(f"seed: must be an integer; got {r.seed!r}")
+    if r.compilation_cache is not None and not isinstance(r.compilation_cache, str):
+        raise ConfigError(f"compilation_cache: must be a directory path or null; got {r.compilation_cache!r}")
+    if not isinstance(r.run_dir, str) or not r.run_dir:
+        raise ConfigError(f"run_dir: must be a directory path; got {r.run_dir!r}")
+    c = r.checkpoint
+    _positive_int("checkpoint.interval_steps", c.interval_steps, allow_none=True)
+    _positive_int("checkpoint.max_to_keep", c.max_to_keep, allow_none=True)
+    if c.interval_seconds is not None and (not _is_number(c.interval_seconds) or c.interval_seconds <= 0):
+        raise ConfigError(f"checkpoint.interval_seconds: must be a positive number or null; got {c.interval_seconds!r}")
+    for key in ("async_save", "save_at_stage_end", "save_on_exit"):
+        if not isinstance(getattr(c, key), bool):
+            raise ConfigError(f"checkpoint.{key}: must be true or false; got {getattr(c, key)!r}")
+    m = r.metrics
+    _positive_int("metrics.interval", m.interval)
+    for key in ("tensorboard", "progress"):
+        if not isinstance(getattr(m, key), bool):
+            raise ConfigError(f"metrics.{key}: must be true or false; got {getattr(m, key)!r}")
+    if m.peak_flops is not None and (not _is_number(m.peak_flops) or m.peak_flops <= 0):
+        raise ConfigError(f"metrics.peak_flops: must be a positive number or null; got {m.peak_flops!r}")
+    if not r.stages:
+        raise ConfigError("stages: a recipe needs at least one stage")
+    names = set()
+    for i, s in enumerate(r.stages):
+        key = f"stages.{i}"
+        if not isinstance(s.name, str) or not s.name:
+            raise ConfigError(f"{key}.name: every stage needs a name")
+        if s.name in names:
+            raise ConfigError(f"{key}.name: stage {s.name!r} appears twice")
+        names.add(s.name)
+        _positive_int(f"{key}.steps", s.steps, allow_none=True)
+        if s.trainable not in TRAINABLE:
+            raise ConfigError(f"{key}.trainable: must be one of {', '.join(TRAINABLE)}; got {s.trainable!r}")
+        for sub in ("schedule", "losses", "model_overrides"):
+            if not isinstance(getattr(s, sub), dict):
+                raise ConfigError(f"{key}.{sub}: must be a mapping; got {getattr(s, sub)!r}")
+        for k in s.schedule:
+            if k not in SCHEDULE_KEYS:
+                raise unknown_key(f"{key}.schedule.{k}", [f"{key}.schedule.{n}" for n in SCHEDULE_KEYS],
+                                  "schedule")
+    if r.start_stage is not None and r.start_stage not in names:
+        raise ConfigError(f"start_stage: no stage named {r.start_stage!r}; stages: {', '.join(s.name for s in r.stages)}")
+    return r
+
+
+def preset_path(name: str) -> str:
+    root = importlib.resources.files("glm5_jax.configs") / "recipes"
+    path = root / f"{name}.yaml"
+    if not path.is_file():
+        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+        raise ConfigError(f"recipe {name!r}: no such file or preset; presets: {', '.join(names)}")
+    return str(path)
+
+
+def from_dict(values: dict[str, Any]) -> Recipe:
+    return validate(_build(Recipe, values, ""))
+
+
+def load(source: str, overrides=()) -> Recipe:
+    """A recipe from a preset name (`configs/recipes/NAME.yaml`) or YAML file, then `key=value` overrides
+    (`checkpoint.interval_steps=10`, `stages.0.steps=50`, `optimizer.learning_rate=1e-3`)."""
+    path = source if os.path.exists(source) else preset_path(source)
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
+    return from_dict(_apply(values, overrides))
+
+
+def _apply(values: dict, overrides) -> dict:
+    """`apply_overrides`, plus list indices in dotted keys (`stages.1.steps=10`)."""
+    values = apply_overrides(values, [])
+    plain = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value")
+        key, raw = item.split("=", 1)
+        parts = key.split(".")
+        if len(parts) > 1 and parts[0] == "stages":
+            stages = values.get("stages") or []
+            if not parts[1].isdigit() or int(parts[1]) >= len(stages):
+                raise ConfigError(f"{key}: stages has {len(stages)} entries (index them 0..{len(stages) - 1})")
+            index = int(parts[1])
+            stage = stages[index]
+            stages[index] = apply_overrides(stage, [f"{'.'.join(parts[2:])}={raw}"]) if len(parts) > 2 else \
+                yaml.safe_load(raw)
+            continue
+        plain.append(item)
+    return apply_overrides(values, plain)
