@@ -1,0 +1,133 @@
+"""glm5 train: recipes, exact resume after kill -9, restore onto another mesh, a bad latest checkpoint,
+export of the trained checkpoint. Training runs in child processes (8 or 4 simulated CPU devices)."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from tests import train_util as u
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """An uninterrupted 12-step run (checkpoints at 3, 6, 9, 12), shared by the xdist workers."""
+    root = tmp_path_factory.getbasetemp().parent
+    run_dir = root / "train-reference"
+    with open(root / "train-reference.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run_dir / "done").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)
+            recipe = u.write_recipe(root / "reference.yaml")
+            code, out = u.run(recipe, run_dir)
+            assert code == 0, out
+            (run_dir / "done").write_text("ok")
+    return str(run_dir), str(root / "reference.yaml")
+
+
+def test_recipes_load_and_errors_are_one_line(tmp_path, capsys):
+    from glm5_jax.config import ConfigError
+    from glm5_jax.train import recipe, trainer
+
+    for name in ("quickstart", "glm5"):
+        r = recipe.load(name)
+        res = trainer.resolve(r)
+        assert [s.name for s in res.data_cfg.stages] == [s.name for s in r.stages]
+    glm5 = recipe.load("glm5")
+    assert [s.trainable for s in glm5.stages].count("indexer") == 1
+    for overrides, message in [
+        (["stages.0.trainable=some"], "stages.0.trainable: must be one of all, indexer"),
+        (["checkpoint.max_to_kep=2"], "checkpoint.max_to_kep: unknown recipe key (did you mean 'checkpoint.max_to_keep'?)"),
+        (["start_stage=nope"], "start_stage: no stage named 'nope'"),
+        (["stages.9.steps=3"], "stages.9.steps: stages has 2 entries"),
+        (["stages.0.schedule.lr=1"], "stages.0.schedule.lr: unknown schedule key"),
+    ]:
+        with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")
+                                             .replace("?", r"\?")):
+            recipe.load("quickstart", overrides)
+    with pytest.raises(ConfigError, match="stages.0.data_stage: data config 'default' has no stage 'x'"):
+        trainer.resolve(recipe.load("quickstart", ["stages.0.data_stage=x"]))
+    with pytest.raises(ConfigError, match="stages.0.schedule: .*schedule: must be one of"):
+        res = trainer.resolve(recipe.load("quickstart", ["stages.0.schedule.schedule=cos"]))
+        from glm5_jax.data.pipeline import DataPipeline
+
+        trainer.plan_stages(res, DataPipeline(res.data_cfg).schedule)
+    assert run_cli("train", "--config", "quickstart", "metrics.interval=0") == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "glm5: error: metrics.interval: must be a positive integer; got 0"
+
+
+def test_kill9_then_resume_equals_uninterrupted_run(reference, tmp_path):
+    ref_dir, recipe = reference
+    run_dir = tmp_path / "killed"
+    rng = random.Random(0)
+    kill_at = sorted(rng.sample(range(2, 11), 2))
+    for k in kill_at:  # kill -9 at a random step, then start again in the same run dir
+        proc = u.start(recipe, run_dir)
+        u.wait_for_step(proc, run_dir, k)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    code, out = u.run(recipe, run_dir)
+    assert code == 0, out
+    assert "resumed from" in out
+    ref_losses, losses = u.losses(ref_dir), u.losses(run_dir)
+    assert sorted(losses) == list(range(1, 13))
+    assert losses == ref_losses  # the whole loss curve, bit for bit
+    ref_params, params = u.params(ref_dir, 12), u.params(run_dir, 12)
+    assert ref_params.keys() == params.keys()
+    for name in ref_params:
+        np.testing.assert_array_equal(params[name], ref_params[name], err_msg=name)
+    assert ref_losses[12] < ref_losses[1] - 1.0  # it learns
+
+
+def test_restore_on_4_devices_in_another_layout(reference, tmp_path):
+    ref_dir, recipe = reference
+    run_dir = tmp_path / "resharded"
+    shutil.copytree(ref_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "12")  # resume from step 9 (saved on 8 devices: data x expert x tensor)
+    code, out = u.run(recipe, run_dir, "layout_overrides.mesh={fsdp: 2, tensor: 2}", "max_steps=11", devices=4)
+    assert code == 0, out
+    assert "resumed from" in out and "on 4 cpu devices" in out
+    ref, new = u.losses(ref_dir), u.losses(run_dir)
+    for step in (10, 11):
+        assert new[step] == pytest.approx(ref[step], rel=1e-5), (step, new[step], ref[step])
+
+
+def test_bad_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
+    ref_dir, recipe = reference
+    run_dir = tmp_path / "corrupt"
+    shutil.copytree(ref_dir, run_dir)
+    # Step 12 loses an array file (an unreadable array); step 9 is intact.
+    params_dir = run_dir / "checkpoints" / "12" / "params"
+    files = sorted(p for p in params_dir.rglob("*") if p.is_file() and "d" == p.parent.name)
+    assert files, sorted(params_dir.rglob("*"))
+    for f in files:
+        f.write_bytes(b"garbage")
+    code, out = u.run(recipe, run_dir)
+    assert code == 0, out
+    assert "checkpoint step 12" in out and "resuming from the previous committed step 9" in out, out
+    assert (run_dir / "checkpoints-bad").is_dir()
+    assert u.committed(run_dir)[-1] == 12
+    assert u.losses(run_dir) == u.losses(ref_dir)  # steps 10..12 trained again, same numbers
+
+
+def test_trained_checkpoint_exports_to_hf(reference, tmp_path):
+    ref_dir, _ = reference
+    out = tmp_path / "hf"
+    assert run_cli("convert", "orbax-to-hf", "--checkpoint", os.path.join(ref_dir, "checkpoints"), "--out", out,
+                   "--dtype", "float32", "-q") == 0
+    assert (out / "config.json").exists() and list(out.glob("*.safetensors"))
+    from safetensors.numpy import load_file
+
+    tensors = {}
+    for f in out.glob("*.safetensors"):
+        tensors.update(load_file(f))
+    params = u.params(ref_dir, 12)
+    np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], params["embed_tokens"])
