@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from glm5_jax.sharding.context import Parallelism, constrain, current
 from jax.sharding import PartitionSpec as P
@@ -158,34 +159,34 @@ def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layer
     hidden = ("stages", "batch", "length", "act_embed")
 
     def iteration(carry, t):
-        store, shifted, stats = carry
+        store, shifted = carry
         k = t - stage_ids  # stage s works on microbatch k % M of repeat k // M
         valid = (k >= 0) & (k < M * R)
         k = jnp.clip(k, 0, M * R - 1)
         first = jax.lax.dynamic_index_in_dim(store, t % M, axis=1, keepdims=False)
         x = constrain(jnp.where((stage_ids == 0)[:, None, None, None], first, shifted), hidden)
-        out, new = compute(weights, x, k // M, k % M, valid, per_mb)
+        out, stats = compute(weights, x, k // M, k % M, valid, per_mb)
         received = constrain(_ring(out, par, axes), hidden)
         # Stage 0 now holds the last stage's output of this iteration: microbatch done = t - (S - 1).
         done = t - (S - 1)
         slot = jnp.maximum(done, 0) % M
         kept = jax.lax.dynamic_index_in_dim(store, slot, axis=1, keepdims=False)
         store = jax.lax.dynamic_update_index_in_dim(store, jnp.where(done >= 0, received, kept), slot, axis=1)
-        repeat = jax.nn.one_hot(k // M, R, dtype=jnp.int32)  # [S, R]: add each stage's stats at its repeat
-        stats = jax.tree.map(lambda acc, a: acc + _expand(repeat, a.ndim + 1).astype(a.dtype) * a[:, None],
-                             stats, new)
-        return (store, received, stats), None
+        return (store, received), stats
 
     x = _microbatches(h, M, ("batch", "length", "act_embed"))
     store = constrain(jnp.broadcast_to(x, (S,) + x.shape), ("stages", None) + hidden[1:])
     shifted = constrain(jnp.zeros((S,) + x.shape[1:], x.dtype), hidden)
-    ids = jnp.zeros((S,), jnp.int32)
-    shapes = jax.eval_shape(compute, weights, shifted, ids, ids, ids > 0, per_mb)[1]  # [S, per_chunk, ...]
-    stats = jax.tree.map(lambda a: jnp.zeros((S, R) + a.shape[1:], a.dtype), shapes)
-    (store, _, stats), _ = jax.lax.scan(iteration, (store, shifted, stats), jnp.arange(M * R + S - 1))
+    steps = M * R + S - 1
+    (store, _), stats = jax.lax.scan(iteration, (store, shifted), jnp.arange(steps))  # stats [steps, S, ...]
     out = _from_first_stage(store, par, axes)  # [M, B / M, L, D]
     h = constrain(out.swapaxes(0, 1).reshape(h.shape), ("batch", "length", "act_embed"))
-    # [S, R, per_chunk, ...] -> [layers, ...] in model order: layer (r * S + s) * per_chunk + j.
+    # Sum each stage's per-iteration stats (zero outside its valid iterations) into its repeats, then order
+    # [S, R, per_chunk, ...] -> [layers, ...] as the model does: layer (r * S + s) * per_chunk + j.
+    k = np.arange(steps)[:, None] - np.arange(S)[None]
+    repeat = np.eye(R, dtype=np.int32)[np.clip(k, 0, M * R - 1) // M]  # [steps, S, R]
+    stats = jax.tree.map(lambda a: jnp.sum(_expand(repeat, a.ndim + 1).astype(a.dtype) * a[:, :, None], axis=0),
+                         stats)
     stats = jax.tree.map(lambda a: a.swapaxes(0, 1).reshape(R * S * per_chunk, *a.shape[3:]), stats)
     return h, stats
 
