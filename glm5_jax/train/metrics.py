@@ -49,7 +49,7 @@ class MetricsLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         os.makedirs(run_dir, exist_ok=True)
         self._truncate(resume_step)
-        self.file = open(self.path, "a", buffering=1)
+        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run, closed in close()
         self.tb = None
         if tensorboard:
             try:
