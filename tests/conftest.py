@@ -7,8 +7,12 @@ import os
 
 # Eight simulated CPU devices for the parallel layouts; set before anything initialises JAX. Single-device
 # tests run on the first device as usual.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# LLVM optimisation off: the tests' programs are tiny, and compiling them dominates the suite's time.
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
+          "--xla_llvm_disable_expensive_passes=true")
+for _flag in _FLAGS:
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

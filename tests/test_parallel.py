@@ -143,3 +143,46 @@ def test_sharded_init_places_every_parameter():
     experts = state.params["layers"][1]["mlp"]["experts_gate"]
     assert experts.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
     assert experts.addressable_shards[0].data.shape == (2, 4, 32, 16)
+
+
+FOUR_AXES = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+from glm5_jax import config
+from glm5_jax.model import GLM5
+from glm5_jax.sharding.context import Parallelism
+from glm5_jax.sharding.layout import load_layout
+from glm5_jax.train import step as S
+
+assert len(jax.devices()) == 16
+cfg = config.load("tiny", ["num_hidden_layers=5", "first_k_dense_replace=1"])
+state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
+rng = np.random.default_rng(0)
+ids = rng.integers(2, cfg.vocab_size, (8, 41)).astype(np.int32)
+batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], positions=np.tile(np.arange(40, dtype=np.int32), (8, 1)),
+             segment_ids=np.ones((8, 40), np.int32))
+(loss0, aux0), grads0 = S.loss_and_grads(state, batch)
+par = Parallelism.create(load_layout("pp2-ep2-tp2-dp2"))
+assert {a: n for a, n in par.mesh.shape.items() if n > 1} == dict(pipeline=2, data=2, expert=2, tensor=2)
+(loss, aux), grads = S.loss_and_grads(S.place(state, par), batch, par)
+err = max(float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in
+          zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True))
+assert abs(float(loss) - float(loss0)) <= 1e-5 * float(loss0), (loss, loss0)
+assert err < 1e-5, err
+np.testing.assert_array_equal(aux["expert_load"], aux0["expert_load"])
+print(f"four axes: loss {float(loss):.6f} vs {float(loss0):.6f}, max grad rel err {err:.1e}")
+"""
+
+
+def test_pipeline_expert_tensor_data_at_once_on_16_devices(tmp_path):
+    """pipeline 2 x expert 2 x tensor 2 x data 2 needs 16 devices: a child process simulates them."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "xla_force_host_platform_device_count=8", "xla_force_host_platform_device_count=16"))
+    done = subprocess.run([sys.executable, "-c", FOUR_AXES], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "four axes: loss" in done.stdout

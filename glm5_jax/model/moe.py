@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5_jax.config import ConfigError
 from glm5_jax.model.params import RouterBias, make_param, stacked
 from glm5_jax.sharding.context import axis_size
 
@@ -61,6 +62,22 @@ def sequence_balance(scores, idx, mask, n_experts: int):
     probs = scores / scores.sum(axis=-1, keepdims=True)
     P = jnp.einsum("ble,bl->be", probs, m) / n[:, None]
     return jnp.sum(f * P)
+
+
+def expert_matmul(cfg) -> str:
+    """The grouped matmul to use: "ragged_dot" or "tiled" (`auto`: tiled on CPU, ragged_dot elsewhere).
+
+    Under pipeline x expert parallelism `auto` takes ragged_dot on CPU too: jax 0.10 cannot differentiate
+    the tiled loop inside the expert shard_map under the pipeline's vmap (a varying-axes mismatch in the
+    scan's cotangents), and an explicit "tiled" there is refused.
+    """
+    piped_experts = axis_size("stages") > 1 and axis_size("experts") > 1
+    if cfg.expert_matmul == "tiled" and piped_experts:
+        raise ConfigError("expert_matmul: 'tiled' does not run under pipeline x expert parallelism on this jax; "
+                          "use ragged_dot or auto")
+    if cfg.expert_matmul != "auto":
+        return cfg.expert_matmul
+    return "tiled" if jax.default_backend() == "cpu" and not piped_experts else "ragged_dot"
 
 
 class TiledGroups:
@@ -151,8 +168,7 @@ class MoE(nnx.Module):
         logits = flat.astype(jnp.float32) @ self.gate[...]
         idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
         w = lambda p: p[...].astype(self.dtype)
-        tile = cfg.expert_tile if cfg.expert_matmul == "tiled" or (
-            cfg.expert_matmul == "auto" and jax.default_backend() == "cpu") else 0
+        tile = cfg.expert_tile if expert_matmul(cfg) == "tiled" else 0
         if axis_size("experts") > 1:
             from glm5_jax.sharding.expert import expert_parallel_ffn
 
