@@ -18,6 +18,7 @@ import time
 
 import grain
 import jax
+
 from glm5_jax.data import config as data_config
 from glm5_jax.data.corpus import stdlib_files
 from glm5_jax.data.pipeline import DataPipeline

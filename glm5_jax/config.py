@@ -108,7 +108,7 @@ class ModelConfig:
     def has_mtp(self) -> bool:
         return self.num_nextn_predict_layers > 0
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Raise :class:`ConfigError` for the first invalid value; return self."""
         _validate(self)
         return self

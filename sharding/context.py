@@ -26,7 +26,7 @@ class Parallelism:
     config: ParallelConfig
 
     @classmethod
-    def create(cls, config: ParallelConfig, devices=None) -> "Parallelism":
+    def create(cls, config: ParallelConfig, devices=None) -> Parallelism:
         """Build the mesh of `config` over `devices` (default: all) with its resolved rules."""
         config.validate()
         return cls(build_mesh(config.mesh, config.dcn, devices), config.resolved_rules(), config)

@@ -31,7 +31,7 @@ class ParallelConfig:
     def resolved_rules(self) -> rules_lib.Rules:
         return {**rules_lib.default_rules(), **rules_lib.normalize(self.rules)}
 
-    def validate(self) -> "ParallelConfig":
+    def validate(self) -> ParallelConfig:
         for key in ("mesh", "dcn"):
             if not isinstance(getattr(self, key), dict):
                 raise ConfigError(f"{key}: must map mesh axis names to sizes")

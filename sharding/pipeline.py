@@ -33,10 +33,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from glm5_jax.sharding.context import Parallelism, constrain, current
 from jax.sharding import PartitionSpec as P
 
 from glm5_jax.config import ConfigError
+from glm5_jax.sharding.context import Parallelism, constrain, current
 
 
 class Plan(NamedTuple):

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
 from glm5_jax.data.errors import DataError
 from glm5_jax.data.packing import IGNORE, KEYS
@@ -20,8 +22,6 @@ from glm5_jax.data.pipeline import (
     save_args,
 )
 from glm5_jax.data.tokenizer import ByteTokenizer
-
-from glm5_jax.config import ConfigError
 
 TOK = ByteTokenizer()
 

@@ -8,14 +8,14 @@ import re
 
 import numpy as np
 import pytest
+
+from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
 from glm5_jax.data import errors
 from glm5_jax.data.corpus import stdlib_files
 from glm5_jax.data.errors import DataError
 from glm5_jax.data.pipeline import DataPipeline
 from glm5_jax.data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
-
-from glm5_jax.config import ConfigError
 
 TOK = ByteTokenizer()
 DOCS = [f"document number {i}: " + "xyz" * i for i in range(12)]

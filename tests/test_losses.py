@@ -13,8 +13,6 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from glm5_jax.sharding.context import Parallelism, use
-from glm5_jax.sharding.layout import ParallelConfig
 
 from glm5_jax import config
 from glm5_jax.config import ConfigError
@@ -22,6 +20,8 @@ from glm5_jax.model import GLM5
 from glm5_jax.model.mla import MLA
 from glm5_jax.model.moe import MoE, route
 from glm5_jax.model.rope import apply_rope, inverse_frequencies, rope_angles
+from glm5_jax.sharding.context import Parallelism, use
+from glm5_jax.sharding.layout import ParallelConfig
 from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
 

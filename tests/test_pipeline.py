@@ -16,14 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from glm5_jax.sharding import pipeline
-from glm5_jax.sharding.context import Parallelism, use
-from glm5_jax.sharding.layout import ParallelConfig
 
 from glm5_jax import config
 from glm5_jax.config import ConfigError
 from glm5_jax.model import GLM5
 from glm5_jax.model.transformer import LayerGroup
+from glm5_jax.sharding import pipeline
+from glm5_jax.sharding.context import Parallelism, use
+from glm5_jax.sharding.layout import ParallelConfig
 from glm5_jax.train import step as S
 
 B, L = 8, 40  # L > index_topk (16): the indexer and the sparse attention run inside the stages

@@ -106,7 +106,7 @@ def test_bad_latest_checkpoint_falls_back_to_the_previous_one(reference, tmp_pat
     shutil.copytree(ref_dir, run_dir)
     # Step 12 loses an array file (an unreadable array); step 9 is intact.
     params_dir = run_dir / "checkpoints" / "12" / "params"
-    files = sorted(p for p in params_dir.rglob("*") if p.is_file() and "d" == p.parent.name)
+    files = sorted(p for p in params_dir.rglob("*") if p.is_file() and p.parent.name == "d")
     assert files, sorted(params_dir.rglob("*"))
     for f in files:
         f.write_bytes(b"garbage")

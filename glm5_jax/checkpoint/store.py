@@ -14,7 +14,7 @@ import json
 import math
 import os
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

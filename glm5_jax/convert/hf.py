@@ -56,7 +56,7 @@ class HFDirectory:
         for name in files:
             try:
                 with safe_open(os.path.join(self.path, name), framework="np") as f:
-                    for key in f.keys():
+                    for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                         self.file_of[key] = name
                         self.shape_of[key] = tuple(f.get_slice(key).get_shape())
             except Exception as e:  # safetensors raises several types for missing or corrupt files
@@ -205,7 +205,7 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
         for file, shard in zip(names, shards):
             writer = SafetensorsWriter(os.path.join(tmp, file), [(e.hf, s, d) for e, s, d in shard],
                                        {"format": "pt"})
-            for e, shape, dt in shard:
+            for e, _shape, dt in shard:
                 if e.path not in arrays:
                     arrays[e.path] = reader.open(e.path)
                     if tuple(arrays[e.path].shape) != leaves[e.path].shape:

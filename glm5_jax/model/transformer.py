@@ -195,7 +195,7 @@ class GLM5(nnx.Module):
         cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
         h, stats = constrain(self.embed(input_ids), HIDDEN), []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
-        sparse = L > cfg.index_topk and dsa_mode != "warmup"
+        sparse = cfg.index_topk < L and dsa_mode != "warmup"
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if sparse else None
         # With a `stages` axis one group runs as a pipeline (sharding/pipeline.py; docs/parallelism.md).
         piped = pipeline.pipelined_group(layer_groups(cfg)) if axis_size("stages") > 1 else None
