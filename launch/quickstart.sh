@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The quickstart: set up .venv, then train the tiny GLM-5 on CPU over 8 simulated devices (data 2 x expert 2 x
-# tensor 2) with configs/recipes/quickstart.yaml on the embedded corpus; stop at step 25, resume from the
+# The quickstart: set up .venv, then train the tiny GLM-5 on CPU over 8 simulated devices (pipeline 2 x
+# expert 2 x tensor 2) with configs/recipes/quickstart.yaml on the embedded corpus; stop at step 25, resume from the
 # checkpoint to the end (step 50, across a 128 -> 256 token context switch), export the trained checkpoint to
-# HF safetensors, load it in transformers (if installed), and plot the curves. Outputs: runs/quickstart/.
+# HF safetensors, load it in transformers, and plot the curves. Outputs: runs/quickstart/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash launch/setup_env.sh
+bash launch/setup_env.sh --test   # --test adds transformers (CPU torch) to check the export loads
 RUN=${RUN:-runs/quickstart}
 rm -rf "$RUN" && mkdir -p "$RUN"
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8"
