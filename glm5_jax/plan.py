@@ -243,7 +243,7 @@ class Flops:
     formula: str
     flops: float
     per_device: float
-    loops: int = 1
+    loops: float = 1  # for Newton-Schulz a FLOP-weighted mean over leaves of different stack depths
     model: bool = True
 
 
@@ -373,8 +373,9 @@ def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params
     ns = newton_schulz_flops(routes, opt_cfg)
     if ns:
         ns_device = newton_schulz_flops(routes, opt_cfg, shards) if shards else ns / par.mesh.size
+        loops = ns / newton_schulz_flops(routes, opt_cfg, once=True)
         out.append(Flops("Muon Newton-Schulz", f"{opt_cfg.ns_steps} x (4 m^2 n + 2 m^3) per matrix", ns, ns_device,
-                         model=False))
+                         loops, model=False))
     remat = remat_flops(cfg, core, idx_proj, idx_scores, sparse, T, w_attn, n_all, n_moe, n_idx)
     if remat:
         out.append(Flops(f"remat recompute ({cfg.remat_policy})", "forward work the policy recomputes", remat,
@@ -382,14 +383,17 @@ def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params
     return out
 
 
-def newton_schulz_flops(routes: dict, opt_cfg, shards: dict[str, int] | None = None) -> float:
+def newton_schulz_flops(routes: dict, opt_cfg, shards: dict[str, int] | None = None, once: bool = False) -> float:
     """Newton-Schulz FLOPs per step over every Muon matrix (optax unrolls its iterations); with `shards`
-    (parameter name -> shard count), what one device computes."""
+    (parameter name -> shard count), what one device computes; with `once`, what a cost analysis that
+    counts a loop body once sees (each leaf loops over its outermost batch axis: see optim/muon.py)."""
     total = 0.0
     for name, r in routes.items():
+        batch = [a for a in range(len(r.shape)) if r.spec and a not in r.spec.reduction + r.spec.output]
+        trips = r.shape[batch[0]] if once and batch else 1
         for count, fan_in, fan_out in r.matrices():
             m, n_ = min(fan_in, fan_out), max(fan_in, fan_out)
-            total += count * opt_cfg.ns_steps * (4 * m * m * n_ + 2 * m ** 3) / (shards or {}).get(name, 1)
+            total += count * opt_cfg.ns_steps * (4 * m * m * n_ + 2 * m ** 3) / (shards or {}).get(name, 1) / trips
     return total
 
 
@@ -533,7 +537,7 @@ def flops_table(result: PlanResult):
                          ("per device", "right"), ("loop trips", "right"), ("per device, loops once", "right")):
         t.add_column(col, justify=justify, no_wrap=True)
     for f in result.flops:
-        t.add_row(f.name, f.formula, _sci(f.flops), _sci(f.per_device), str(f.loops), _sci(f.per_device / f.loops))
+        t.add_row(f.name, f.formula, _sci(f.flops), _sci(f.per_device), f"{f.loops:.4g}", _sci(f.per_device / f.loops))
     model = [f for f in result.flops if f.model]
     t.add_row("model FLOPs (6 N T + attention)", "", _sci(sum(f.flops for f in model)),
               _sci(sum(f.per_device for f in model)), "", "", style="bold")

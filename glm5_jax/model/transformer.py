@@ -168,7 +168,11 @@ class GLM5(nnx.Module):
         self.mtp = MTP(cfg, rngs=rngs) if cfg.has_mtp else None
 
     def embed(self, ids):
-        return jnp.take(self.embed_tokens[...], ids, axis=0).astype(self.dtype)
+        # Gather the table's model dimension first (like any FSDP weight): a lookup into a table sharded on
+        # `embed` yields rows split by feature, which GSPMD can only turn into batch-sharded rows by
+        # replicating the whole [B, L, D] result.
+        table = constrain(self.embed_tokens[...], ("vocab", "act_embed"))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def head(self, h):
         logits = jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(self.dtype),

@@ -89,7 +89,8 @@ def _newton_schulz_per_matrix(x, spec: MatrixSpec, coeffs, ns_steps: int, eps: f
     optax reshapes all batch axes into one, which a sharded layout cannot follow (merging the `layers`
     and `experts` axes drops the expert sharding, so every expert matrix would be gathered on every
     device); vmapping each batch axis on its own keeps them batch dimensions of the products, still
-    sharded.
+    sharded. The outermost batch axis (stacked layers) runs as a loop, so the iteration's temporaries
+    exist for one layer at a time (all 75 MoE layers at once needed ~40 GiB more per device at 744B).
     """
     batch = [a for a in range(x.ndim) if a not in spec.reduction + spec.output]
     order = batch + list(spec.reduction) + list(spec.output)
@@ -101,8 +102,11 @@ def _newton_schulz_per_matrix(x, spec: MatrixSpec, coeffs, ns_steps: int, eps: f
         m2 = m.reshape(fan_in, -1)
         return orthogonalize_via_newton_schulz(m2, coeffs, ns_steps, "frobenius", eps).reshape(matrix_shape)
 
-    for _ in batch:
+    for _ in batch[1:]:
         one = jax.vmap(one)
+    if batch:  # the outermost batch axis (stacked layers) in a loop: temporaries of one layer at a time
+        outer = one
+        one = lambda y: jax.lax.map(outer, y)
     return jnp.transpose(one(y), [order.index(a) for a in range(x.ndim)])
 
 
