@@ -9,12 +9,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import importlib.resources
-import os
 
 import yaml
 
-from glm5_jax.config import ROPE_TYPES, ConfigError
+from glm5_jax.config import ROPE_TYPES, ConfigError, read_yaml_mapping
 
 from .errors import ON_ERROR
 
@@ -219,16 +217,6 @@ def from_dict(values: dict) -> DataConfig:
     return cfg
 
 
-def preset_path(name: str) -> str:
-    """Path of a shipped data preset (``configs/data/NAME.yaml``)."""
-    root = importlib.resources.files("glm5_jax.configs") / "data"
-    path = root / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"data preset {name!r} does not exist; presets: {', '.join(names)}")
-    return str(path)
-
-
 def _index(node: list, p: str, key: str) -> int:
     if not p.isdigit() or int(p) >= len(node):
         _fail(key, f"{p!r} is not an index of a list of {len(node)}")
@@ -263,13 +251,6 @@ def apply_overrides(values: dict, overrides) -> dict:
 
 def load(source: str = "default", overrides=()) -> DataConfig:
     """Load a data config from a preset name (``default``, ``glm5``) or a YAML file, then apply overrides."""
-    path = source if os.path.exists(source) else preset_path(source)
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a data config must be a mapping of keys to values")
+    values = read_yaml_mapping(source, "data", "data")
     values = values.get("data", values)
     return from_dict(apply_overrides(values, overrides))

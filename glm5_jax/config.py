@@ -229,14 +229,30 @@ def from_dict(values: dict) -> ModelConfig:
     return cfg.validate()
 
 
-def preset_path(name: str) -> str:
-    """Path of a shipped preset (``configs/models/NAME.yaml``)."""
-    root = importlib.resources.files("glm5_jax.configs") / "models"
+def preset_path(name: str, folder: str = "models", what: str = "model preset", skip=()) -> str:
+    """Path of a shipped preset, ``configs/FOLDER/NAME.yaml``; an unknown name lists the presets."""
+    root = importlib.resources.files("glm5_jax.configs") / folder
     path = root / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"model preset {name!r} does not exist; presets: {', '.join(names)}")
+    if not path.is_file() or name in skip:
+        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and p.name[:-5] not in skip)
+        raise ConfigError(f"{what} {name!r} does not exist; presets: {', '.join(names)}")
     return str(path)
+
+
+def read_yaml_mapping(source: str, folder: str, what: str, skip=()) -> dict:
+    """The mapping in a YAML file, or in the shipped preset of that name (``configs/FOLDER/``).
+
+    `what` ("model", "data", "recipe", "layout") names the kind of config in error messages.
+    """
+    path = source if os.path.exists(source) else preset_path(source, folder, f"{what} preset", skip)
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a {what} config must be a mapping of keys to values")
+    return values
 
 
 def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
@@ -246,14 +262,7 @@ def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfi
     if source.endswith(".json"):
         values = hf_to_dict(read_json(source))
     else:
-        path = source if os.path.exists(source) else preset_path(source)
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a model config must be a mapping of keys to values")
+        values = read_yaml_mapping(source, "models", "model")
         values = values.get("model", values)
     return from_dict(apply_overrides(values, overrides))
 

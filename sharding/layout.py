@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import os
 
-import yaml
-
-from glm5_jax.config import ConfigError, apply_overrides, unknown_key
+from glm5_jax.config import ConfigError, apply_overrides, read_yaml_mapping, unknown_key
 from glm5_jax.sharding import rules as rules_lib
 
 DISPATCHES = ("auto", "capacity", "ragged")
@@ -64,23 +60,5 @@ def load_layout(source: str | None, overrides=()) -> ParallelConfig:
 
     `source=None` starts from the default (all devices on `data`).
     """
-    values = {}
-    if source:
-        path = source if os.path.exists(source) else _preset(source)
-        with open(path) as f:
-            try:
-                values = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: a layout must be a mapping")
+    values = read_yaml_mapping(source, "layouts", "layout", skip=("rules",)) if source else {}
     return layout_from_dict(apply_overrides(values, overrides))
-
-
-def _preset(name: str) -> str:
-    root = importlib.resources.files("glm5_jax.configs") / "layouts"
-    path = root / f"{name}.yaml"
-    if not path.is_file() or name == "rules":
-        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and p.name != "rules.yaml")
-        raise ConfigError(f"layout preset {name!r} does not exist; presets: {', '.join(names)}")
-    return str(path)

@@ -10,13 +10,11 @@ before anything compiles: a bad value is one `ConfigError` line naming the key.
 from __future__ import annotations
 
 import dataclasses
-import importlib.resources
-import os
 from typing import Any
 
 import yaml
 
-from glm5_jax.config import ConfigError, apply_overrides, unknown_key
+from glm5_jax.config import ConfigError, apply_overrides, read_yaml_mapping, unknown_key
 
 TRAINABLE = ("all", "indexer")
 # Optimizer fields a stage's `schedule` may set; the rest of the optimizer is the recipe's `optimizer`.
@@ -171,15 +169,6 @@ def validate(r: Recipe) -> Recipe:
     return r
 
 
-def preset_path(name: str) -> str:
-    root = importlib.resources.files("glm5_jax.configs") / "recipes"
-    path = root / f"{name}.yaml"
-    if not path.is_file():
-        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
-        raise ConfigError(f"recipe {name!r}: no such file or preset; presets: {', '.join(names)}")
-    return str(path)
-
-
 def from_dict(values: dict[str, Any]) -> Recipe:
     return validate(_build(Recipe, values, ""))
 
@@ -187,15 +176,7 @@ def from_dict(values: dict[str, Any]) -> Recipe:
 def load(source: str, overrides=()) -> Recipe:
     """A recipe from a preset name (`configs/recipes/NAME.yaml`) or YAML file, then `key=value` overrides
     (`checkpoint.interval_steps=10`, `stages.0.steps=50`, `optimizer.learning_rate=1e-3`)."""
-    path = source if os.path.exists(source) else preset_path(source)
-    with open(path) as f:
-        try:
-            values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a recipe must be a mapping of keys to values")
-    return from_dict(_apply(values, overrides))
+    return from_dict(_apply(read_yaml_mapping(source, "recipes", "recipe"), overrides))
 
 
 def _apply(values: dict, overrides) -> dict:
