@@ -30,7 +30,7 @@ ALL_ON = LS.LossConfig(z_loss=1e-3, mtp_weight=0.3, balance_weight=1e-2, dsa="sp
 
 
 def compile0(fn, *args):
-    return jax.jit(fn).lower(*args).compile({"xla_backend_optimization_level": 0})
+    return jax.jit(fn).lower(*args).compile()
 
 
 def is_indexer(path) -> bool:

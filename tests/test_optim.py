@@ -65,9 +65,8 @@ def random_like(tree, seed=1):
 
 
 def compiled(fn, *args, **jit_kwargs):
-    """jit + compile with LLVM optimisation off: XLA:CPU compiles these optimizer steps 2-3x faster, and
-    the tests compare numerics, not speed."""
-    return jax.jit(fn, **jit_kwargs).lower(*args).compile({"xla_backend_optimization_level": 0})
+    """jit + compile ahead of time (tests/conftest.py turns LLVM optimisation off for the whole suite)."""
+    return jax.jit(fn, **jit_kwargs).lower(*args).compile()
 
 
 def rel_err(a, b) -> float:

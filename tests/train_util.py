@@ -43,8 +43,7 @@ def write_recipe(path, **changes) -> str:
 def child_env(devices: int = 8, **extra) -> dict:
     env = dict(os.environ)
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={devices} "
-                        "--xla_backend_optimization_level=0").strip()
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
     env["JAX_PLATFORMS"] = "cpu"
     env.update(extra)
     return env
