@@ -237,7 +237,7 @@ def test_split_off_equals_optax_muon_and_router_bias_frozen(tiny_moe):
         assert set(theirs) == set(mine) - set(biases)
         worst = max(rel_err(mine[n], theirs[n]) for n in theirs)
         print(f"split off vs optax.contrib.muon, max relative error: {worst:.1e}")
-        assert worst < 1e-5, worst  # measured 1.9e-6: float32 rounding through 5 Newton-Schulz steps
+        assert worst < 1e-5, worst  # measured 2.9e-6: float32 rounding through 5 Newton-Schulz steps
         grads_full = jax.tree.map(lambda g: 0.5 * g + 0.1, grads_full)
 
 
