@@ -131,3 +131,29 @@ def test_trained_checkpoint_exports_to_hf(reference, tmp_path):
         tensors.update(load_file(f))
     params = u.params(ref_dir, 12)
     np.testing.assert_array_equal(tensors["model.embed_tokens.weight"], params["embed_tokens"])
+
+
+def test_start_at_a_later_stage_from_a_converted_hf_checkpoint(hf_model_dir, convert, tmp_path):
+    """init_from a checkpoint made by `glm5 convert hf-to-orbax`, entering at the second stage. With a zero
+    learning rate and no bias updates the trained checkpoint holds exactly the converted weights."""
+    hf_dir, _ = hf_model_dir(vocab_size=512, num_hidden_layers=2, first_k_dense_replace=1)
+    ckpt = convert(hf_dir)
+    stages = [{"name": "short", "steps": 3, "schedule": {"schedule": "constant", "learning_rate": 3e-3}},
+              {"name": "long", "steps": 2, "schedule": {"schedule": "constant", "learning_rate": 0.0}}]
+    data = {**u.RECIPE["data_overrides"], "stages.1.seq_len": 32, "stages.1.tokens_per_step": 256}
+    recipe = u.write_recipe(tmp_path / "from-hf.yaml", model=None, model_overrides={}, init_from=ckpt,
+                            start_stage="long", stages=stages, data_overrides=data,
+                            losses={"mtp_weight": 0.0, "bias_update_rate": 0.0})
+    run_dir = tmp_path / "run"
+    code, out = u.run(recipe, run_dir)
+    assert code == 0, out
+    assert "initialised from" in out, out
+    logged = u.records(run_dir)
+    assert [r["step"] for r in logged] == [4, 5] and {r["stage"] for r in logged} == {"long"}, logged
+    from glm5_jax.checkpoint import CheckpointReader
+
+    reader = CheckpointReader(ckpt)
+    trained = u.params(run_dir, 5)
+    assert set(trained) == set(reader.names)
+    for name in reader.names:
+        np.testing.assert_array_equal(trained[name], reader.open(name).read().result(), err_msg=name)
