@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from glm5_jax.model.moe import grouped_experts
-from glm5_jax.sharding.context import Parallelism
+from glm5_jax.sharding.context import Parallelism, current
 
 
 class Axes(NamedTuple):
@@ -35,7 +35,7 @@ class Axes(NamedTuple):
 
 
 def _axes(par: Parallelism, weight_shape) -> Axes:
-    tokens = tuple(a for a in par.mesh_axes("batch") + par.mesh_axes("length"))
+    tokens = par.mesh_axes("batch") + par.mesh_axes("length")
     spec = par.spec(("experts", "embed", "expert_mlp"), weight_shape)
     spec = tuple(spec) + (None,) * (3 - len(spec))
     as_tuple = lambda s: () if s is None else (s,) if isinstance(s, str) else tuple(s)
@@ -59,8 +59,6 @@ def expert_parallel_ffn(x, idx, weights, gate, up, down, *, tile: int):
     x [T, D] (T = batch * length, token-major), idx / weights [T, k] from the router, gate / up [E, D, F],
     down [E, F, D].
     """
-    from glm5_jax.sharding.context import current
-
     par = current()
     axes = _axes(par, gate.shape)
     mode = dispatch_mode(par)
