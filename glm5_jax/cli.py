@@ -135,12 +135,9 @@ def _add_plan_parser(sub):
     pl.add_argument("--global-batch", type=int, default=None,
                     help="sequences per step (default: one per batch shard and microbatch)")
     pl.add_argument("--device-memory", default="80GB", help="memory of one accelerator, e.g. 80GB, 96GiB")
-    pl.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                    help="model config override, e.g. num_hidden_layers=6 (repeatable)")
-    pl.add_argument("--layout-override", action="append", default=[], metavar="KEY=VALUE",
-                    help="layout override, e.g. mesh.tensor=8 (repeatable)")
-    pl.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                    help="optimizer config setting (default: GLM-5's Muon-Split) (repeatable)")
+    _key_values(pl, "--override", "model config override, e.g. num_hidden_layers=6 (repeatable)")
+    _key_values(pl, "--layout-override", "layout override, e.g. mesh.tensor=8 (repeatable)")
+    _key_values(pl, "--opt", "optimizer config setting (default: GLM-5's Muon-Split) (repeatable)")
     pl.set_defaults(run=_plan)
 
 
@@ -190,6 +187,11 @@ class InputError(ValueError):
     """A user input file that cannot be used."""
 
 
+def _key_values(parser, flag: str, help: str):
+    """A repeatable `--flag KEY=VALUE` option, collected into a list."""
+    parser.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="glm5", description="GLM-5 training stack in JAX/Flax.")
     p.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
@@ -200,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2o = csub.add_parser("hf-to-orbax", help="transformers GLM-5 directory -> Orbax checkpoint (step 0)")
     h2o.add_argument("--hf-dir", required=True, help="directory with config.json and *.safetensors")
     h2o.add_argument("--out", required=True, help="checkpoint directory to create")
-    h2o.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                     help="set a config field config.json lacks, e.g. param_dtype=bfloat16 (repeatable)")
+    _key_values(h2o, "--override", "set a config field config.json lacks, e.g. param_dtype=bfloat16 (repeatable)")
     h2o.set_defaults(run=_convert_hf_to_orbax)
     o2h = csub.add_parser("orbax-to-hf", help="Orbax checkpoint -> transformers GLM-5 directory")
     o2h.add_argument("--checkpoint", required=True, help="checkpoint directory (Orbax CheckpointManager root)")
@@ -219,8 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--config", required=True, help="model preset name (e.g. tiny), YAML file or HF config.json")
     init.add_argument("--out", required=True, help="checkpoint directory to create")
     init.add_argument("--seed", type=int, default=0, help="initialisation seed")
-    init.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="model config override (repeatable)")
+    _key_values(init, "--override", "model config override (repeatable)")
     init.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     init.set_defaults(run=_init)
 
@@ -231,16 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     fwd.add_argument("--positions", help=".npy int array [batch, seq] of RoPE positions (default 0..seq-1)")
     fwd.add_argument("--segment-ids", help=".npy int array [batch, seq] of document ids of packed rows")
     fwd.add_argument("--output", required=True, help=".npy file for float32 logits [batch, seq, vocab]")
-    fwd.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                     help="model config override, e.g. dtype=bfloat16 (repeatable)")
+    _key_values(fwd, "--override", "model config override, e.g. dtype=bfloat16 (repeatable)")
     fwd.set_defaults(run=_forward)
 
     optim = sub.add_parser("optimizer", help="print which optimizer trains each parameter (Muon-Split / AdamW)")
     optim.add_argument("--config", required=True, help="model preset name, YAML file or HF config.json")
-    optim.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                       help="model config override (repeatable)")
-    optim.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                       help="optimizer config setting, e.g. split_o_proj=true (repeatable)")
+    _key_values(optim, "--override", "model config override (repeatable)")
+    _key_values(optim, "--opt", "optimizer config setting, e.g. split_o_proj=true (repeatable)")
     optim.set_defaults(run=_optimizer)
 
     data = sub.add_parser("data", help="data pipelines")
@@ -251,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--stage", default=None, help="stage to show (default: the first)")
     insp.add_argument("--batches", type=int, default=20, help="batches to time for the throughput figure")
     insp.add_argument("--chars", type=int, default=400, help="characters shown per row")
-    insp.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                      help="data config override, e.g. stages.0.seq_len=256 (repeatable)")
+    _key_values(insp, "--override", "data config override, e.g. stages.0.seq_len=256 (repeatable)")
     insp.set_defaults(run=_data_inspect)
     _add_plan_parser(sub)
     _add_train_parsers(sub)
