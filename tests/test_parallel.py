@@ -186,3 +186,11 @@ def test_pipeline_expert_tensor_data_at_once_on_16_devices(tmp_path):
     done = subprocess.run([sys.executable, "-c", FOUR_AXES], env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "four axes: loss" in done.stdout
+
+
+def test_context_shards_must_divide_the_sequence():
+    state = S.abstract_state(config.load("tiny"))
+    par = Parallelism.create(ParallelConfig(mesh=dict(context=8)))
+    batch = {k: jax.ShapeDtypeStruct((8, 36), jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
+    with use(par), pytest.raises(ConfigError, match=r"^mesh.context: sequence length 36 does not split into 8"):
+        jax.eval_shape(lambda p, r, b: S.lm_loss(p, r, state.graphdef, b), state.params, state.rest, batch)

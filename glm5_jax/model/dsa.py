@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5_jax.config import ConfigError
 from glm5_jax.model.norms import LayerNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
@@ -91,7 +92,7 @@ def map_query_blocks(fn, block: int, *arrays):
     """
     n, shards = arrays[0].shape[1], axis_size("length")
     if n % shards:
-        raise ValueError(f"sequence length {n} must divide evenly into {shards} context shards")
+        raise ConfigError(f"mesh.context: sequence length {n} does not split into {shards} equal context shards")
     local = n // shards
     block = min(block, local)
     n_blocks = -(-local // block)

@@ -416,13 +416,13 @@ def train(recipe: Recipe, out=print) -> dict:
                         f"{stage.global_batch} x {stage.seq_len} tokens, trainable {plan.recipe.trainable}, "
                         f"lr {plan.opt_cfg.schedule} {plan.opt_cfg.learning_rate:g}")
                     shape = (stage.global_batch, stage.seq_len)
-                    batch_sh = {k: par.sharding(S.BATCH_AXES, shape) for k in ("input_ids", "targets", "positions",
-                                                                              "segment_ids")}
+                    row_sharding = par.sharding(S.BATCH_AXES, shape)
+                    batch_sh = dict.fromkeys(("input_ids", "targets", "positions", "segment_ids"), row_sharding)
                     run_step = build_step(plan, par, tx, {**shardings, "batch": batch_sh})
                     flops = model_flops_per_step(plan.model_cfg, par, *shape)
                 t0 = time.perf_counter()
                 local = next(it)
-                batch = {k: global_batch({k: local[k]}, batch_sh[k])[k] for k in batch_sh}
+                batch = global_batch({k: local[k] for k in batch_sh}, row_sharding)
                 lr = float(plan.schedule(step - stage.start_step))
                 poison = float("nan") if step + 1 in nonfinite_steps else 1.0
                 params, rest, opt_state, m = run_step(params, rest, opt_state, batch, np.float32(lr),
