@@ -10,9 +10,7 @@ import copy
 import dataclasses
 import difflib
 
-import yaml
-
-from glm5_jax.config import ROPE_TYPES, ConfigError, read_yaml_mapping
+from glm5_jax.config import ROPE_TYPES, ConfigError, override_items, read_yaml_mapping
 
 from .errors import ON_ERROR
 
@@ -46,6 +44,9 @@ class StageConfig:
     tokens: int = 4096  # token budget; the stage runs tokens // tokens_per_step steps
     mixture: dict[str, float] = dataclasses.field(default_factory=dict)  # source name -> weight
     rope: dict | None = None  # rope_parameters the trainer sets on the model for this stage (None: unchanged)
+    # Batch-size warm-up: {start_tokens_per_step: N, tokens: T}: tokens per step grow linearly with the tokens
+    # consumed, from N to tokens_per_step over the first T (stages.BatchRamp); None: tokens_per_step throughout.
+    batch_ramp: dict | None = None
 
     @property
     def global_batch(self) -> int:
@@ -183,7 +184,23 @@ def _stage(i, values, sources) -> StageConfig:
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
             _fail(f"{key}.mixture.{name}", f"weight must be a positive number; got {weight!r}")
     cfg.rope = _rope(f"{key}.rope", cfg.rope)
+    cfg.batch_ramp = _ramp(f"{key}.batch_ramp", cfg.batch_ramp, cfg)
     return cfg
+
+
+RAMP_KEYS = ("start_tokens_per_step", "tokens")
+
+
+def _ramp(key: str, ramp, stage: StageConfig):
+    if ramp is None:
+        return None
+    if not isinstance(ramp, dict) or set(ramp) != set(RAMP_KEYS):
+        _fail(key, f"must be null or a mapping with exactly {', '.join(RAMP_KEYS)}; got {ramp!r}")
+    start = _int(f"{key}.start_tokens_per_step", ramp["start_tokens_per_step"])
+    if start % stage.seq_len or start > stage.tokens_per_step:
+        _fail(f"{key}.start_tokens_per_step", f"must be a multiple of seq_len ({stage.seq_len}) and at most "
+              f"tokens_per_step ({stage.tokens_per_step}); got {start}")
+    return {"start_tokens_per_step": start, "tokens": _int(f"{key}.tokens", ramp["tokens"])}
 
 
 def from_dict(values: dict) -> DataConfig:
@@ -224,12 +241,10 @@ def _index(node: list, p: str, key: str) -> int:
 
 
 def apply_overrides(values: dict, overrides) -> dict:
-    """``key=value`` strings (YAML values); ``a.b=v`` sets nested keys, ``stages.1.seq_len=v`` list items."""
+    """``key=value`` strings (YAML values) or a mapping of keys to values; ``a.b=v`` sets nested keys,
+    ``stages.1.seq_len=v`` list items."""
     values = copy.deepcopy(values)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value")
-        key, raw = item.split("=", 1)
+    for key, value in override_items(overrides):
         *parents, leaf = key.split(".")
         node = values
         for p in parents:
@@ -239,7 +254,6 @@ def apply_overrides(values: dict, overrides) -> dict:
                 node = node.setdefault(p, {})
             else:
                 _fail(key, f"{p} is inside a value that is not a mapping or list")
-        value = yaml.safe_load(raw) if raw else None
         if isinstance(node, list):
             node[_index(node, leaf, key)] = value
         elif isinstance(node, dict):

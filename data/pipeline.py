@@ -19,6 +19,7 @@ starts, so a stage switch needs no state from the stage before.
 from __future__ import annotations
 
 import logging
+import zlib
 
 import grain
 import jax
@@ -55,21 +56,26 @@ class DataPipeline:
     """Batches of one process for every step of a :class:`~glm5_jax.data.config.DataConfig`'s stages.
 
     ``process_index`` / ``process_count`` default to JAX's; tests pass them to simulate hosts. ``seed``
-    overrides ``cfg.seed``. Sources are opened (files listed and indexed) here, so a missing or unreadable
+    overrides ``cfg.seed``. ``accumulate`` maps stage names to microbatches per step (the trainer's choice;
+    default 1): batches are read microbatch by microbatch, and a step's rows are its microbatches in order.
+    ``holdout``: ``("train", f)`` drops the fraction ``f`` of documents held out for evaluation (chosen by a
+    hash of their tokens, so the same documents on every host and run), ``("eval", f)`` keeps only those. Sources are opened (files listed and indexed) here, so a missing or unreadable
     file is reported before training starts.
     """
 
     def __init__(self, cfg: data_config.DataConfig | str, process_index: int | None = None,
-                 process_count: int | None = None, seed: int | None = None):
+                 process_count: int | None = None, seed: int | None = None, accumulate: dict | None = None,
+                 holdout: tuple[str, float] | None = None):
         self.cfg = data_config.load(cfg) if isinstance(cfg, str) else cfg
         self.process_index = jax.process_index() if process_index is None else process_index
         self.process_count = jax.process_count() if process_count is None else process_count
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count})")
         self.seed = self.cfg.seed if seed is None else seed
+        self.holdout = None if holdout is None or not holdout[1] else HoldoutSplit(*holdout)
         self.tokenizer = build_tokenizer(self.cfg.tokenizer)
         self.policy = ErrorPolicy(self.cfg.on_error)
-        self.schedule = Schedule(self.cfg.stages, self.process_count)
+        self.schedule = Schedule(self.cfg.stages, self.process_count, accumulate)
         used = dict.fromkeys(name for s in self.cfg.stages for name in s.mixture)
         self.sources = {name: open_source(self.cfg.sources[name], self.policy) for name in used}
         for name, source in self.sources.items():
@@ -99,13 +105,15 @@ class DataPipeline:
                 ds = ds.shuffle(seed=_derived_seed(self.seed, stage.index, j))
             ds = ds.repeat(None)  # reshuffled every epoch
             ds = ds.map(Encoder(name, self.tokenizer, self.policy, cfg.sources[name].append_eos))
+            if self.holdout is not None:
+                ds = ds.map(self.holdout)
             parts.append(ds)
             weights.append(weight)
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=cfg.read_buffer_size))
         it = pack(it, stage.seq_len)
-        it = it.batch(stage.local_batch, drop_remainder=True)
+        it = it.batch(stage.local_micro_rows, drop_remainder=True)
         it = it.map(Finalize(self.tokenizer.pad_id))
         if cfg.num_workers:
             _mark_absl_flags_parsed()
@@ -125,8 +133,27 @@ class DataPipeline:
         return PipelineIterator(self, start_step)
 
 
+class HoldoutSplit:
+    """Documents of one side of a deterministic split: a document is held out when the CRC-32 of its token
+    ids, as a fraction of 2**32, is below ``fraction``. ``keep``: "train" (the rest) or "eval" (held out)."""
+
+    def __init__(self, keep: str, fraction: float):
+        if keep not in ("train", "eval"):
+            raise ValueError(f"holdout side must be train or eval; got {keep!r}")
+        self.keep, self.fraction = keep, float(fraction)
+
+    def __call__(self, doc):
+        if doc is None:
+            return None
+        held_out = zlib.crc32(doc["input_ids"].tobytes()) < self.fraction * 2**32
+        return doc if held_out == (self.keep == "eval") else None
+
+
 class PipelineIterator(grain.DatasetIterator):
     """Yields one batch per global step, switching stage at stage boundaries; its state is JSON.
+
+    A step's batch is its stage's ``count(step)`` microbatches of ``local_micro_rows`` rows, concatenated:
+    [count x local_micro_rows, seq_len] (microbatch i is rows i * local_micro_rows onwards).
 
     A Grain ``DatasetIterator``, so ``grain.checkpoint.CheckpointSave/Restore`` (and Orbax) save and restore
     it: the state is the next step, its stage, and that stage's Grain iterator state.
@@ -139,7 +166,7 @@ class PipelineIterator(grain.DatasetIterator):
         stage = pipeline.stage_at(start_step)
         self._stage = stage.index
         self._it = iter(pipeline.dataset(stage))
-        for _ in range(start_step - stage.start_step):
+        for _ in range(sum(stage.count(s) for s in range(stage.start_step, start_step))):
             next(self._it)
 
     @property
@@ -163,9 +190,9 @@ class PipelineIterator(grain.DatasetIterator):
             log.info("data: stage %s (seq_len %d, %d rows per process) from step %d", stage.name,
                      stage.seq_len, stage.local_batch, self._step)
             self._switch(stage.index)
-        batch = next(self._it)
+        parts = [next(self._it) for _ in range(stage.count(self._step))]
         self._step += 1
-        return batch
+        return parts[0] if len(parts) == 1 else {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def get_state(self) -> dict:
         stage = self._pipeline.schedule.stages[self._stage]

@@ -268,13 +268,10 @@ def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfi
 
 
 def apply_overrides(values: dict, overrides) -> dict:
-    """Apply ``key=value`` strings (values parsed as YAML; ``a.b=v`` sets a nested key)."""
+    """Apply overrides: ``key=value`` strings (values parsed as YAML) or a mapping of keys to values;
+    ``a.b`` sets a nested key."""
     values = json.loads(json.dumps(values))  # deep copy of plain data
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+    for key, value in override_items(overrides):
         *parents, leaf = key.split(".")
         node = values
         for p in parents:
@@ -283,6 +280,19 @@ def apply_overrides(values: dict, overrides) -> dict:
                 raise ConfigError(f"{key}: {p} is not a mapping")
         node[leaf] = value
     return values
+
+
+def override_items(overrides):
+    """(dotted key, value) pairs of `key=value` strings (YAML values) or of a mapping (values as they are)."""
+    if isinstance(overrides, dict):
+        return list(overrides.items())
+    items = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{item}: overrides are key=value")
+        key, raw = item.split("=", 1)
+        items.append((key, yaml.safe_load(raw) if raw else None))
+    return items
 
 
 def read_json(path: str) -> dict:

@@ -24,6 +24,7 @@ import tensorstore as ts
 from flax import nnx
 
 from glm5_jax import config as config_lib
+from glm5_jax.checkpoint.naming import nest
 from glm5_jax.model import GLM5
 
 PARAMS, CONFIG = "params", "config"
@@ -43,17 +44,6 @@ def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 def named_variables(model) -> dict[str, nnx.Variable]:
     """Every variable of a model by dotted name (`layers.1.mlp.experts_gate`), the checkpoint's leaf names."""
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
-
-
-def _nest(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for name, value in flat.items():
-        *parents, leaf = name.split(".")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
 
 
 @contextlib.contextmanager
@@ -109,7 +99,7 @@ def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], inde
     handler = ocp.PyTreeCheckpointHandler(use_ocdbt=False, use_zarr3=False)
     with ocp.CheckpointManager(out, options=ocp.CheckpointManagerOptions(create=True),
                                item_handlers={PARAMS: handler, CONFIG: ocp.JsonCheckpointHandler()}) as mngr:
-        mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(_nest(skeleton)),
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(nest(skeleton)),
                                                  config=ocp.args.JsonSave(cfg.to_dict())))
         mngr.wait_until_finished()
     item_dir = os.path.join(out, str(step), PARAMS)
@@ -129,7 +119,7 @@ def write_streaming(out: str, cfg, leaves: dict[str, jax.ShapeDtypeStruct], inde
 
 def save_model(model: GLM5, cfg, directory: str, step: int = 0):
     """Save a model's variables and config as a new committed step (Orbax's default OCDBT format)."""
-    tree = _nest({name: v[...] for name, v in named_variables(model).items()})
+    tree = nest({name: v[...] for name, v in named_variables(model).items()})
     with ocp.CheckpointManager(os.path.abspath(directory), options=ocp.CheckpointManagerOptions(create=True),
                                item_handlers={PARAMS: ocp.PyTreeCheckpointHandler(),
                                               CONFIG: ocp.JsonCheckpointHandler()}) as mngr:
@@ -188,7 +178,7 @@ def load_model(directory: str, step: int | None = None, overrides=()) -> tuple[G
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = _nest({name: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+    target = nest({name: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
                     for name, v in named_variables(model).items()})
     with ocp.CheckpointManager(reader.directory, item_handlers={PARAMS: ocp.PyTreeCheckpointHandler()}) as mngr:
         restored = mngr.restore(reader.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(

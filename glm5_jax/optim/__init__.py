@@ -1,4 +1,4 @@
-"""GLM-5's optimizer: Muon-Split for matrices, AdamW for the rest, the LR schedules and batch-size warm-up."""
+"""GLM-5's optimizer: Muon-Split for matrices, AdamW for the rest, the LR schedules."""
 
 from glm5_jax.optim.config import OptimizerConfig, from_dict
 from glm5_jax.optim.muon import (
@@ -9,10 +9,10 @@ from glm5_jax.optim.muon import (
 )
 from glm5_jax.optim.optimizer import make_optimizer, param_routes, state_shardings
 from glm5_jax.optim.routing import Route, print_table, route, routing_table, summary
-from glm5_jax.optim.schedules import BatchRamp, learning_rate_schedule
+from glm5_jax.optim.schedules import learning_rate_schedule
 
 __all__ = [
-    "BatchRamp", "MatrixSpec", "MuonSplitState", "OptimizerConfig", "Route", "from_dict", "learning_rate_schedule",
+    "MatrixSpec", "MuonSplitState", "OptimizerConfig", "Route", "from_dict", "learning_rate_schedule",
     "make_optimizer", "orthogonalize", "param_routes", "print_table", "route", "routing_table",
     "scale_by_muon_split", "state_shardings", "summary",
 ]

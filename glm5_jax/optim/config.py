@@ -48,11 +48,6 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     adam_weight_decay: float | None = None  # None: weight_decay
     adam_nesterov: bool = False  # NAdamW, as optax.contrib.muon runs for its non-matrix leaves
-    # --- batch-size warm-up (static gradient accumulation; see schedules.BatchRamp) ---
-    microbatch_tokens: int | None = None  # tokens per microbatch (fixed); None: no batch-size warm-up
-    batch_tokens_start: int = 16 * 2**20  # tokens per optimizer step at the start of the ramp
-    batch_tokens_end: int = 64 * 2**20  # ... once batch_warmup_tokens have been consumed
-    batch_warmup_tokens: int = 500 * 10**9
 
     def __post_init__(self):
         if isinstance(self.ns_coeffs, list):
@@ -103,7 +98,7 @@ def _validate(c: OptimizerConfig):
     for key in ("warmup_steps", "decay_steps"):
         if not _is_int(getattr(c, key)) or getattr(c, key) < 0:
             _fail(key, f"must be an integer >= 0; got {getattr(c, key)!r}")
-    for key in ("total_steps", "ns_steps", "batch_tokens_start", "batch_tokens_end", "batch_warmup_tokens"):
+    for key in ("total_steps", "ns_steps"):
         if not _is_int(getattr(c, key)) or getattr(c, key) < 1:
             _fail(key, f"must be a positive integer; got {getattr(c, key)!r}")
     if c.warmup_steps + (c.decay_steps if c.schedule == "wsd" else 0) > c.total_steps:
@@ -115,15 +110,6 @@ def _validate(c: OptimizerConfig):
     triple = lambda t: isinstance(t, tuple) and len(t) == 3 and all(map(_is_number, t))
     if not (triple(coeffs) or (isinstance(coeffs, tuple) and len(coeffs) == c.ns_steps and all(map(triple, coeffs)))):
         _fail("ns_coeffs", f"must be 3 numbers (a, b, c) or ns_steps ({c.ns_steps}) such triples; got {coeffs!r}")
-    if c.microbatch_tokens is not None:
-        if not _is_int(c.microbatch_tokens) or c.microbatch_tokens < 1:
-            _fail("microbatch_tokens", f"must be null or a positive integer; got {c.microbatch_tokens!r}")
-        if c.batch_tokens_start < c.microbatch_tokens:
-            _fail("batch_tokens_start", f"must be >= microbatch_tokens ({c.microbatch_tokens}); "
-                  f"got {c.batch_tokens_start}")
-        if c.batch_tokens_end < c.batch_tokens_start:
-            _fail("batch_tokens_end", f"must be >= batch_tokens_start ({c.batch_tokens_start}); "
-                  f"got {c.batch_tokens_end}")
 
 
 def from_dict(values: dict | None = None) -> OptimizerConfig:

@@ -1,8 +1,7 @@
 """The GLM-5 training losses: next-token LM loss, MTP, sequence-level balance, z-loss and the DSA indexer
 KL; the aux-loss-free router bias update; and the trainable-parameter mask for DSA warm-up.
 
-`total_loss` is a drop-in replacement for `step.lm_loss` (same batch contract). docs/losses.md gives every
-formula, default and schedule knob.
+docs/losses.md gives every formula, default and schedule knob.
 """
 
 from __future__ import annotations
@@ -79,47 +78,69 @@ def mtp_targets(targets, segment_ids, depths: int):
     return jnp.stack([jnp.where(s[:, k:k + L] == segment_ids, t[:, k:k + L], -1) for k in range(1, depths + 1)])
 
 
-def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=None):
-    """The training objective and its parts; a drop-in replacement for `step.lm_loss`.
+def normalizers(batch, depths: int) -> dict:
+    """The denominators of every loss term, from a whole optimizer step's batch (leaves [..., L]: a step's
+    microbatches may stack on leading axes). Terms computed against these and summed over microbatches
+    equal the terms of the whole batch at once."""
+    flat = {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in ("targets", "segment_ids")}
+    targets, segments = flat["targets"], flat["segment_ids"]
+    real = segments > 0
+    norms = {"tokens": jnp.maximum(jnp.sum(targets >= 0), 1), "rows": jnp.maximum(jnp.sum(jnp.any(real, axis=1)), 1),
+             "real": jnp.maximum(jnp.sum(real), 1)}
+    if depths:
+        norms["mtp"] = jnp.maximum(jnp.sum(mtp_targets(targets, segments, depths) >= 0, axis=(1, 2)), 1)
+    return norms
+
+
+def mtp_depths(cfg, loss_cfg: LossConfig, mtp_weight=None) -> int:
+    """MTP depths the loss runs: the config's, unless the model has no MTP layer or the weight is a static 0."""
+    w = loss_cfg.mtp_weight if mtp_weight is None else mtp_weight
+    return cfg.mtp_depths if cfg.has_mtp and not _is_static_zero(w) else 0
+
+
+def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=None, norms=None):
+    """The training objective and its parts.
 
     batch: `input_ids`, `targets`, `positions`, `segment_ids` [B, L] int32; a target < 0 is not scored;
     segment id 0 marks padding (no balance or indexer terms). mtp_weight: overrides loss_cfg.mtp_weight,
     may be a traced scalar (a schedule without recompiling); MTP runs unless the weight is a static 0.
+    norms: the denominators (`normalizers`) of the whole optimizer step when `batch` is one of its
+    microbatches; default: this batch's own.
 
     loss = lm + w_mtp * mtp + balance_weight * balance + z_loss * z (+ indexer_loss_weight * indexer_kl in
     "sparse_adapt"); in "warmup" loss = indexer_loss_weight * indexer_kl only (the rest is reported).
+    Every term is a sum over tokens (rows, queries) divided by its normaliser, so the loss of a batch is the
+    sum of its microbatches' losses.
     aux = {"tokens", "expert_load": [main MoE layers (+1: the MTP layer's, summed over depths, when MTP
     ran), E] int32, "metrics": {"lm", "mtp", "balance", "z", "indexer_kl"} float32 scalars}.
     """
     model = nnx.merge(graphdef, params, rest)
-    cfg = model.cfg
     w_mtp = loss_cfg.mtp_weight if mtp_weight is None else mtp_weight
-    depths = cfg.mtp_depths if model.mtp is not None and not _is_static_zero(w_mtp) else 0
+    depths = mtp_depths(model.cfg, loss_cfg, mtp_weight)
+    norms = normalizers(batch, depths) if norms is None else norms
     ids, targets, segments = batch["input_ids"], batch["targets"], batch["segment_ids"]
     out = model(ids, batch["positions"], segments, mtp_depths=depths, dsa_mode=loss_cfg.dsa)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
 
     ce, zz, count = _token_terms(out.logits, targets, targets >= 0)
-    lm = ce / jnp.maximum(count, 1)
-    z = zz / jnp.maximum(count, 1)
+    lm = ce / norms["tokens"]
+    z = zz / norms["tokens"]
     stats = [out.stats] + ([out.mtp_stats] if depths else [])
 
     mtp = jnp.float32(0.0)
     if depths:
         mtp_t = mtp_targets(targets, segments, depths)
-        per_depth = [_token_terms(out.mtp_logits[k], mtp_t[k], mtp_t[k] >= 0) for k in range(depths)]
-        mtp = sum(c / jnp.maximum(n, 1) for c, _, n in per_depth) / depths
+        per_depth = [_token_terms(out.mtp_logits[k], mtp_t[k], mtp_t[k] >= 0)[0] for k in range(depths)]
+        mtp = sum(c / norms["mtp"][k] for k, c in enumerate(per_depth)) / depths
 
-    real = segments > 0
-    rows = jnp.maximum(jnp.sum(jnp.any(real, axis=1)), 1)
     balances = [s.balance for s in stats if s.balance is not None]
     balance = jnp.float32(0.0)
     if balances:  # mean over sequences (rows) and MoE layer applications (MTP: one per depth)
-        balance = sum(jnp.sum(b) for b in balances) / (rows * sum(b.shape[0] for b in balances))
+        balance = sum(jnp.sum(b) for b in balances) / (norms["rows"] * sum(b.shape[0] for b in balances))
     kls = [s.indexer_kl for s in stats if s.indexer_kl is not None]
     kl = jnp.float32(0.0)
     if kls:  # mean over real queries and indexer-layer applications (MTP: one per depth)
-        kl = sum(jnp.sum(k) for k in kls) / (jnp.maximum(jnp.sum(real), 1) * sum(k.shape[0] for k in kls))
+        kl = sum(jnp.sum(k) for k in kls) / (norms["real"] * sum(k.shape[0] for k in kls))
 
     if loss_cfg.dsa == "warmup":
         loss = loss_cfg.indexer_loss_weight * kl

@@ -47,9 +47,12 @@ class MetricsLog:
 
     def __init__(self, run_dir: str, resume_step: int, tensorboard: bool, progress: bool, total_steps: int):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.eval_path = os.path.join(run_dir, "eval.jsonl")
         os.makedirs(run_dir, exist_ok=True)
-        self._truncate(resume_step)
+        for path in (self.path, self.eval_path):
+            _truncate(path, resume_step)
         self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run, closed in close()
+        self.eval_file = open(self.eval_path, "a", buffering=1)  # noqa: SIM115
         self.tb = None
         if tensorboard:
             try:
@@ -67,17 +70,6 @@ class MetricsLog:
             self.task = self.progress.add_task("train", total=total_steps, completed=resume_step, info="")
             self.progress.start()
 
-    def _truncate(self, step: int):
-        """Drop records after `step` (written after the checkpoint a resume starts from)."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
-
     def advance(self, step: int, stage: str, loss: float | None = None):
         if self.progress is not None:
             info = f"{stage}" + (f"  loss {loss:.4f}" if loss is not None else "")
@@ -92,6 +84,19 @@ class MetricsLog:
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
         self.line(format_record(record))
 
+    def write_eval(self, record: dict):
+        """An evaluation `{"step", "stage", "loss", "lm", "ppl", "tokens"}`: a line of `RUN_DIR/eval.jsonl` and
+        `eval/...` scalars in TensorBoard."""
+        row = {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}
+        self.eval_file.write(json.dumps(row) + "\n")
+        self.eval_file.flush()
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "stage") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"eval/{k}", v, record["step"])
+        self.line(f"step {record['step']:>6}  [{record['stage']}]  eval loss {record['loss']:.4f}  "
+                  f"lm {record['lm']:.4f}  ppl {record['ppl']:.2f}  ({record['tokens']:,} tokens)")
+
     def line(self, text: str):
         if self.progress is not None:
             self.progress.console.print(text)
@@ -104,6 +109,19 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
         self.file.close()
+        self.eval_file.close()
+
+
+def _truncate(path: str, step: int):
+    """Drop records after `step` (written after the checkpoint a resume starts from)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def format_record(r: dict) -> str:

@@ -41,6 +41,22 @@ class MetricsConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+    """Held-out evaluation: the same loss terms on data the run does not train on, no update."""
+
+    data: str | None = None  # data preset / YAML of a held-out source (its first stage's mixture is used);
+    # None: a deterministic split of the training sources by document hash (`holdout` of the documents)
+    holdout: float = 0.0  # fraction of the training documents held out (with data: null); 0: no eval
+    interval_steps: int | None = 100  # evaluate every N steps (None: only at stage ends)
+    at_stage_end: bool = True  # and at the last step of every stage
+    batches: int = 4  # microbatches of the current stage's shape per evaluation
+
+    @property
+    def enabled(self) -> bool:
+        return self.data is not None or self.holdout > 0
+
+
+@dataclasses.dataclass
 class StageRecipe:
     name: str = ""
     data_stage: str | None = None  # data stage it reads (default: the stage's own name)
@@ -49,6 +65,7 @@ class StageRecipe:
     trainable: str = "all"  # "all" or "indexer" (DSA warm-up: everything else frozen)
     losses: dict = dataclasses.field(default_factory=dict)  # overrides of the recipe's `losses` for this stage
     model_overrides: dict = dataclasses.field(default_factory=dict)  # model config settings for this stage
+    accumulate: int | str | None = None  # microbatches per step: N, or "auto"; None: the recipe's `accumulate`
 
 
 @dataclasses.dataclass
@@ -69,6 +86,10 @@ class Recipe:
     start_stage: str | None = None  # begin at this stage (from init_from, or from the run's checkpoint)
     max_steps: int | None = None  # stop (with a checkpoint) once this global step is reached
     max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before the run stops
+    accumulate: int | str = 1  # default microbatches per step of every stage: N, or "auto" (the fewest whose
+    # microbatch puts at most max_tokens_per_device tokens on a device)
+    max_tokens_per_device: int | None = None  # the budget `accumulate: auto` sizes microbatches by
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointPolicy = dataclasses.field(default_factory=CheckpointPolicy)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     stages: list[StageRecipe] = dataclasses.field(default_factory=list)
@@ -90,6 +111,8 @@ def _build(cls, values, prefix: str):
             kwargs["checkpoint"] = _build(CheckpointPolicy, kwargs["checkpoint"] or {}, "checkpoint.")
         if "metrics" in kwargs:
             kwargs["metrics"] = _build(MetricsConfig, kwargs["metrics"] or {}, "metrics.")
+        if "eval" in kwargs:
+            kwargs["eval"] = _build(EvalConfig, kwargs["eval"] or {}, "eval.")
         if "stages" in kwargs:
             stages = kwargs["stages"]
             if not isinstance(stages, list):
@@ -111,6 +134,13 @@ def _positive_int(key: str, v, allow_none: bool = False):
         return
     if not _is_int(v) or v < 1:
         raise ConfigError(f"{key}: must be a positive integer{' or null' if allow_none else ''}; got {v!r}")
+
+
+def _accumulate(key: str, v, allow_none: bool):
+    if v is None and allow_none or v == "auto":
+        return
+    if not _is_int(v) or v < 1:
+        raise ConfigError(f"{key}: must be a positive integer or auto{' or null' if allow_none else ''}; got {v!r}")
 
 
 def validate(r: Recipe) -> Recipe:
@@ -144,6 +174,19 @@ def validate(r: Recipe) -> Recipe:
             raise ConfigError(f"metrics.{key}: must be true or false; got {getattr(m, key)!r}")
     if m.peak_flops is not None and (not _is_number(m.peak_flops) or m.peak_flops <= 0):
         raise ConfigError(f"metrics.peak_flops: must be a positive number or null; got {m.peak_flops!r}")
+    _accumulate("accumulate", r.accumulate, allow_none=False)
+    _positive_int("max_tokens_per_device", r.max_tokens_per_device, allow_none=True)
+    e = r.eval
+    if e.data is not None and not isinstance(e.data, str):
+        raise ConfigError(f"eval.data: must be a data preset / YAML file or null; got {e.data!r}")
+    if not _is_number(e.holdout) or not 0 <= e.holdout < 1:
+        raise ConfigError(f"eval.holdout: must be a fraction in [0, 1); got {e.holdout!r}")
+    if e.data is not None and e.holdout:
+        raise ConfigError("eval.holdout: set either eval.data (a held-out source) or eval.holdout, not both")
+    _positive_int("eval.interval_steps", e.interval_steps, allow_none=True)
+    _positive_int("eval.batches", e.batches)
+    if not isinstance(e.at_stage_end, bool):
+        raise ConfigError(f"eval.at_stage_end: must be true or false; got {e.at_stage_end!r}")
     if not r.stages:
         raise ConfigError("stages: a recipe needs at least one stage")
     names = set()
@@ -155,6 +198,10 @@ def validate(r: Recipe) -> Recipe:
             raise ConfigError(f"{key}.name: stage {s.name!r} appears twice")
         names.add(s.name)
         _positive_int(f"{key}.steps", s.steps, allow_none=True)
+        _accumulate(f"{key}.accumulate", s.accumulate, allow_none=True)
+        if (s.accumulate or r.accumulate) == "auto" and r.max_tokens_per_device is None:
+            raise ConfigError(f"{key}.accumulate: auto needs max_tokens_per_device (the per-device budget of "
+                              "a microbatch, in tokens)")
         if s.trainable not in TRAINABLE:
             raise ConfigError(f"{key}.trainable: must be one of {', '.join(TRAINABLE)}; got {s.trainable!r}")
         for sub in ("schedule", "losses", "model_overrides"):

@@ -1,0 +1,190 @@
+"""Training checkpoints: when to save, restore-or-init, and sharded asynchronous Orbax saves of everything a
+resume needs.
+
+One `ocp.CheckpointManager` directory (`RUN_DIR/checkpoints`); each step holds the items
+
+| item | content |
+|---|---|
+| `params` | every model variable (parameters and router bias buffers) as a nested dict of dotted names, the layout of `glm5_jax.checkpoint` (so `glm5 convert orbax-to-hf`, `glm5 forward` and `load_model` read it) |
+| `config` | the model config as JSON (of the step's stage: RoPE as trained) |
+| `opt_state` | the optimizer state (sharded like the parameters) |
+| `train` | JSON: step, stage, RNG key, non-finite counters, tokens seen |
+| `data` | the Grain data iterator state (one file per process) |
+| `recipe` | the resolved recipe as JSON |
+
+Restores take targets with the *current* layout's shardings, so a run saved on one mesh goes on on another.
+A latest step that cannot be read (never committed, missing files, an unreadable array or config) is skipped
+with a warning, moved aside to `RUN_DIR/checkpoints-bad/`, and the newest readable committed step is used; when
+no step reads, nothing is moved and `CheckpointReadError` names the newest step's problem.
+
+The save policy (`SavePolicy`): every `interval_steps` steps, every `interval_seconds` seconds, at the last
+step of every stage, on SIGTERM (`watch_sigterm`) and when the run ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+
+import orbax.checkpoint as ocp
+
+from glm5_jax.checkpoint.naming import nest, unnest
+from glm5_jax.checkpoint.store import CheckpointError, CheckpointReader
+
+log = logging.getLogger("glm5.train")
+
+ITEMS = ("params", "config", "opt_state", "train", "data", "recipe")
+
+
+class CheckpointReadError(CheckpointError):
+    """No step of a run's checkpoint directory could be restored."""
+
+
+class CheckpointManager:
+    """A run's checkpoints and its save policy (`policy`: interval_steps, interval_seconds, max_to_keep,
+    async_save, save_at_stage_end, save_on_exit: the recipe's `checkpoint` section)."""
+
+    def __init__(self, directory: str, policy):
+        self.directory = os.path.abspath(directory)
+        self.policy = policy
+        self.mngr = self._open()
+        self.last_saved: int | None = None
+        self._saved_at = time.monotonic()
+        self.sigterm = False
+
+    def _open(self) -> ocp.CheckpointManager:
+        options = ocp.CheckpointManagerOptions(max_to_keep=self.policy.max_to_keep, create=True,
+                                               enable_async_checkpointing=self.policy.async_save,
+                                               cleanup_tmp_directories=True)
+        return ocp.CheckpointManager(self.directory, options=options)
+
+    # -- when to save ---------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def watch_sigterm(self):
+        """While inside, SIGTERM sets `self.sigterm` (the loop saves and stops after its current step); a
+        second SIGTERM stops at once (KeyboardInterrupt), whatever the process is waiting on."""
+        def handler(signum, frame):
+            if self.sigterm:
+                raise KeyboardInterrupt("second SIGTERM")
+            self.sigterm = True
+        try:
+            previous = signal.signal(signal.SIGTERM, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = None
+        try:
+            yield self
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def due(self, step: int, stage_end: bool) -> bool:
+        """Whether the policy saves after `step` (SIGTERM and the run's end are the loop's to handle)."""
+        p = self.policy
+        return ((p.interval_steps is not None and step % p.interval_steps == 0)
+                or (p.interval_seconds is not None and time.monotonic() - self._saved_at >= p.interval_seconds)
+                or (p.save_at_stage_end and stage_end))
+
+    # -- save -------------------------------------------------------------------------------------------
+
+    def save(self, step: int, *, variables: dict, opt_state, train: dict, data_args, model_config: dict,
+             recipe: dict):
+        """Save step `step` (`variables`: {dotted name: array}); asynchronous unless the policy says not."""
+        self.mngr.save(step, args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(nest(variables)), opt_state=ocp.args.PyTreeSave(opt_state),
+            train=ocp.args.JsonSave(train), data=data_args, config=ocp.args.JsonSave(model_config),
+            recipe=ocp.args.JsonSave(recipe)), force=True)
+        if not self.policy.async_save:
+            self.mngr.wait_until_finished()
+        self.last_saved, self._saved_at = step, time.monotonic()
+
+    def close(self):
+        self.mngr.wait_until_finished()
+        self.mngr.close()
+
+    # -- restore ----------------------------------------------------------------------------------------
+
+    def committed_steps(self) -> list[int]:
+        steps = ocp.utils.checkpoint_steps(self.directory) if os.path.isdir(self.directory) else []
+        return sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(self.directory, str(s))))
+
+    def restore_or_init(self, variables: dict, opt_state, data_args_factory, init, init_from: str | None = None,
+                        warn=log.warning):
+        """(step, variables, opt_state, train dict) of the newest readable step; with none, `init()`'s
+        (variables, opt_state) at step None (from `init_from`'s model variables when given, optimizer fresh).
+
+        variables / opt_state: targets (ShapeDtypeStructs with this run's shardings); `data_args_factory()`:
+        fresh Grain restore args (they restore into the iterator in place); `init(variables or None)`: the
+        optimizer state (and, without `init_from`, freshly initialised variables) as `(variables, opt_state)`.
+        """
+        restored = self._restore_latest(nest(variables), opt_state, data_args_factory, warn)
+        if restored is not None:
+            step, params, opt, train = restored
+            self.last_saved = step
+            return step, unnest(params), opt, train
+        loaded = load_variables(init_from, variables) if init_from else None
+        params, opt = init(loaded)
+        return None, params, opt, {}
+
+    def _restore_latest(self, params_target, opt_target, data_args_factory, warn):
+        failures = []
+        for step in reversed(self.committed_steps()):
+            missing = [i for i in ITEMS if not os.path.isdir(os.path.join(self.directory, str(step), i))]
+            try:
+                if missing:
+                    raise ValueError(f"items missing: {', '.join(missing)}")
+                out = self.mngr.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.PyTreeRestore(params_target, restore_args=_restore_args(params_target)),
+                    opt_state=ocp.args.PyTreeRestore(opt_target, restore_args=_restore_args(opt_target)),
+                    train=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(), data=data_args_factory()))
+            except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
+                failures.append((step, _reason(e)))
+                continue
+            for bad, reason in failures:
+                self._set_aside(bad, f"unreadable ({reason})", step, warn)
+            return step, out["params"], out["opt_state"], dict(out["train"])
+        if failures:
+            step, reason = failures[0]
+            raise CheckpointReadError(f"{self.directory}: no checkpoint step could be restored (nothing was "
+                                      f"moved); newest step {step}: {reason}")
+        return None
+
+    def _set_aside(self, step: int, reason: str, using: int, warn):
+        src = os.path.join(self.directory, str(step))
+        dst = os.path.join(os.path.dirname(self.directory), "checkpoints-bad", f"{step}-{int(time.time())}")
+        warn(f"checkpoint step {step} in {self.directory} is {reason}; moved to {dst}; "
+             f"resuming from the previous committed step {using}")
+        self.mngr.close()
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if os.path.exists(src):
+            shutil.move(src, dst)
+        self.mngr = self._open()
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else e.__class__.__name__
+
+
+def _restore_args(target):
+    return ocp.checkpoint_utils.construct_restore_args(target)
+
+
+def load_variables(directory: str, abstract: dict) -> dict:
+    """Every variable of a model checkpoint (a converted HF model or another run's training checkpoint)
+    restored straight into `abstract`'s shardings ({dotted name: ShapeDtypeStruct})."""
+    from glm5_jax.config import ConfigError
+
+    reader = CheckpointReader(directory)
+    missing = sorted(set(abstract) - set(reader.names))
+    if missing:
+        raise ConfigError(f"init_from: {reader.directory} lacks variables this model needs, e.g. {missing[0]}")
+    target = nest(abstract)
+    with ocp.CheckpointManager(reader.directory, item_handlers={"params": ocp.PyTreeCheckpointHandler()}) as mngr:
+        restored = mngr.restore(reader.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            target, restore_args=_restore_args(target))))["params"]
+    return unnest(restored)

@@ -1,0 +1,153 @@
+"""A recipe resolved into what each stage runs, validated against the layout once, before anything is traced.
+
+`resolve(recipe, devices)` loads the model, layout and data configs the recipe names (applying its
+overrides as data), chooses every stage's gradient accumulation, builds the data schedule with it, and
+checks each stage's batch against the layout: rows per microbatch over batch shards x pipeline microbatches,
+sequence over context shards. Every problem is one `ConfigError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+from glm5_jax import config as config_lib
+from glm5_jax import optim
+from glm5_jax.checkpoint.store import CheckpointReader
+from glm5_jax.config import ConfigError
+from glm5_jax.data import config as data_config
+from glm5_jax.sharding.context import Parallelism
+from glm5_jax.sharding.layout import load_layout
+from glm5_jax.train import losses
+from glm5_jax.train.recipe import SCHEDULE_KEYS, Recipe
+from glm5_jax.train.step import StepConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings:
+    """What one recipe stage runs: its data stage, its train step's settings, its learning-rate schedule."""
+
+    index: int
+    name: str
+    data: object  # glm5_jax.data.stages.Stage: steps, rows, microbatches, ramp
+    step: StepConfig  # model config (the stage's RoPE), loss config, microbatch shape, trainable set
+    opt_cfg: optim.OptimizerConfig  # the stage's schedule settings
+    schedule: optax.Schedule  # learning rate at the stage-relative step
+    bias_rate: float  # router-bias update rate of the stage
+
+    def describe(self) -> str:
+        d = self.data
+        ramp = f" (ramp from {d.ramp.accumulation_steps(0)})" if d.ramp is not None else ""
+        return (f"stage {self.name}: steps {d.start_step}..{d.end_step - 1}, {d.global_batch} x {d.seq_len} "
+                f"tokens per step as {d.accumulate}{ramp} microbatches of {d.micro_rows} rows, trainable "
+                f"{self.step.trainable}, lr {self.opt_cfg.schedule} {self.opt_cfg.learning_rate:g}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    recipe: Recipe
+    model_cfg: config_lib.ModelConfig  # the model before any stage's changes (the initialisation's)
+    data_cfg: object
+    par: Parallelism
+    opt_base: optim.OptimizerConfig  # the optimizer at learning rate 1 (each step scales its update)
+    stages: list[StageSettings]
+
+    def stage_at(self, step: int) -> StageSettings:
+        for s in self.stages:
+            if step < s.data.end_step:
+                return s
+        return self.stages[-1]
+
+    @property
+    def total_steps(self) -> int:
+        return self.stages[-1].data.end_step
+
+
+def _keyed(key: str, fn, *args):
+    try:
+        return fn(*args)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def base_model(recipe: Recipe) -> config_lib.ModelConfig:
+    if recipe.init_from:
+        cfg = CheckpointReader(recipe.init_from).config
+        return config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), recipe.model_overrides))
+    return config_lib.load(recipe.model, recipe.model_overrides)
+
+
+def layout_of(recipe: Recipe, devices=None) -> Parallelism:
+    layout = _keyed("layout", load_layout, recipe.layout, recipe.layout_overrides)
+    devices = jax.devices() if devices is None else devices
+    if recipe.devices is not None:
+        if recipe.devices > len(devices):
+            raise ConfigError(f"devices: {recipe.devices} requested but only {len(devices)} are available")
+        devices = devices[:recipe.devices]
+    try:
+        return Parallelism.create(layout, devices)
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"layout: {e}") from None
+
+
+def choose_accumulation(key: str, want, rows: int, seq_len: int, par: Parallelism, budget: int | None) -> int:
+    """Microbatches per step: `want` checked, or for "auto" the fewest whose microbatch fits `budget`."""
+    shards, micro, context = par.axis_size("batch"), par.config.microbatches, par.axis_size("length")
+    if seq_len % context:
+        raise ConfigError(f"{key}: seq_len {seq_len} does not split into {context} context shards")
+    unit = shards * micro
+    fits = lambda n: rows % n == 0 and (rows // n) % unit == 0
+    if want == "auto":
+        for n in range(1, rows + 1):
+            if fits(n) and (rows // n) * seq_len // (shards * context) <= budget:
+                return n
+        raise ConfigError(f"{key}.accumulate: auto: no split of {rows} rows of {seq_len} into microbatches of a "
+                          f"multiple of {unit} rows ({shards} batch shards x {micro} pipeline microbatches) puts "
+                          f"at most max_tokens_per_device={budget} tokens on a device")
+    if not fits(want):
+        raise ConfigError(f"{key}: {rows} rows per step as {want} microbatches do not split into {shards} batch "
+                          f"shards x {micro} pipeline microbatches")
+    return want
+
+
+def resolve(recipe: Recipe, devices=None) -> Run:
+    model_cfg = base_model(recipe)
+    par = layout_of(recipe, devices)
+    dcfg = data_config.load(recipe.data, recipe.data_overrides)
+    by_name = {s.name: s for s in dcfg.stages}
+    stages, accumulate = [], {}
+    for i, st in enumerate(recipe.stages):
+        name = st.data_stage or st.name
+        if name not in by_name:
+            raise ConfigError(f"stages.{i}.data_stage: data config {recipe.data!r} has no stage {name!r}; "
+                              f"its stages: {', '.join(by_name)}")
+        ds = by_name[name]
+        tokens = ds.tokens if st.steps is None else st.steps * ds.tokens_per_step
+        if st.steps is not None and ds.batch_ramp is not None:
+            raise ConfigError(f"stages.{i}.steps: data stage {name!r} has a batch_ramp; its token budget sets "
+                              "the steps")
+        stages.append(dataclasses.replace(ds, name=st.name, tokens=tokens))
+        want = st.accumulate if st.accumulate is not None else recipe.accumulate
+        accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, par,
+                                                  recipe.max_tokens_per_device)
+    dcfg = dataclasses.replace(dcfg, stages=stages)
+    from glm5_jax.data.stages import Schedule
+
+    schedule = Schedule(dcfg.stages, jax.process_count(), accumulate)
+    base = {k: v for k, v in recipe.optimizer.items() if k not in SCHEDULE_KEYS}
+    opt_base = _keyed("optimizer", optim.from_dict, {**base, "learning_rate": 1.0, "schedule": "constant",
+                                                     "warmup_steps": 0})
+    settings = []
+    for i, (st, ds) in enumerate(zip(recipe.stages, schedule.stages, strict=True)):
+        key = f"stages.{i}"
+        opt_cfg = _keyed(f"{key}.schedule", optim.from_dict,
+                         {"total_steps": ds.steps, **recipe.optimizer, **st.schedule})
+        over = {**ds.model_overrides(), **st.model_overrides}
+        cfg = _keyed(f"{key}.model_overrides", config_lib.from_dict, {**model_cfg.to_dict(), **over})
+        loss_cfg = _keyed(f"{key}.losses", losses.loss_config_from_dict, {**recipe.losses, **st.losses})
+        step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable)
+        settings.append(StageSettings(i, st.name, ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
+                                      float(loss_cfg.bias_update_rate)))
+    return Run(recipe, model_cfg, dcfg, par, opt_base, settings)
