@@ -114,15 +114,17 @@ def _plan(args):
                 "--device-memory", args.device_memory]
         argv += ["--layout", args.layout] if args.layout else []
         argv += ["--global-batch", str(args.global_batch)] if args.global_batch else []
+        argv += ["--accumulate", str(args.accumulate)]
         for flag, values in (("--override", args.override), ("--layout-override", args.layout_override),
-                             ("--opt", args.opt)):
+                             ("--opt", args.opt), ("--loss", args.loss)):
             argv += [a for v in values for a in (flag, v)]
         code = plan.reexec_with_devices(args.devices, argv)
         if code:
             sys.exit(code)
         return
     result = plan.run(args.config, args.override, args.layout, args.layout_override, args.devices, args.seq_len,
-                      args.global_batch, args.device_memory, args.opt)
+                      args.global_batch, args.device_memory, args.opt, accumulate=args.accumulate,
+                      loss_overrides=args.loss)
     plan.print_report(result)
 
 
@@ -133,11 +135,14 @@ def _add_plan_parser(sub):
     pl.add_argument("--devices", type=int, default=8, help="simulated CPU devices (default 8)")
     pl.add_argument("--seq-len", type=int, default=4096, help="tokens per sequence (default 4096)")
     pl.add_argument("--global-batch", type=int, default=None,
-                    help="sequences per step (default: one per batch shard and microbatch)")
+                    help="sequences per step (default: one per batch shard and pipeline microbatch, x --accumulate)")
+    pl.add_argument("--accumulate", type=int, default=1,
+                    help="microbatches per step (gradient accumulation), as a recipe stage's `accumulate`")
     pl.add_argument("--device-memory", default="80GB", help="memory of one accelerator, e.g. 80GB, 96GiB")
     _key_values(pl, "--override", "model config override, e.g. num_hidden_layers=6 (repeatable)")
     _key_values(pl, "--layout-override", "layout override, e.g. mesh.tensor=8 (repeatable)")
     _key_values(pl, "--opt", "optimizer config setting (default: GLM-5's Muon-Split) (repeatable)")
+    _key_values(pl, "--loss", "loss setting, e.g. mtp_weight=0 (default: the GLM-5 losses) (repeatable)")
     pl.set_defaults(run=_plan)
 
 
@@ -163,6 +168,22 @@ def _train(args):
         sys.exit(3)
 
 
+def _eval(args):
+    from glm5_jax.data.errors import DataError
+    from glm5_jax.train.evaluate import evaluate_checkpoint
+
+    if args.batches < 1:
+        raise ConfigError(f"--batches: must be a positive integer; got {args.batches}")
+    try:
+        r = evaluate_checkpoint(args.checkpoint, args.data, args.stage, args.batches, args.step, args.layout,
+                                args.data_override)
+    except DataError as e:
+        raise InputError(str(e)) from None
+    print(f"{r['checkpoint']} step {r['step']} on {args.data} stage {r['stage']} ({r['batches']} x {r['rows']} rows "
+          f"x {r['seq_len']} tokens, {r['tokens']:,} scored): loss {r['loss']:.4f}, LM loss {r['lm']:.4f}, "
+          f"perplexity {r['ppl']:.2f}")
+
+
 def _plot(args):
     from glm5_jax.train.plot import plot
 
@@ -177,6 +198,16 @@ def _add_train_parsers(sub):
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="recipe overrides, e.g. max_steps=40 stages.0.steps=100 optimizer.weight_decay=0.1")
     tr.set_defaults(run=_train)
+    ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data config's stage")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's checkpoints/ or a converted "
+                    "HF model)")
+    ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    ev.add_argument("--data", required=True, help="data preset name or YAML file")
+    ev.add_argument("--stage", default=None, help="data stage (default: the first): its seq_len and rows per step")
+    ev.add_argument("--batches", type=int, default=8, help="batches (steps' worth of rows) to evaluate (default 8)")
+    ev.add_argument("--layout", default=None, help="layout preset or YAML file (default: all devices on data)")
+    _key_values(ev, "--data-override", "data config override, e.g. stages.0.seq_len=256 (repeatable)")
+    ev.set_defaults(run=_eval)
     pl = sub.add_parser("plot", help="draw a run's loss and throughput curves (RUN_DIR/metrics.jsonl) to a PNG")
     pl.add_argument("run_dir", help="the run directory (recipe run_dir)")
     pl.add_argument("--out", default=None, help="PNG to write (default RUN_DIR/curves.png)")

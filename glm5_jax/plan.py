@@ -81,26 +81,21 @@ def reexec_with_devices(n: int, argv: list[str]) -> int:
 
 @dataclasses.dataclass
 class PlanInputs:
-    """Everything the step is lowered with: ShapeDtypeStructs (with shardings), no device memory."""
+    """The train step (`glm5_jax.train.step.TrainStep`, the program `glm5 train` runs) and its arguments as
+    ShapeDtypeStructs with shardings: no device memory."""
 
     cfg: object
     par: object
-    state: object  # ModelState of ShapeDtypeStructs (graphdef, params, rest)
-    tx: object
+    step: object  # TrainStep
     params: object
     rest: object
     opt_state: object
-    opt_shardings: object
     batch: dict
-    batch_sharding: dict
     routes: dict
 
-
-def _with_shardings(tree, shardings):
-    """ShapeDtypeStructs of `tree` (abstract arrays, possibly inside nnx Variables) with `shardings` (same tree)."""
-    import jax
-
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    @property
+    def args(self) -> tuple:
+        return self.step.abstract_args()
 
 
 def batch_shards(par) -> int:
@@ -108,40 +103,30 @@ def batch_shards(par) -> int:
     return par.axis_size("batch")
 
 
-def abstract_inputs(cfg, par, global_batch: int, seq_len: int, opt_cfg) -> PlanInputs:
-    """The train step's arguments as sharded ShapeDtypeStructs, and the optimizer (GLM-5 defaults)."""
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec
-
+def abstract_inputs(cfg, par, global_batch: int, seq_len: int, opt_cfg, loss_cfg=None, accumulate: int = 1,
+                    trainable: str = "all") -> PlanInputs:
+    """The train step of `global_batch` rows of `seq_len` as `accumulate` microbatches, and its arguments."""
     from glm5_jax import optim
+    from glm5_jax.train import losses
     from glm5_jax.train import step as S
 
+    loss_cfg = losses.LossConfig() if loss_cfg is None else loss_cfg
     state = S.abstract_state(cfg)
-    param_sh, rest_sh = S.state_shardings(state.params, par), S.state_shardings(state.rest, par)
-    params, rest = _with_shardings(state.params, param_sh), _with_shardings(state.rest, rest_sh)
     tx = optim.make_optimizer(opt_cfg, cfg, state.params)
-    opt_abstract = jax.eval_shape(tx.init, state.params)
-    opt_shardings = optim.state_shardings(opt_abstract, param_sh, NamedSharding(par.mesh, PartitionSpec()))
-    opt_state = _with_shardings(opt_abstract, opt_shardings)
-    shape = (global_batch, seq_len)
-    batch_sharding = {k: par.sharding(S.BATCH_AXES, shape) for k in ("input_ids", "targets", "positions",
-                                                                      "segment_ids")}
-    batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=s) for k, s in batch_sharding.items()}
+    spec = S.StepConfig(cfg, loss_cfg, global_batch // accumulate, seq_len, accumulate, trainable)
+    step = S.TrainStep(spec, tx, par, state)
+    params, rest, opt_state, batch, *_ = step.abstract_args()
     routes = optim.param_routes(state.params, cfg, opt_cfg)
-    return PlanInputs(cfg, par, state, tx, params, rest, opt_state, opt_shardings, batch, batch_sharding, routes)
+    return PlanInputs(cfg, par, step, params, rest, opt_state, batch, routes)
 
 
-def check_batch(par, global_batch: int, seq_len: int):
-    """The batch must split evenly over the batch shards (and pipeline microbatches), the sequence over
-    the context shards: otherwise the rules would silently replicate it."""
-    shards, micro = batch_shards(par), par.config.microbatches
-    if global_batch % (shards * micro):
-        raise ConfigError(f"--global-batch: {global_batch} sequences do not split into {shards} batch shards x "
-                          f"{micro} microbatches; use a multiple of {shards * micro}")
-    context = par.axis_size("length")
-    if seq_len % context:
-        raise ConfigError(f"--seq-len: {seq_len} does not split into {context} context shards")
+def check_batch(par, global_batch: int, seq_len: int, accumulate: int = 1):
+    """The step's rows must split into `accumulate` microbatches that split evenly over the batch shards
+    (and pipeline microbatches), the sequence over the context shards: otherwise the rules would silently
+    replicate it. (The trainer's own check, `glm5_jax.train.setup.choose_accumulation`.)"""
+    from glm5_jax.train.setup import choose_accumulation
+
+    choose_accumulation("--global-batch", accumulate, global_batch, seq_len, par, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,12 +141,9 @@ class Compiled:
 
 
 def compile_step(inputs: PlanInputs) -> Compiled:
-    """Lower and compile the jitted train step (params and optimizer state donated) for the abstract inputs."""
-    from glm5_jax.train.step import TrainStep
-
-    step = TrainStep(inputs.state, inputs.tx, inputs.par, inputs.opt_shardings, inputs.batch_sharding)
+    """Lower and compile the train step (params, router bias and optimizer state donated)."""
     t0 = time.perf_counter()
-    lowered = step.lower(inputs.params, inputs.rest, inputs.opt_state, inputs.batch)
+    lowered = inputs.step.lower()
     t1 = time.perf_counter()
     compiled = lowered.compile()
     return Compiled(compiled, t1 - t0, time.perf_counter() - t1)
@@ -300,7 +282,8 @@ def shard_counts(params) -> dict[str, int]:
     return out
 
 
-def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params=None) -> list[Flops]:
+def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params=None, mtp_depths: int = 0,
+                   accumulate: int = 1) -> list[Flops]:
     """Per-component FLOPs of one train step, counting matrix multiplies (2 FLOPs per multiply-add).
 
     T = batch * seq tokens. A weight W applied to every token costs 2|W|T forward and 4|W|T backward
@@ -314,7 +297,11 @@ def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params
     - indexer (sparse path, 'full' layers; forward only: its output is integer top-k indices, so no
       gradient flows back through it): 2T(ql Hi Di + D Di + D Hi) + 2 Tq L Hi (Di + 1)
     - dense FFN: 6T * 3 D I;  MoE: router 6T D E, routed experts 6T k 3 D F, shared expert 6T 3 D Fs
-    - output head: 6T D V. The embedding is a gather (0). MTP is not in the training loss (0).
+    - output head: 6T D V. The embedding is a gather (0).
+    - MTP (`mtp_depths` > 0), per depth: eh_proj 6T 2D D, one MoE decoder layer (its attention, indexer,
+      router and experts as above) and the output head again.
+    `accumulate` microbatches run in a loop whose body a cost analysis counts once: every model part's
+    `loops` grows by that factor.
     - Muon Newton-Schulz (per matrix m x n, m <= n, per iteration): 4 m^2 n + 2 m^3
     - rematerialisation (hardware, not model FLOPs): the forward work the policy recomputes in backward
       (`full`: every layer's forward; `save_dots_no_batch`: the batched einsums of the attention core,
@@ -344,7 +331,7 @@ def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params
     split = work_split(par, params) if params is not None else par.mesh.size
 
     def part(name, formula, flops, loops=1):  # a model component, divided like the model's work
-        return Flops(name, formula, flops, flops / split, loops)
+        return Flops(name, formula, flops, flops / split, loops * accumulate)
 
     out = [
         part("attention projections", "6T(D ql + ql H(dn+dr) + D(C+dr) + C H(dn+dv) + H dv D) x layers",
@@ -369,6 +356,13 @@ def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params
                      moe_scan * tiles),
                 part("MoE shared expert", "6T 3 D Fs x MoE layers", 6 * T * 3 * D * Fs * n_moe, moe_scan)]
     out.append(part("output head", "6T D V", 6 * T * D * V))
+    if mtp_depths:
+        k, Fe, E, Fs = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts, \
+            cfg.shared_intermediate_size
+        layer = 6 * T * (w_attn + 2 * D * D + D * E + 3 * D * (k * Fe + Fs) + D * V) + core + \
+            ((idx_proj + idx_scores) if sparse else 0)
+        out.append(part("MTP", "depths x (6T(attn + 2D D + D E + 3D(k F + Fs) + D V) + core (+ indexer))",
+                        mtp_depths * layer, mtp_depths * blocks))
     shards = shard_counts(params) if params is not None else {}
     ns = newton_schulz_flops(routes, opt_cfg)
     if ns:
@@ -379,7 +373,8 @@ def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params
     remat = remat_flops(cfg, core, idx_proj, idx_scores, sparse, T, w_attn, n_all, n_moe, n_idx)
     if remat:
         out.append(Flops(f"remat recompute ({cfg.remat_policy})", "forward work the policy recomputes", remat,
-                         remat / split, scan * (blocks if cfg.remat_policy != "full" else 1), model=False))
+                         remat / split, scan * (blocks if cfg.remat_policy != "full" else 1) * accumulate,
+                         model=False))
     return out
 
 
@@ -462,28 +457,32 @@ class PlanResult:
 
 def run(model: str, overrides=(), layout: str | None = None, layout_overrides=(), devices: int | None = None,
         seq_len: int = 4096, global_batch: int | None = None, device_memory: str = "80GB", opt_overrides=(),
-        device_list=None) -> PlanResult:
+        device_list=None, accumulate: int = 1, loss_overrides=()) -> PlanResult:
     """Plan one train step: load configs, build abstract inputs, compile, measure. Devices must exist."""
     import jax
 
     from glm5_jax import config, optim
     from glm5_jax.sharding.context import Parallelism
     from glm5_jax.sharding.layout import load_layout
+    from glm5_jax.train import losses
 
     cfg = config.load(model, list(overrides))
     layout_cfg = load_layout(layout, list(layout_overrides))
     opt_cfg = optim.from_dict(config.apply_overrides({}, list(opt_overrides)))
+    loss_cfg = losses.loss_config_from_dict(config.apply_overrides({}, list(loss_overrides)), "--loss ")
     limit = parse_bytes(device_memory)
     device_list = list(device_list if device_list is not None else jax.devices("cpu")[:devices or None])
     par = Parallelism.create(layout_cfg, device_list)
     if global_batch is None:
-        global_batch = batch_shards(par) * layout_cfg.microbatches
-    if seq_len < 1 or global_batch < 1:
-        raise ConfigError(f"{'--seq-len' if seq_len < 1 else '--global-batch'}: must be a positive integer")
-    check_batch(par, global_batch, seq_len)
-    inputs = abstract_inputs(cfg, par, global_batch, seq_len, opt_cfg)
+        global_batch = batch_shards(par) * layout_cfg.microbatches * accumulate
+    if seq_len < 1 or global_batch < 1 or accumulate < 1:
+        raise ConfigError(f"{'--seq-len' if seq_len < 1 else '--global-batch' if global_batch < 1 else '--accumulate'}"
+                          ": must be a positive integer")
+    check_batch(par, global_batch, seq_len, accumulate)
+    inputs = abstract_inputs(cfg, par, global_batch, seq_len, opt_cfg, loss_cfg, accumulate)
     c = compile_step(inputs)
-    flops = analytic_flops(cfg, par, global_batch, seq_len, inputs.routes, opt_cfg, inputs.params)
+    flops = analytic_flops(cfg, par, global_batch, seq_len, inputs.routes, opt_cfg, inputs.params,
+                           mtp_depths=inputs.step.depths, accumulate=accumulate)
     return PlanResult(inputs, memory(inputs, c.compiled), flops, xla_flops(c.compiled), c.lower_s, c.compile_s,
                       peak_rss_bytes(), limit, seq_len, global_batch)
 

@@ -15,15 +15,17 @@ import pytest
 from flax import nnx
 
 from glm5_jax import config
+from glm5_jax.checkpoint import naming
 from glm5_jax.config import ConfigError
 from glm5_jax.model import GLM5
 from glm5_jax.model.mla import MLA
 from glm5_jax.model.moe import MoE, route
 from glm5_jax.model.rope import apply_rope, inverse_frequencies, rope_angles
-from glm5_jax.sharding.context import Parallelism, use
+from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import ParallelConfig
 from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
+from tests.step_util import loss_and_grads
 
 B, L = 4, 40
 ALL_ON = LS.LossConfig(z_loss=1e-3, mtp_weight=0.3, balance_weight=1e-2, dsa="sparse_adapt", indexer_loss_weight=0.5)
@@ -177,14 +179,21 @@ def test_default_path_equals_lm_loss(setup):
 
     def fn(params, rest, batch):
         loss, aux = LS.total_loss(params, rest, state.graphdef, batch, plain)
-        ref, ref_aux = S.lm_loss(params, rest, state.graphdef, batch)
-        return loss, aux, ref, ref_aux
+        out = nnx.merge(state.graphdef, params, rest)(batch["input_ids"], batch["positions"], batch["segment_ids"],
+                                                      mtp_depths=0)
+        return loss, aux, out.logits, out.expert_load
 
-    loss, aux, ref, ref_aux = compile0(fn, state.params, state.rest, batch)(state.params, state.rest, batch)
-    assert abs(float(loss) - float(ref)) <= 1e-6 * abs(float(ref))
+    loss, aux, logits, load = compile0(fn, state.params, state.rest, batch)(state.params, state.rest, batch)
+    # The reference: mean next-token cross-entropy over the scored targets, written out directly.
+    targets = np.asarray(batch["targets"])
+    logits = np.asarray(logits, np.float64)
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    picked = np.take_along_axis(logits, np.maximum(targets, 0)[..., None], -1)[..., 0]
+    ref = ((logz - picked) * (targets >= 0)).sum() / (targets >= 0).sum()
+    assert abs(float(loss) - ref) <= 1e-6 * abs(ref)
     assert float(aux["metrics"]["mtp"]) == 0 and float(aux["metrics"]["indexer_kl"]) == 0
-    np.testing.assert_array_equal(aux["expert_load"], ref_aux["expert_load"])  # no MTP row: MTP did not run
-    assert int(aux["tokens"]) == int(ref_aux["tokens"])
+    np.testing.assert_array_equal(aux["expert_load"], load)  # no MTP row: MTP did not run
+    assert int(aux["tokens"]) == int((targets >= 0).sum())
 
 
 def test_dsa_warmup_trains_only_the_indexer(setup):
@@ -324,17 +333,12 @@ def test_layout_matches_single_device(setup, sparse_adapt):
     _, state, batch = setup
     grads0, aux0, _ = sparse_adapt
     par = Parallelism.create(ParallelConfig(mesh={"expert": 2, "data": 2, "tensor": 2}))
-    placed = S.place(state, par)
-    sharded_batch = jax.device_put(batch, S.batch_shardings(batch, par))
-    fn = jax.value_and_grad(lambda p, r, b, w: LS.total_loss(p, r, state.graphdef, b, ALL_ON, w), has_aux=True)
-    w = jnp.float32(0.3)
-    with use(par):
-        (loss, aux), grads = compile0(fn, placed.params, placed.rest, sharded_batch, w)(
-            placed.params, placed.rest, sharded_batch, w)
+    (loss, aux), grads = loss_and_grads(state, batch, par, ALL_ON)  # the train step's loss, in the layout
+    reference = naming.flatten(grads0["loss"])
     errors = []
-    for (path, g), (_, g0) in zip(flat(grads), flat(grads0["loss"]), strict=True):
-        scale = np.linalg.norm(g0)
-        errors.append((np.linalg.norm(g - g0) / scale if scale else np.linalg.norm(g), jax.tree_util.keystr(path)))
+    for name, g0 in reference.items():
+        g, scale = grads[name], np.linalg.norm(g0)
+        errors.append((np.linalg.norm(g - g0) / scale if scale else np.linalg.norm(g), name))
     loss_err = abs(float(loss) - float(aux0["loss"])) / abs(float(aux0["loss"]))
     print(f"layout: loss rel err {loss_err:.2e}, max grad rel err {max(errors)[0]:.2e} ({max(errors)[1]})")
     assert loss_err < 1e-5

@@ -15,9 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from glm5_jax import config
 from glm5_jax.config import ConfigError
+from glm5_jax.data.stages import BatchRamp
 from glm5_jax.model import GLM5
 from glm5_jax.optim import (
-    BatchRamp,
     OptimizerConfig,
     from_dict,
     learning_rate_schedule,
@@ -90,7 +90,6 @@ def test_config_defaults_and_errors():
         ({"ns_coeffs": [1, 2]}, "optimizer.ns_coeffs: must be 3 numbers"),
         ({"split_heads": "yes"}, "optimizer.split_heads: must be true or false; got 'yes'"),
         ({"schedule": "wsd", "warmup_steps": 10, "decay_steps": 995}, "optimizer.warmup_steps: warm-up + decay_steps"),
-        ({"microbatch_tokens": 100, "batch_tokens_start": 50}, "optimizer.batch_tokens_start: must be >= micro"),
     ]:
         with pytest.raises(ConfigError) as e:
             from_dict(values)
@@ -320,9 +319,9 @@ def test_schedules_match_formulas():
 def test_batch_size_warmup():
     # GLM-5: 16M -> 64M tokens per step over the first 500B tokens, here with 4M-token microbatches.
     m = 4 * 2**20
-    ramp = BatchRamp.from_config(from_dict({"microbatch_tokens": m}))
+    ramp = BatchRamp(m, 16 * 2**20, 64 * 2**20, 500 * 10**9)
     counts = [n for _, n, _ in ramp.table]
-    assert counts == list(range(4, 17))  # 16M / 4M .. 64M / 4M, one row (and one compile) per count
+    assert counts == list(range(4, 17))  # 16M / 4M .. 64M / 4M, one row per count
     # Against a step-by-step simulation of the rule.
     step, consumed, checked = 0, 0, 0
     while consumed < 520 * 10**9:
@@ -335,6 +334,5 @@ def test_batch_size_warmup():
         consumed += n * m
         step += 1
     assert checked > 100 and ramp.accumulation_steps(10**9) == 16
-    assert BatchRamp.from_config(OptimizerConfig()) is None
     flat = BatchRamp(8, 16, 16, 100)
     assert flat.table == ((0, 2, 0),) and flat.tokens_before(5) == 80

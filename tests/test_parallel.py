@@ -21,7 +21,9 @@ from glm5_jax.sharding import expert
 from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.sharding.layout import ParallelConfig, load_layout
 from glm5_jax.sharding.mesh import resolve_sizes
+from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
+from tests.step_util import LM_ONLY, loss_and_grads
 
 B, L = 8, 40  # L > index_topk (16): the sparse attention path and the indexer run
 
@@ -38,7 +40,7 @@ def setup():
     targets = ids[:, 1:].copy()
     targets[:, 24] = -1  # no target across the document boundary
     batch = dict(input_ids=ids[:, :-1], targets=targets, positions=positions, segment_ids=segments)
-    (loss, aux), grads = S.loss_and_grads(state, batch)
+    (loss, aux), grads = loss_and_grads(state, batch)
     return state, batch, loss, aux, grads
 
 
@@ -51,7 +53,7 @@ def max_relative_error(got, want):
 def run_layout(setup, **layout):
     state, batch, *_ = setup
     par = Parallelism.create(ParallelConfig(**layout))
-    (loss, aux), grads = S.loss_and_grads(S.place(state, par), batch, par)
+    (loss, aux), grads = loss_and_grads(S.place(state, par), batch, par)
     return loss, aux, grads
 
 
@@ -154,6 +156,7 @@ from glm5_jax.model import GLM5
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import load_layout
 from glm5_jax.train import step as S
+from tests.step_util import loss_and_grads
 
 assert len(jax.devices()) == 16
 cfg = config.load("tiny", ["num_hidden_layers=5", "first_k_dense_replace=1"])
@@ -162,10 +165,10 @@ rng = np.random.default_rng(0)
 ids = rng.integers(2, cfg.vocab_size, (8, 41)).astype(np.int32)
 batch = dict(input_ids=ids[:, :-1], targets=ids[:, 1:], positions=np.tile(np.arange(40, dtype=np.int32), (8, 1)),
              segment_ids=np.ones((8, 40), np.int32))
-(loss0, aux0), grads0 = S.loss_and_grads(state, batch)
+(loss0, aux0), grads0 = loss_and_grads(state, batch)
 par = Parallelism.create(load_layout("pp2-ep2-tp2-dp2"))
 assert {a: n for a, n in par.mesh.shape.items() if n > 1} == dict(pipeline=2, data=2, expert=2, tensor=2)
-(loss, aux), grads = S.loss_and_grads(S.place(state, par), batch, par)
+(loss, aux), grads = loss_and_grads(S.place(state, par), batch, par)
 err = max(float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in
           zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True))
 assert abs(float(loss) - float(loss0)) <= 1e-5 * float(loss0), (loss, loss0)
@@ -193,4 +196,5 @@ def test_context_shards_must_divide_the_sequence():
     par = Parallelism.create(ParallelConfig(mesh=dict(context=8)))
     batch = {k: jax.ShapeDtypeStruct((8, 36), jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
     with use(par), pytest.raises(ConfigError, match=r"^mesh.context: sequence length 36 does not split into 8"):
-        jax.eval_shape(lambda p, r, b: S.lm_loss(p, r, state.graphdef, b), state.params, state.rest, batch)
+        jax.eval_shape(lambda p, r, b: LS.total_loss(p, r, state.graphdef, b, LM_ONLY), state.params, state.rest,
+                       batch)

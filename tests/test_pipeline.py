@@ -24,7 +24,9 @@ from glm5_jax.model.transformer import LayerGroup
 from glm5_jax.sharding import pipeline
 from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.sharding.layout import ParallelConfig
+from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
+from tests.step_util import LM_ONLY, compiled_loss_and_grads, loss_and_grads
 
 B, L = 8, 40  # L > index_topk (16): the indexer and the sparse attention run inside the stages
 
@@ -40,22 +42,12 @@ def _batch(cfg):
     return {"input_ids": ids[:, :-1], "targets": targets, "positions": positions, "segment_ids": segments}
 
 
-def _compiled(state, batch, par=None):
-    """The jitted loss-and-gradients program of `S.loss_and_grads`, compiled (in layout `par`)."""
-    grad = jax.value_and_grad(S.lm_loss, has_aux=True)
-    fn = jax.jit(lambda params, rest, batch: grad(params, rest, state.graphdef, batch))
-    if par is None:
-        return fn.lower(state.params, state.rest, batch).compile()
-    with use(par):
-        return fn.lower(state.params, state.rest, batch).compile()
-
-
 @pytest.fixture(scope="module")
 def setup():
     cfg = config.load("tiny", ["expert_matmul=tiled", "num_hidden_layers=5", "first_k_dense_replace=0"])
     state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
     batch = _batch(cfg)
-    (loss, aux), grads = _compiled(state, batch)(state.params, state.rest, batch)
+    (loss, aux), grads = loss_and_grads(state, batch)
     return cfg, state, batch, loss, aux, grads
 
 
@@ -79,8 +71,8 @@ def test_pipeline_matches_single_device(setup, layout):
     _, state, batch, loss0, aux0, grads0 = setup
     par = Parallelism.create(ParallelConfig(**layout))
     placed = S.place(state, par)
-    program = _compiled(placed, batch, par)
-    (loss, aux), grads = program(placed.params, placed.rest, batch)
+    program, args = compiled_loss_and_grads(placed, batch, par)
+    (loss, aux), grads = program(*args)
     assert abs(float(loss) - float(loss0)) <= 1e-5 * abs(float(loss0))
     assert max_relative_error(grads, grads0) < 1e-5
     np.testing.assert_array_equal(aux["expert_load"], aux0["expert_load"])  # fill/drain iterations count nothing
@@ -92,8 +84,7 @@ def test_pipeline_matches_single_device(setup, layout):
 
 def test_microbatch_errors_are_raised_before_compiling(setup):
     _, state, batch, *_ = setup
-    grad = jax.value_and_grad(S.lm_loss, has_aux=True)
-    fn = jax.jit(lambda params, rest, batch: grad(params, rest, state.graphdef, batch))
+    fn = jax.jit(lambda params, rest, batch: LS.total_loss(params, rest, state.graphdef, batch, LM_ONLY))
     for layout, message in [
         ({"mesh": {"pipeline": 4, "data": 2}, "microbatches": 2}, r"^microbatches: .* got microbatches 2 for 4 stages"),
         ({"mesh": {"pipeline": 2, "data": 4}, "microbatches": 3}, r"^microbatches: the batch of 8 rows does not split"),

@@ -34,13 +34,16 @@ def reference(tmp_path_factory):
 
 def test_recipes_load_and_errors_are_one_line(tmp_path, capsys):
     from glm5_jax.config import ConfigError
-    from glm5_jax.train import recipe, trainer
+    from glm5_jax.train import recipe
+    from glm5_jax.train.setup import resolve
 
-    for name in ("quickstart", "glm5"):
-        r = recipe.load(name)
-        res = trainer.resolve(r)
-        assert [s.name for s in res.data_cfg.stages] == [s.name for s in r.stages]
+    r = recipe.load("quickstart")
+    res = resolve(r)
+    assert [s.name for s in res.data_cfg.stages] == [s.name for s in r.stages]
+    assert [(s.data.accumulate, s.data.micro_rows) for s in res.stages] == [(1, 16), (1, 8)]
     glm5 = recipe.load("glm5")
+    with pytest.raises(ConfigError, match=r"^layout: mesh: axis sizes .* multiply to 256, but there are 8 devices"):
+        resolve(glm5)  # the 744B layout needs its 256 devices (glm5 plan simulates them)
     assert [s.trainable for s in glm5.stages].count("indexer") == 1
     for overrides, message in [
         (["stages.0.trainable=some"], "stages.0.trainable: must be one of all, indexer"),
@@ -53,12 +56,14 @@ def test_recipes_load_and_errors_are_one_line(tmp_path, capsys):
                                              .replace("?", r"\?")):
             recipe.load("quickstart", overrides)
     with pytest.raises(ConfigError, match="stages.0.data_stage: data config 'default' has no stage 'x'"):
-        trainer.resolve(recipe.load("quickstart", ["stages.0.data_stage=x"]))
+        resolve(recipe.load("quickstart", ["stages.0.data_stage=x"]))
     with pytest.raises(ConfigError, match="stages.0.schedule: .*schedule: must be one of"):
-        res = trainer.resolve(recipe.load("quickstart", ["stages.0.schedule.schedule=cos"]))
-        from glm5_jax.data.pipeline import DataPipeline
-
-        trainer.plan_stages(res, DataPipeline(res.data_cfg).schedule)
+        resolve(recipe.load("quickstart", ["stages.0.schedule.schedule=cos"]))
+    with pytest.raises(ConfigError, match=r"^stages.0: 16 rows per step as 3 microbatches do not split"):
+        resolve(recipe.load("quickstart", ["accumulate=3"]))
+    with pytest.raises(ConfigError, match=r"^stages.0.accumulate: auto: no split of 16 rows of 128 .* "
+                                          r"max_tokens_per_device=16 tokens"):
+        resolve(recipe.load("quickstart", ["accumulate=auto", "max_tokens_per_device=16"]))
     assert run_cli("train", "--config", "quickstart", "metrics.interval=0") == 2
     err = capsys.readouterr().err.strip()
     assert err == "glm5: error: metrics.interval: must be a positive integer; got 0"

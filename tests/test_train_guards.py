@@ -28,7 +28,7 @@ def test_sigterm_commits_the_current_step(tmp_path):
 def test_nonfinite_steps_are_skipped_and_stop_the_run(tmp_path):
     recipe = u.write_recipe(tmp_path / "r.yaml", max_nonfinite_in_a_row=3)
     run_dir = tmp_path / "run"
-    code, out = u.run(recipe, run_dir, GLM5_TEST_NONFINITE_STEPS="2,5,6,7,8")
+    code, out = u.run(recipe, run_dir, prefix=("-m", "tests.nonfinite_child", "2,5,6,7,8"))
     assert code == 3, out
     assert "glm5: stopped: 3 non-finite steps in a row (steps 5..7" in out
     assert "the last checkpoint (step 6) is intact" in out

@@ -49,14 +49,16 @@ def child_env(devices: int = 8, **extra) -> dict:
     return env
 
 
-def start(recipe: str, run_dir, *overrides, devices: int = 8, **env) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "glm5_jax.cli", "train", "--config", recipe, f"run_dir={run_dir}", *overrides]
+def start(recipe: str, run_dir, *overrides, devices: int = 8, prefix=("-m", "glm5_jax.cli"), **env) -> subprocess.Popen:
+    """`glm5 train` in a child (`prefix`: how to start it, e.g. ("-m", "tests.nonfinite_child", "3"))."""
+    cmd = [sys.executable, *prefix, "train", "--config", recipe, f"run_dir={run_dir}", *overrides]
     return subprocess.Popen(cmd, env=child_env(devices, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
 
-def run(recipe: str, run_dir, *overrides, devices: int = 8, timeout: float = 240, **env):
-    proc = start(recipe, run_dir, *overrides, devices=devices, **env)
+def run(recipe: str, run_dir, *overrides, devices: int = 8, timeout: float = 240, prefix=("-m", "glm5_jax.cli"),
+        **env):
+    proc = start(recipe, run_dir, *overrides, devices=devices, prefix=prefix, **env)
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
 

@@ -7,6 +7,7 @@ import os
 
 import jax
 
+
 def maybe_initialize_distributed() -> bool:
     """`jax.distributed.initialize()` when launched as one of several processes: a coordinator address in
     the environment (JAX_COORDINATOR_ADDRESS + JAX_NUM_PROCESSES + JAX_PROCESS_ID), a multi-task SLURM job,

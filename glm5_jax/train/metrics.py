@@ -31,11 +31,12 @@ def peak_flops(device_kind: str, platform: str) -> float:
     return CPU_NOMINAL if platform == "cpu" else float("nan")
 
 
-def model_flops_per_step(cfg, par, batch: int, seq: int) -> float:
+def model_flops_per_step(cfg, par, batch: int, seq: int, mtp_depths: int = 0) -> float:
     """Analytic model FLOPs of one train step (all devices): `plan.analytic_flops`' model parts."""
     from glm5_jax.plan import analytic_flops
 
-    return float(sum(f.flops for f in analytic_flops(cfg, par, batch, seq, {}, None) if f.model))
+    return float(sum(f.flops for f in analytic_flops(cfg, par, batch, seq, {}, None, mtp_depths=mtp_depths)
+                     if f.model))
 
 
 def _finite(x):

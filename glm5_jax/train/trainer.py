@@ -186,8 +186,8 @@ def train(recipe: Recipe, out=print) -> dict:
             log.line(f"step {step}: non-finite loss {loss} / grad norm {float(m['grad_norm'])}; update skipped "
                      f"({c['nonfinite_in_a_row']} in a row)")
         log.advance(step, stage.name, loss)
-        if step % recipe.metrics.interval == 0 or step == summary["start_step"] + 1 or step == end:
-            flops = model_flops_per_step(stage.step.model_cfg, run.par, rows, stage.data.seq_len)
+        if step % recipe.metrics.interval == 0 or step in (summary["start_step"] + 1, stage.data.start_step + 1, end):
+            flops = model_flops_per_step(stage.step.model_cfg, run.par, rows, stage.data.seq_len, programs.get(stage).depths)
             log.write({"step": step, "stage": stage.name, "loss": loss, "grad_norm": float(m["grad_norm"]),
                        "lr": lr, "tokens": int(m["tokens"]), "rows": rows, "tokens_per_s": tokens / dt,
                        "mfu": flops / dt / (peak * devices), "step_time": dt, "skipped": c["skipped_total"],
