@@ -176,7 +176,7 @@ def _eval(args):
         raise ConfigError(f"--batches: must be a positive integer; got {args.batches}")
     try:
         r = evaluate_checkpoint(args.checkpoint, args.data, args.stage, args.batches, args.step, args.layout,
-                                args.data_override)
+                                args.data_override, args.holdout)
     except DataError as e:
         raise InputError(str(e)) from None
     print(f"{r['checkpoint']} step {r['step']} on {args.data} stage {r['stage']} ({r['batches']} x {r['rows']} rows "
@@ -206,6 +206,8 @@ def _add_train_parsers(sub):
     ev.add_argument("--stage", default=None, help="data stage (default: the first): its seq_len and rows per step")
     ev.add_argument("--batches", type=int, default=8, help="batches (steps' worth of rows) to evaluate (default 8)")
     ev.add_argument("--layout", default=None, help="layout preset or YAML file (default: all devices on data)")
+    ev.add_argument("--holdout", type=float, default=0.0,
+                    help="evaluate only the documents a run with eval.holdout=F held out (default 0: all)")
     _key_values(ev, "--data-override", "data config override, e.g. stages.0.seq_len=256 (repeatable)")
     ev.set_defaults(run=_eval)
     pl = sub.add_parser("plot", help="draw a run's loss and throughput curves (RUN_DIR/metrics.jsonl) to a PNG")

@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import yaml
@@ -291,8 +292,14 @@ def override_items(overrides):
         if "=" not in item:
             raise ConfigError(f"{item}: overrides are key=value")
         key, raw = item.split("=", 1)
-        items.append((key, yaml.safe_load(raw) if raw else None))
+        value = yaml.safe_load(raw) if raw else None
+        if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as text
+            value = float(value)
+        items.append((key, value))
     return items
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def read_json(path: str) -> dict:

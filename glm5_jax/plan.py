@@ -271,15 +271,10 @@ def work_split(par, params=None) -> int:
     return min(split, mesh.size)
 
 
-def shard_counts(params) -> dict[str, int]:
+def shard_counts(params: dict) -> dict[str, int]:
     """Dotted parameter name -> how many shards its sharding cuts it into (size / shard size)."""
-    from flax import nnx
-
-    out = {}
-    for path, v in nnx.to_flat_state(params):
-        x = v.get_value()
-        out[".".join(map(str, path))] = math.prod(x.shape) // max(1, math.prod(x.sharding.shard_shape(x.shape)))
-    return out
+    return {name: math.prod(x.shape) // max(1, math.prod(x.sharding.shard_shape(x.shape)))
+            for name, x in params.items()}
 
 
 def analytic_flops(cfg, par, batch: int, seq: int, routes: dict, opt_cfg, params=None, mtp_depths: int = 0,

@@ -36,5 +36,12 @@ with torch.no_grad():
     out = model(ids, labels=ids)
 print(f"transformers loads the export: {type(model).__name__}, loss on a code snippet {out.loss.item():.3f}")
 PY
+echo "== held-out loss of the trained checkpoint (glm5 eval), and the eval records of the run"
+$glm5 eval --checkpoint "$RUN/train/checkpoints" --data default --stage long --batches 4 --holdout 0.02
+.venv/bin/python - "$RUN" <<'PY'
+import json, sys
+evals = [json.loads(l) for l in open(f"{sys.argv[1]}/train/eval.jsonl")]
+print("eval loss by step: " + ", ".join(f"{e['step']}: {e['loss']:.3f}" for e in evals))
+PY
 $glm5 plot "$RUN/train"
 echo "quickstart ok in $(( $(date +%s) - start )) s: loss $(head -1 "$RUN/train/metrics.jsonl" | .venv/bin/python -c 'import json,sys; print(round(json.load(sys.stdin)["loss"], 3))') -> $(tail -1 "$RUN/train/metrics.jsonl" | .venv/bin/python -c 'import json,sys; print(round(json.load(sys.stdin)["loss"], 3))'); curves in $RUN/train/curves.png"

@@ -61,7 +61,7 @@ def test_plan_compiles_the_trained_step(name, layout):
         "model": "tiny", "model_overrides": model, "layout_overrides": layout, "data": "default",
         "data_overrides": {"stages.0.seq_len": 32, "stages.0.tokens_per_step": 512}, "accumulate": 2,
         "losses": {"mtp_weight": 0.3, "balance_weight": 1e-4, "bias_update_rate": 1e-3},
-        "stages": [{"name": "a", "steps": 4}]})
+        "stages": [{"name": "short", "steps": 4}]})
     stage, trained = _trained_program(recipe)
     assert stage.step.accumulate == 2 and stage.step.rows == 8
     # glm5 plan's path: the same model, layout, batch, accumulation and losses given as its arguments.
@@ -99,8 +99,9 @@ def _train_once(cfg, state, batch, par, accumulate):
     """One optimizer step of the full GLM-5 loss (MTP 3 depths, balance, z, router bias) with Muon-Split."""
     loss_cfg = losses.LossConfig(z_loss=1e-3, mtp_weight=0.3, balance_weight=1e-2, bias_update_rate=1e-2)
     step = train_step(cfg, B // accumulate, L, par, accumulate, loss_cfg, opt={})
-    params = jax.device_put(flatten(state.params), step.param_shardings)
-    rest = jax.device_put(flatten(state.rest), step.rest_shardings)
+    # Host copies placed anew: the step donates its inputs, and the fixture's arrays must survive it.
+    params = jax.device_put(jax.device_get(flatten(state.params)), step.param_shardings)
+    rest = jax.device_put(jax.device_get(flatten(state.rest)), step.rest_shardings)
     (loss, aux), grads = step.loss_and_grads(params, rest, microbatches(batch, accumulate))
     opt_state = step.init_optimizer(params)
     new_params, new_rest, _, metrics = step(params, rest, opt_state, microbatches(batch, accumulate), accumulate,
@@ -125,12 +126,13 @@ def test_accumulation_equals_one_big_batch(model_and_batch, layout):
     np.testing.assert_array_equal(aux4["expert_load"], aux1["expert_load"])
     assert int(aux4["tokens"]) == int(aux1["tokens"]) == int((batch["targets"] >= 0).sum())
     assert max(rel(grads4[k], grads1[k]) for k in grads1) < 1e-6
-    moved = {k for k in params1 if rel(params1[k], flatten(state.params)[k]) > 0}
-    assert len(moved) == len(params1)  # every parameter was updated...
-    assert max(rel(params4[k], params1[k]) for k in params1) < 1e-6  # ... the same way
+    before = jax.device_get(flatten(state.params))
+    still = {k for k in params1 if rel(params1[k], before[k]) == 0}
+    assert len(still) < len(params1) // 10 and all(not np.any(grads1[k]) for k in still)  # no gradient: unmoved
+    assert max(rel(params4[k], params1[k]) for k in params1) < 1e-6  # every update the same
     for k in rest1:
         np.testing.assert_array_equal(rest4[k], rest1[k])  # router bias: one update from the summed loads
-    assert any(rel(rest1[k], flatten(state.rest)[k]) > 0 for k in rest1)
+    assert any(rel(rest1[k], jax.device_get(flatten(state.rest))[k]) > 0 for k in rest1)
 
 
 def test_count_below_accumulate_uses_only_the_first_microbatches(model_and_batch):

@@ -162,3 +162,18 @@ def test_start_at_a_later_stage_from_a_converted_hf_checkpoint(hf_model_dir, con
     assert set(trained) == set(reader.names)
     for name in reader.names:
         np.testing.assert_array_equal(trained[name], reader.open(name).read().result(), err_msg=name)
+
+
+def test_no_restorable_step_is_one_line_and_moves_nothing(reference, tmp_path):
+    ref_dir, recipe = reference
+    run_dir = tmp_path / "all-bad"
+    shutil.copytree(ref_dir, run_dir)
+    steps = u.committed(run_dir)
+    for step in steps:  # every step's train state garbled
+        (run_dir / "checkpoints" / str(step) / "train" / "metadata").write_text("{not json")
+    code, out = u.run(recipe, run_dir)
+    assert code == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith(f"glm5: error: {run_dir / 'checkpoints'}: no checkpoint step could be restored "
+                           f"(nothing was moved); newest step {steps[-1]}: "), out
+    assert u.committed(run_dir) == steps and not (run_dir / "checkpoints-bad").exists()

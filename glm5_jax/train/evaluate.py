@@ -81,8 +81,10 @@ class Evaluator:
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, batches: int = 8,
-                        step: int | None = None, layout: str | None = None, data_overrides=()) -> dict:
-    """`glm5 eval`: loss and perplexity of a checkpoint on `batches` microbatches of a data config's stage."""
+                        step: int | None = None, layout: str | None = None, data_overrides=(),
+                        holdout: float = 0.0) -> dict:
+    """`glm5 eval`: loss and perplexity of a checkpoint on `batches` microbatches of a data config's stage
+    (only its held-out documents with `holdout` > 0: those a run with `eval.holdout` of that value skipped)."""
     import jax
 
     from glm5_jax.checkpoint.manager import load_variables
@@ -104,7 +106,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     if rows % shards:
         raise ConfigError(f"--data: stage {st.name} has {rows} rows per step, which do not split into {shards} "
                           "batch shards; choose a layout or stage that fits")
-    pipe = eval_data(dcfg, st.name, st.seq_len, rows)
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"--holdout: must be a fraction in [0, 1); got {holdout}")
+    pipe = eval_data(dcfg, st.name, st.seq_len, rows, holdout)
     if pipe.vocab_size > cfg.vocab_size:
         raise ConfigError(f"--data: the tokenizer emits {pipe.vocab_size} ids but the model's vocab_size is "
                           f"{cfg.vocab_size}")

@@ -126,6 +126,77 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, pip
     return state, it
 
 
+class Reporter:
+    """Reads each step's metrics one step late (`add` queues step s and reports step s-1), keeps the
+    counters of the train state, logs, and stops the run after too many non-finite steps in a row."""
+
+    def __init__(self, run: Run, log: MetricsLog, counters: dict, end: int, last_saved, programs: Programs):
+        self.run, self.log, self.counters, self.end = run, log, counters, end
+        self.last_saved, self.programs = last_saved, programs
+        device = run.par.mesh.devices.flat[0]
+        self.devices = run.par.mesh.devices.size
+        self.peak = run.recipe.metrics.peak_flops or peak_flops(device.device_kind, device.platform)
+        self.pending, self.done_at = [], 0.0
+        self.first_step: int | None = None
+        self.losses: dict = {}
+        self.first_loss = self.last_loss = None
+
+    def add(self, step: int, stage: StageSettings, lr: float, rows: int, metrics, dispatched: float):
+        self.flush()
+        self.first_step = step if self.first_step is None else self.first_step
+        self.pending.append((step, stage, lr, rows, metrics, dispatched))
+
+    def flush(self):
+        while self.pending:
+            self._report(*self.pending.pop(0))
+
+    def _report(self, step, stage, lr, rows, m, dispatched):
+        m = jax.device_get(m)
+        now = time.perf_counter()
+        dt, self.done_at = now - max(dispatched, self.done_at), now  # steps overlap: the interval between results
+        c, recipe = self.counters, self.run.recipe
+        tokens = rows * stage.data.seq_len
+        c["tokens_seen"] += tokens
+        loss = float(m["loss"])
+        if bool(m["finite"]):
+            c["nonfinite_in_a_row"] = 0
+            self.first_loss = loss if self.first_loss is None else self.first_loss
+            self.last_loss = loss
+        else:
+            c["nonfinite_in_a_row"] += 1
+            c["skipped_total"] += 1
+            self.log.line(f"step {step}: non-finite loss {loss} / grad norm {float(m['grad_norm'])}; update "
+                          f"skipped ({c['nonfinite_in_a_row']} in a row)")
+        self.log.advance(step, stage.name, loss)
+        if step % recipe.metrics.interval == 0 or step in (self.first_step, stage.data.start_step + 1, self.end):
+            flops = model_flops_per_step(stage.step.model_cfg, self.run.par, rows, stage.data.seq_len,
+                                         self.programs.get(stage).depths)
+            self.log.write({"step": step, "stage": stage.name, "loss": loss, "grad_norm": float(m["grad_norm"]),
+                            "lr": lr, "tokens": int(m["tokens"]), "rows": rows, "tokens_per_s": tokens / dt,
+                            "mfu": flops / dt / (self.peak * self.devices), "step_time": dt,
+                            "skipped": c["skipped_total"],
+                            **{k: float(m[k]) for k in ("lm", "mtp", "balance", "z", "indexer_kl",
+                                                        "expert_load_max_over_mean", "dropped") if k in m}})
+            self.losses[step] = loss
+        n = c["nonfinite_in_a_row"]
+        if n >= recipe.max_nonfinite_in_a_row:
+            last = f"(step {self.last_saved()}) " if self.last_saved() is not None else ""
+            raise TrainingStopped(f"{n} non-finite steps in a row (steps {step - n + 1}..{step}, max_nonfinite_in_"
+                                  f"a_row {recipe.max_nonfinite_in_a_row}); stopped without saving: the last "
+                                  f"checkpoint {last}is intact")
+
+
+def device_batch(run: Run, stage: StageSettings, local: dict):
+    """This process's rows of a step (`count` microbatches) as the step's global batch [accumulate, rows, L]
+    (slots past `count` zero: the step never reads them) and the count."""
+    a, lm = stage.data.accumulate, stage.data.local_micro_rows
+    count = len(local["input_ids"]) // lm
+    arrays = {k: np.zeros((a, lm, local[k].shape[-1]), np.int32) for k in S.BATCH_KEYS}
+    for k in arrays:
+        arrays[k][:count] = local[k].reshape(count, lm, -1)
+    return global_batch(arrays, run.par.sharding(S.BATCH_AXES, stage.step.batch_shape)), count
+
+
 def train(recipe: Recipe, out=print) -> dict:
     """Run `recipe` to its end (or max_steps / SIGTERM). Returns a summary dict (final step, losses, ...)."""
     _setup_cache(recipe)
@@ -146,111 +217,59 @@ def train(recipe: Recipe, out=print) -> dict:
     state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract), pipe,
                                 out)
     log = MetricsLog(run_dir, state.step, recipe.metrics.tensorboard, recipe.metrics.progress, end)
+    reporter = Reporter(run, log, state.counters, end, lambda: ckpt.last_saved, programs)
     evaluator = Evaluator(run, log) if recipe.eval.enabled else None
-    devices = run.par.mesh.devices.size
-    device = run.par.mesh.devices.flat[0]
-    peak = recipe.metrics.peak_flops or peak_flops(device.device_kind, device.platform)
-    out(f"training from step {state.step} to {end} of {total} on {devices} {device.platform} devices, mesh "
-        f"{dict(run.par.mesh.shape)}; run dir {run_dir}")
-    summary = {"start_step": state.step, "losses": {}, "stopped": None, "programs": 0}
+    start, stopped = state.step, None
+    out(f"training from step {start} to {end} of {total} on {run.par.mesh.devices.size} "
+        f"{run.par.mesh.devices.flat[0].platform} devices, mesh {dict(run.par.mesh.shape)}; run dir {run_dir}")
 
     def save():
-        flush()
+        reporter.flush()  # the counters saved are this step's
         stage = run.stage_at(min(state.step, total - 1))
         ckpt.save(state.step, variables={**state.params, **state.rest}, opt_state=state.opt_state,
                   train={**state.counters, "step": state.step, "stage": stage.name}, data_args=save_args(it),
                   model_config=stage.step.model_cfg.to_dict(), recipe=recipe.to_dict())
 
-    pending = []  # (step, stage, lr, rows, metrics on device, dispatch time): read one step late
-    last_done = [0.0]  # when the last reported step's metrics arrived
-
-    def flush():
-        while pending:
-            report(*pending.pop(0))
-
-    def report(step, stage, lr, rows, m, t0):
-        m = jax.device_get(m)
-        now = time.perf_counter()
-        dt, last_done[0] = now - max(t0, last_done[0]), now  # (steps overlap: the interval between results)
-        c = state.counters
-        tokens = rows * stage.data.seq_len
-        c["tokens_seen"] += tokens
-        loss = float(m["loss"])
-        if bool(m["finite"]):
-            c["nonfinite_in_a_row"] = 0
-            summary.setdefault("first_loss", loss)
-            summary["last_loss"] = loss
-        else:
-            c["nonfinite_in_a_row"] += 1
-            c["skipped_total"] += 1
-            log.line(f"step {step}: non-finite loss {loss} / grad norm {float(m['grad_norm'])}; update skipped "
-                     f"({c['nonfinite_in_a_row']} in a row)")
-        log.advance(step, stage.name, loss)
-        if step % recipe.metrics.interval == 0 or step in (summary["start_step"] + 1, stage.data.start_step + 1, end):
-            flops = model_flops_per_step(stage.step.model_cfg, run.par, rows, stage.data.seq_len, programs.get(stage).depths)
-            log.write({"step": step, "stage": stage.name, "loss": loss, "grad_norm": float(m["grad_norm"]),
-                       "lr": lr, "tokens": int(m["tokens"]), "rows": rows, "tokens_per_s": tokens / dt,
-                       "mfu": flops / dt / (peak * devices), "step_time": dt, "skipped": c["skipped_total"],
-                       **{k: float(m[k]) for k in ("lm", "mtp", "balance", "z", "indexer_kl",
-                                                    "expert_load_max_over_mean", "dropped") if k in m}})
-            summary["losses"][step] = loss
-        n = c["nonfinite_in_a_row"]
-        if n >= recipe.max_nonfinite_in_a_row:
-            last = f"(step {ckpt.last_saved}) " if ckpt.last_saved is not None else ""
-            raise TrainingStopped(f"{n} non-finite steps in a row (steps {step - n + 1}..{step}, max_nonfinite_in_"
-                                  f"a_row {recipe.max_nonfinite_in_a_row}); stopped without saving: the last "
-                                  f"checkpoint {last}is intact")
-
-    def next_batch(stage):
-        local = next(it)
-        a, lm = stage.data.accumulate, stage.data.local_micro_rows
-        count = len(local["input_ids"]) // lm
-        arrays = {k: np.zeros((a, lm, v.shape[-1]), v.dtype) for k, v in local.items() if k in S.BATCH_KEYS}
-        for k in arrays:
-            arrays[k][:count] = local[k].reshape(count, lm, -1)
-        return global_batch(arrays, run.par.sharding(S.BATCH_AXES, stage.step.batch_shape)), count
-
     try:
         with ckpt.watch_sigterm():
-            batch = next_batch(run.stage_at(state.step)) if state.step < end else None
-            current = None
+            batch, current = None, None
             while state.step < end:
                 stage = run.stage_at(state.step)
                 if stage is not current:
                     out(stage.describe())
                     current = stage
-                program, (data, count) = programs.get(stage), batch
+                program = programs.get(stage)
+                data, count = batch or device_batch(run, stage, next(it))
                 lr = float(stage.schedule(state.step - stage.data.start_step))
-                t0 = time.perf_counter()
-                state.params, state.rest, state.opt_state, m = program(
+                dispatched = time.perf_counter()
+                state.params, state.rest, state.opt_state, metrics = program(
                     state.params, state.rest, state.opt_state, data, count, lr, stage.bias_rate)
                 state.step += 1
-                flush()  # the previous step's metrics: computed while this step was dispatched
-                pending.append((state.step, stage, lr, count * stage.data.micro_rows, m, t0))
+                reporter.add(state.step, stage, lr, count * stage.data.micro_rows, metrics, dispatched)
                 stage_end = state.step == stage.data.end_step
                 if evaluator is not None and evaluator.due(state.step, stage_end):
-                    flush()
+                    reporter.flush()
                     evaluator.run_at(state.step, stage, program, state.params, state.rest)
                 if ckpt.sigterm:
                     out(f"SIGTERM: saving step {state.step} and exiting")
                     save()
-                    summary["stopped"] = "sigterm"
+                    stopped = "sigterm"
                     break
                 if ckpt.due(state.step, stage_end and state.step < end):
                     save()
-                if state.step < end:
-                    batch = next_batch(run.stage_at(state.step))
-            flush()
+                # The next step's batch goes to the devices while this step computes.
+                batch = device_batch(run, run.stage_at(state.step), next(it)) if state.step < end else None
+            reporter.flush()
             if recipe.checkpoint.save_on_exit and ckpt.last_saved != state.step:
                 save()
     finally:
         ckpt.close()
         log.close()
         it.close()
-    summary.update(end_step=state.step, last_saved=ckpt.last_saved, skipped=state.counters["skipped_total"],
-                   programs=len(programs))
-    first, last = summary.get("first_loss"), summary.get("last_loss")
+    first, last = reporter.first_loss, reporter.last_loss
     out(f"done: step {state.step}" + (f", loss {first:.4f} -> {last:.4f}" if first is not None else "")
         + (f", checkpoint step {ckpt.last_saved} in {ckpt.directory}" if ckpt.last_saved is not None else "")
         + f"; {len(programs)} train step program(s) compiled")
-    return summary
+    return {"start_step": start, "end_step": state.step, "losses": reporter.losses, "stopped": stopped,
+            "first_loss": first, "last_loss": last, "last_saved": ckpt.last_saved,
+            "skipped": state.counters["skipped_total"], "programs": len(programs)}
