@@ -456,14 +456,15 @@ def run(model: str, overrides=(), layout: str | None = None, layout_overrides=()
     """Plan one train step: load configs, build abstract inputs, compile, measure. Devices must exist."""
     import jax
 
-    from glm5_jax import config, optim
+    from glm5_jax import config
     from glm5_jax.sharding.context import Parallelism
     from glm5_jax.sharding.layout import load_layout
     from glm5_jax.train import losses
+    from glm5_jax.train.setup import unit_rate_optimizer
 
     cfg = config.load(model, list(overrides))
     layout_cfg = load_layout(layout, list(layout_overrides))
-    opt_cfg = optim.from_dict(config.apply_overrides({}, list(opt_overrides)))
+    opt_cfg = unit_rate_optimizer(config.apply_overrides({}, list(opt_overrides)))  # as `glm5 train` runs it
     loss_cfg = losses.loss_config_from_dict(config.apply_overrides({}, list(loss_overrides)), "--loss ")
     limit = parse_bytes(device_memory)
     device_list = list(device_list if device_list is not None else jax.devices("cpu")[:devices or None])

@@ -65,6 +65,14 @@ class Run:
         return self.stages[-1].data.end_step
 
 
+def unit_rate_optimizer(values: dict) -> optim.OptimizerConfig:
+    """The optimizer as the train step runs it: learning rate 1 and no schedule (the step scales each update by
+    its stage's learning rate, an argument), from an `optimizer:` section whose schedule keys are dropped."""
+    base = {k: v for k, v in values.items() if k not in SCHEDULE_KEYS}
+    return _keyed("optimizer", optim.from_dict, {**base, "learning_rate": 1.0, "schedule": "constant",
+                                                 "warmup_steps": 0})
+
+
 def _keyed(key: str, fn, *args):
     try:
         return fn(*args)
@@ -136,9 +144,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
     from glm5_jax.data.stages import Schedule
 
     schedule = Schedule(dcfg.stages, jax.process_count(), accumulate)
-    base = {k: v for k, v in recipe.optimizer.items() if k not in SCHEDULE_KEYS}
-    opt_base = _keyed("optimizer", optim.from_dict, {**base, "learning_rate": 1.0, "schedule": "constant",
-                                                     "warmup_steps": 0})
+    opt_base = unit_rate_optimizer(recipe.optimizer)
     settings = []
     for i, (st, ds) in enumerate(zip(recipe.stages, schedule.stages, strict=True)):
         key = f"stages.{i}"
