@@ -6,13 +6,10 @@ what is allowed, raised before any file is read.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 
-import yaml
-
-from glm5_jax.config import ROPE_TYPES, ConfigError, read_yaml_mapping
+from glm5_jax.config import ROPE_TYPES, ConfigError, apply_overrides, read_yaml_mapping
 
 from .errors import ON_ERROR
 
@@ -215,38 +212,6 @@ def from_dict(values: dict) -> DataConfig:
     cfg.read_threads = _int("read_threads", cfg.read_threads, 0)
     cfg.read_buffer_size = _int("read_buffer_size", cfg.read_buffer_size)
     return cfg
-
-
-def _index(node: list, p: str, key: str) -> int:
-    if not p.isdigit() or int(p) >= len(node):
-        _fail(key, f"{p!r} is not an index of a list of {len(node)}")
-    return int(p)
-
-
-def apply_overrides(values: dict, overrides) -> dict:
-    """``key=value`` strings (YAML values); ``a.b=v`` sets nested keys, ``stages.1.seq_len=v`` list items."""
-    values = copy.deepcopy(values)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value")
-        key, raw = item.split("=", 1)
-        *parents, leaf = key.split(".")
-        node = values
-        for p in parents:
-            if isinstance(node, list):
-                node = node[_index(node, p, key)]
-            elif isinstance(node, dict):
-                node = node.setdefault(p, {})
-            else:
-                _fail(key, f"{p} is inside a value that is not a mapping or list")
-        value = yaml.safe_load(raw) if raw else None
-        if isinstance(node, list):
-            node[_index(node, leaf, key)] = value
-        elif isinstance(node, dict):
-            node[leaf] = value
-        else:
-            _fail(key, f"{leaf} is inside a value that is not a mapping or list")
-    return values
 
 
 def load(source: str = "default", overrides=()) -> DataConfig:

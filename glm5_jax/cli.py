@@ -46,12 +46,22 @@ def _init(args):
 def _load_ids(path: str, what: str, shape=None):
     import numpy as np
 
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path}: is a directory, not a .npy file")
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{what} {path}: not a readable .npy file ({e})") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, EOFError) as e:
+        # np.load reads a non-.npy file as a pickle, then refuses it: "pickled (object) data", "Failed to interpret".
+        why = "" if "pickle" in str(e) else f" ({str(e).splitlines()[0][:120]})"
+        raise InputError(f"{what} {path}: not a .npy file{why}; save the ids with numpy.save") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"{what} {path}: need a 2-D integer array [batch, seq]; got {array.dtype} {array.shape}")
+    if array.size == 0:
+        raise InputError(f"{what} {path}: is empty (shape {list(array.shape)}); need at least one token per row")
     if shape is not None and array.shape != shape:
         raise InputError(f"{what} {path}: shape {array.shape} differs from --input-ids {shape}")
     return array.astype(np.int32)
@@ -64,6 +74,11 @@ def _forward(args):
 
     from glm5_jax.checkpoint import CheckpointReader, load_model
 
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"--output {args.output}: folder {out_dir} does not exist")
+    if os.path.isdir(args.output):
+        raise InputError(f"--output {args.output}: is a directory; name a .npy file")
     ids = _load_ids(args.input_ids, "--input-ids")
     positions = _load_ids(args.positions, "--positions", ids.shape) if args.positions else None
     segments = _load_ids(args.segment_ids, "--segment-ids", ids.shape) if args.segment_ids else None
@@ -97,6 +112,10 @@ def _data_inspect(args):
     from glm5_jax.data.errors import DataError
     from glm5_jax.data.inspect import inspect
 
+    for flag, value, minimum in (("--rows", args.rows, 0), ("--batches", args.batches, 1),
+                                 ("--chars", args.chars, 1)):
+        if value < minimum:
+            raise InputError(f"{flag}: must be an integer >= {minimum}; got {value}")
     try:
         inspect(args.config, rows=args.rows, stage=args.stage, batches=args.batches, chars=args.chars,
                 overrides=args.override)
