@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from glm5_jax.config import ConfigError
 
@@ -94,8 +96,12 @@ def _forward(args):
 
     logits = np.asarray(logits_of(state, ids, positions, segments), dtype=np.float32)
     tmp = f"{args.output}.tmp-{os.getpid()}.npy"
-    np.save(tmp, logits)
-    os.replace(tmp, args.output)
+    try:
+        np.save(tmp, logits)
+        os.replace(tmp, args.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"wrote {args.output}: logits {logits.shape} float32")
 
 
@@ -274,19 +280,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_stop_signal = [signal.SIGINT]
+
+
+def _stop(signum, frame):
+    """SIGTERM, like Ctrl-C, unwinds the command (its atomic writers remove what they had started)."""
+    _stop_signal[0] = signum
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # `glm5 train` stops at a step boundary and checkpoints (its own handlers); every other command stops at
+    # once, exit status 128 + signal number, and leaves no partial output.
+    handle_signals = args.command != "train" and threading.current_thread() is threading.main_thread()
+    if handle_signals:
+        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         logging.getLogger("absl").setLevel(logging.ERROR)
     from glm5_jax.checkpoint import CheckpointError
     from glm5_jax.convert.hf import ConversionError
+    from glm5_jax.data.errors import DataError
 
+    _stop_signal[0] = signal.SIGINT
     try:
         args.run(args)
-    except (ConfigError, ConversionError, CheckpointError, InputError) as e:
+    except (ConfigError, ConversionError, CheckpointError, InputError, DataError) as e:
         print(f"glm5: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if not handle_signals:
+            raise
+        print(f"glm5: stopped by {signal.Signals(_stop_signal[0]).name}; nothing written", file=sys.stderr)
+        return 128 + _stop_signal[0]
+    finally:
+        if handle_signals:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     return 0
 
 
