@@ -310,23 +310,17 @@ def _list_index(node: list, part: str, key: str) -> int:
     return int(part)
 
 
-def _set(node, leaf: str, value, key: str):
-    if isinstance(node, dict):
-        if isinstance(node.get(leaf), list) and isinstance(value, dict):
-            _patch_list(node[leaf], value, key)  # {"0": {...}}: items by index (how nested dotted keys arrive)
-        else:
-            node[leaf] = value
-        return
-    i = _list_index(node, leaf, key)
-    if isinstance(node[i], dict) and isinstance(value, dict):
-        node[i].update(value)
+def _set(node, leaf: str, value, key: str, merge: bool = False):
+    """node[leaf] = value; a mapping set on a list sets the items it indexes (merged into mapping items)."""
+    if isinstance(node, list):
+        i = _list_index(node, leaf, key)
+        merge = merge and isinstance(node[i], dict) and isinstance(value, dict)
+        node[i] = {**node[i], **value} if merge else value
+    elif isinstance(node.get(leaf), list) and isinstance(value, dict):
+        for k, v in value.items():  # {"0": {...}}: how nested dotted keys (data_overrides.stages.0.x) arrive
+            _set(node[leaf], str(k), v, f"{key}.{k}", merge=True)
     else:
-        node[i] = value
-
-
-def _patch_list(items: list, patch: dict, key: str):
-    for k, v in patch.items():
-        _set(items, str(k), v, f"{key}.{k}")
+        node[leaf] = value
 
 
 def apply_overrides(values: dict, overrides) -> dict:
