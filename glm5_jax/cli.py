@@ -75,6 +75,7 @@ def _forward(args):
     from flax import nnx
 
     from glm5_jax.checkpoint import CheckpointReader, load_model
+    from glm5_jax.checkpoint.store import in_progress
 
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
@@ -96,12 +97,13 @@ def _forward(args):
 
     logits = np.asarray(logits_of(state, ids, positions, segments), dtype=np.float32)
     tmp = f"{args.output}.tmp-{os.getpid()}.npy"
-    try:
-        np.save(tmp, logits)
-        os.replace(tmp, args.output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with in_progress(tmp):
+        try:
+            np.save(tmp, logits)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     print(f"wrote {args.output}: logits {logits.shape} float32")
 
 
@@ -280,45 +282,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_stop_signal = [signal.SIGINT]
+_GRACE_S = 3.0  # a stopped command that has not unwound by then (blocked in C, say) is ended outright
+_stop_signal: list = [None]
+
+
+def _exit_stopped(signum: int):
+    """Remove temporary outputs, end worker processes, exit 128 + signal number (no interpreter teardown,
+    which can crash while XLA threads still run)."""
+    store = sys.modules.get("glm5_jax.checkpoint.store")
+    if store is not None:
+        store.remove_in_progress()
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # Grain workers
+        child.terminate()
+    sys.stdout.flush()
+    print(f"glm5: stopped by {signal.Signals(signum).name}; nothing written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
 
 
 def _stop(signum, frame):
-    """SIGTERM, like Ctrl-C, unwinds the command (its atomic writers remove what they had started)."""
+    """SIGTERM, like Ctrl-C, unwinds the command (its atomic writers remove what they had started); a
+    second signal, or a command still running after _GRACE_S, ends it at once."""
+    if _stop_signal[0] is not None:
+        _exit_stopped(signum)
     _stop_signal[0] = signum
+    default_hook = sys.unraisablehook
+
+    def quiet(unraisable):  # the interrupt landed where Python drops exceptions (a gc callback): the timer ends it
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet
+    timer = threading.Timer(_GRACE_S, _exit_stopped, (signum,))
+    timer.daemon = True
+    timer.start()
     raise KeyboardInterrupt
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    # `glm5 train` stops at a step boundary and checkpoints (its own handlers); every other command stops at
-    # once, exit status 128 + signal number, and leaves no partial output.
-    handle_signals = args.command != "train" and threading.current_thread() is threading.main_thread()
-    if handle_signals:
-        previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if not args.verbose:
-        logging.getLogger("absl").setLevel(logging.ERROR)
+def _run(args) -> int:
     from glm5_jax.checkpoint import CheckpointError
     from glm5_jax.convert.hf import ConversionError
     from glm5_jax.data.errors import DataError
 
-    _stop_signal[0] = signal.SIGINT
     try:
         args.run(args)
     except (ConfigError, ConversionError, CheckpointError, InputError, DataError) as e:
         print(f"glm5: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        if not handle_signals:
-            raise
-        print(f"glm5: stopped by {signal.Signals(_stop_signal[0]).name}; nothing written", file=sys.stderr)
-        return 128 + _stop_signal[0]
-    finally:
-        if handle_signals:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if not args.verbose:
+        logging.getLogger("absl").setLevel(logging.ERROR)
+    # `glm5 train` stops at a step boundary and checkpoints (its own handlers); every other command stops at
+    # once, exit status 128 + signal number, and leaves no partial output.
+    if args.command == "train" or threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    _stop_signal[0] = None
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        if _stop_signal[0] is None:
+            raise
+        _exit_stopped(_stop_signal[0])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
