@@ -176,7 +176,8 @@ def test_forward_bad_input(checkpoint, tmp_path, capsys):
     assert f"folder {tmp_path / 'no'} does not exist" in one_error_line(capsys)
     assert forward(checkpoint, "--output", out, "--override", "hidden_size=32") == 2
     err = one_error_line(capsys)
-    assert err.startswith("glm5: error: hidden_size: these overrides change the model's parameter shapes"), err
+    assert err.startswith("glm5: error: hidden_size: changes the shapes of the model's parameters "
+                          "(embed_tokens would be [160, 32]; in "), err
     text = tmp_path / "ids.txt"
     text.write_text("1 2 3\n")
     assert run_cli("forward", "--checkpoint", checkpoint / "ckpt", "--input-ids", text, "--output", out) == 2

@@ -272,11 +272,11 @@ def _check_same_shapes(reader: CheckpointReader, cfg, overrides):
         return
     name = next((n for n in wanted if saved.get(n) != wanted[n]), None) or sorted(set(saved) - set(wanted))[0]
     keys = ", ".join(o.split("=", 1)[0] for o in overrides)
-    found = f"{list(saved[name])} in the checkpoint" if name in saved else "absent from the checkpoint"
-    need = f"{list(wanted[name])}" if name in wanted else "no such parameter"
-    raise config_lib.ConfigError(f"{keys}: these overrides change the model's parameter shapes ({name}: {need}; "
-                                 f"{found} step {reader.step}); a checkpoint's overrides may change only compute "
-                                 "settings such as dtype")
+    need = f"would be {list(wanted[name])}" if name in wanted else "would not exist"
+    found = f"is {list(saved[name])}" if name in saved else "does not exist"
+    raise config_lib.ConfigError(f"{keys}: changes the shapes of the model's parameters ({name} {need}; in "
+                                 f"{reader.directory} step {reader.step} it {found}); overrides of a checkpoint "
+                                 "may change only compute settings such as dtype")
 
 
 def _int_keys(tree):

@@ -18,8 +18,14 @@ import numpy as np
 from safetensors import safe_open
 
 from glm5_jax import config as config_lib
-from glm5_jax.checkpoint import (CheckpointError, CheckpointReader, abstract_leaves, atomic_output_dir,
-                                 describe_read_error, write_streaming)
+from glm5_jax.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    abstract_leaves,
+    atomic_output_dir,
+    describe_read_error,
+    write_streaming,
+)
 from glm5_jax.convert.names import Entry, hf_entries
 from glm5_jax.progress import progress_bar
 
