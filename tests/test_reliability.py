@@ -267,3 +267,22 @@ def test_sigterm_stops_data_inspect_with_workers(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "glm5: stopped by SIGTERM" in err and "Traceback" not in err, err
     assert sorted(os.listdir(tmp_path)) == ["data.yaml"]
+
+
+def test_sigterm_stops_forward_with_nothing_written(checkpoint, tmp_path):
+    """Stopped wherever it is (importing, loading, compiling): exit 143 within the grace period, no output."""
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.ones((2, 16), np.int32))
+    proc = subprocess.Popen([sys.executable, "-m", "glm5_jax.cli", "forward", "--checkpoint", checkpoint / "ckpt",
+                             "--input-ids", ids, "--output", tmp_path / "logits.npy"], stderr=subprocess.PIPE,
+                            text=True)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    try:
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM and time.monotonic() - start < 10, err
+    assert "glm5: stopped by SIGTERM" in err and "Traceback" not in err, err
+    assert os.listdir(tmp_path) == ["ids.npy"]
