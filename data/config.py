@@ -6,11 +6,10 @@ what is allowed, raised before any file is read.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
 
-from glm5_jax.config import ROPE_TYPES, ConfigError, override_items, read_yaml_mapping
+from glm5_jax.config import ROPE_TYPES, ConfigError, apply_overrides, read_yaml_mapping
 
 from .errors import ON_ERROR
 
@@ -232,35 +231,6 @@ def from_dict(values: dict) -> DataConfig:
     cfg.read_threads = _int("read_threads", cfg.read_threads, 0)
     cfg.read_buffer_size = _int("read_buffer_size", cfg.read_buffer_size)
     return cfg
-
-
-def _index(node: list, p: str, key: str) -> int:
-    if not p.isdigit() or int(p) >= len(node):
-        _fail(key, f"{p!r} is not an index of a list of {len(node)}")
-    return int(p)
-
-
-def apply_overrides(values: dict, overrides) -> dict:
-    """``key=value`` strings (YAML values) or a mapping of keys to values; ``a.b=v`` sets nested keys,
-    ``stages.1.seq_len=v`` list items."""
-    values = copy.deepcopy(values)
-    for key, value in override_items(overrides):
-        *parents, leaf = key.split(".")
-        node = values
-        for p in parents:
-            if isinstance(node, list):
-                node = node[_index(node, p, key)]
-            elif isinstance(node, dict):
-                node = node.setdefault(p, {})
-            else:
-                _fail(key, f"{p} is inside a value that is not a mapping or list")
-        if isinstance(node, list):
-            node[_index(node, leaf, key)] = value
-        elif isinstance(node, dict):
-            node[leaf] = value
-        else:
-            _fail(key, f"{leaf} is inside a value that is not a mapping or list")
-    return values
 
 
 def load(source: str = "default", overrides=()) -> DataConfig:

@@ -5,10 +5,16 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("skip", "raise")
+# A source whose records are all unusable would otherwise be read (and skipped) forever: after this many bad
+# records in a row (or fewer, see `Encoder`), the source is reported as one DataError instead.
+MAX_CONSECUTIVE_SKIPS = 10_000
+_LOG_FIRST = 5  # skip warnings logged one by one per source; after that at most one per _LOG_EVERY_S seconds
+_LOG_EVERY_S = 10.0
 
 
 class DataError(ValueError):
@@ -33,6 +39,7 @@ class Bad:
 
 _lock = threading.Lock()
 _skipped: collections.Counter = collections.Counter()
+_last_logged: dict[str, float] = {}
 
 
 def skipped_counts() -> dict[str, int]:
@@ -44,6 +51,7 @@ def skipped_counts() -> dict[str, int]:
 def reset_skipped_counts():
     with _lock:
         _skipped.clear()
+        _last_logged.clear()
 
 
 class ErrorPolicy:
@@ -58,7 +66,14 @@ class ErrorPolicy:
         message = f"{bad.where}: {bad.reason}"
         if self.mode == "raise":
             raise DataError(f"source {source}: {message} (set on_error: skip to skip such records)")
+        now = time.monotonic()
         with _lock:
             _skipped[source] += 1
             count = _skipped[source]
-        log.warning("skipped bad record of source %s (%d so far in this process): %s", source, count, message)
+            quiet = count > _LOG_FIRST and now - _last_logged.get(source, -_LOG_EVERY_S) < _LOG_EVERY_S
+            if not quiet:
+                _last_logged[source] = now
+        if not quiet:
+            later = f"; further skips logged at most every {_LOG_EVERY_S:g} s" if count == _LOG_FIRST else ""
+            log.warning("skipped bad record of source %s (%d so far in this process%s): %s", source, count,
+                        later, message)

@@ -18,43 +18,71 @@ Batch contract (all ``int32``, shape ``[batch, seq_len]``):
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
-from .errors import Bad, ErrorPolicy
+from .errors import MAX_CONSECUTIVE_SKIPS, Bad, DataError, ErrorPolicy
 
 IGNORE = -1  # target of tokens that predict nothing (end of a piece, padding)
 KEYS = ("input_ids", "targets", "segment_ids", "positions")
 
 
 class Encoder:
-    """Source record -> ``{"input_ids": int32[n]}`` (document + EOS), or None for a skipped bad record."""
+    """Source record -> ``{"input_ids": int32[n]}`` (document + EOS), or None for a skipped bad record.
 
-    def __init__(self, source: str, tokenizer, policy: ErrorPolicy, append_eos: bool = True):
+    ``limit`` bounds the bad records in a row: a source that yields no usable record among that many is one
+    :class:`DataError` naming the source, the last file and position and the reason, instead of an endless
+    loop of skips (the packer would wait for a document forever). The pipeline sets it to twice the records
+    a reader can cycle through, so a source with any usable record never reaches it.
+    """
+
+    def __init__(self, source: str, tokenizer, policy: ErrorPolicy, append_eos: bool = True,
+                 limit: int = MAX_CONSECUTIVE_SKIPS):
         self.source, self.tokenizer, self.policy, self.append_eos = source, tokenizer, policy, append_eos
+        self.limit = limit
+        self._in_a_row = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # worker processes get their own count and lock
+        state = dict(self.__dict__)
+        state["_lock"], state["_in_a_row"] = None, 0
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __call__(self, record):
         if isinstance(record, Bad):
-            self.policy.handle(self.source, record)
-            return None
+            return self._skip(record)
         where, payload = record
         if isinstance(payload, str):
             if not payload.strip():
-                return self._bad(where, "empty document")
+                return self._skip(Bad(where, "empty document"))
             ids = self.tokenizer.encode(payload)
         else:
             ids = payload
             if not len(ids):
-                return self._bad(where, "empty document")
+                return self._skip(Bad(where, "empty document"))
             bad = np.flatnonzero((ids < 0) | (ids >= self.tokenizer.vocab_size))
             if len(bad):
-                return self._bad(where, f"token id {int(ids[bad[0]])} at offset {int(bad[0])} is outside "
-                                        f"[0, vocab_size={self.tokenizer.vocab_size})")
+                return self._skip(Bad(where, f"token id {int(ids[bad[0]])} at offset {int(bad[0])} is outside "
+                                             f"[0, vocab_size={self.tokenizer.vocab_size})"))
+        with self._lock:
+            self._in_a_row = 0
         if self.append_eos:
             ids = np.append(ids, np.int32(self.tokenizer.eos_id))
         return {"input_ids": ids.astype(np.int32, copy=False)}
 
-    def _bad(self, where, reason):
-        self.policy.handle(self.source, Bad(where, reason))
+    def _skip(self, bad: Bad):
+        self.policy.handle(self.source, bad)
+        with self._lock:
+            self._in_a_row += 1
+            n = self._in_a_row
+        if n >= self.limit:
+            raise DataError(f"source {self.source}: no usable record in {n} records in a row, so nothing to "
+                            f"train on (last: {bad.where}: {bad.reason})")
 
 
 def pack(ds, seq_len: int):

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from . import config as data_config
-from .errors import DataError, ErrorPolicy
+from .errors import MAX_CONSECUTIVE_SKIPS, DataError, ErrorPolicy
 from .packing import Encoder, Finalize, pack
 from .sources import open_source
 from .stages import Schedule, Stage
@@ -103,8 +103,12 @@ class DataPipeline:
             ds = grain.MapDataset.source(self.sources[name])[self.process_index::self.process_count]
             if cfg.shuffle:
                 ds = ds.shuffle(seed=_derived_seed(self.seed, stage.index, j))
+            shard_len = len(ds)
             ds = ds.repeat(None)  # reshuffled every epoch
-            ds = ds.map(Encoder(name, self.tokenizer, self.policy, cfg.sources[name].append_eos))
+            # Bad records in a row that prove a source unusable: a reader sees every record of the shard at
+            # least once in any two epochs (a worker, in 2 * num_workers epochs' worth).
+            limit = min(2 * shard_len * max(cfg.num_workers, 1) + cfg.read_buffer_size, MAX_CONSECUTIVE_SKIPS)
+            ds = ds.map(Encoder(name, self.tokenizer, self.policy, cfg.sources[name].append_eos, limit))
             if self.holdout is not None:
                 ds = ds.map(self.holdout)
             parts.append(ds)

@@ -37,7 +37,9 @@ def expand_paths(name: str, patterns: list[str], policy: ErrorPolicy) -> list[st
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             hint = " (an environment variable in it is not set)" if "$" in expanded else ""
-            what = "pattern matches no files" if _GLOB_CHARS & set(expanded) else "no such file"
+            what = ("pattern matches no files" if _GLOB_CHARS & set(expanded) else
+                    "is a directory, not a data file (use a glob such as DIR/*.jsonl)" if os.path.isdir(expanded)
+                    else "no such file")
             policy.handle(name, Bad(expanded, what + hint))
         files.extend(m for m in matches if m not in files)
     return files

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 
 from glm5_jax.config import ConfigError
 
@@ -46,12 +48,22 @@ def _init(args):
 def _load_ids(path: str, what: str, shape=None):
     import numpy as np
 
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path}: is a directory, not a .npy file")
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{what} {path}: not a readable .npy file ({e})") from None
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read ({e.strerror or e})") from None
+    except (ValueError, EOFError) as e:
+        # np.load reads a non-.npy file as a pickle, then refuses it: "pickled (object) data", "Failed to interpret".
+        why = "" if "pickle" in str(e) else f" ({str(e).splitlines()[0][:120]})"
+        raise InputError(f"{what} {path}: not a .npy file{why}; save the ids with numpy.save") from None
+    if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"{what} {path}: need a 2-D integer array [batch, seq]; got {array.dtype} {array.shape}")
+    if array.size == 0:
+        raise InputError(f"{what} {path}: is empty (shape {list(array.shape)}); need at least one token per row")
     if shape is not None and array.shape != shape:
         raise InputError(f"{what} {path}: shape {array.shape} differs from --input-ids {shape}")
     return array.astype(np.int32)
@@ -63,7 +75,13 @@ def _forward(args):
     from flax import nnx
 
     from glm5_jax.checkpoint import CheckpointReader, load_model
+    from glm5_jax.checkpoint.store import in_progress
 
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"--output {args.output}: folder {out_dir} does not exist")
+    if os.path.isdir(args.output):
+        raise InputError(f"--output {args.output}: is a directory; name a .npy file")
     ids = _load_ids(args.input_ids, "--input-ids")
     positions = _load_ids(args.positions, "--positions", ids.shape) if args.positions else None
     segments = _load_ids(args.segment_ids, "--segment-ids", ids.shape) if args.segment_ids else None
@@ -79,8 +97,13 @@ def _forward(args):
 
     logits = np.asarray(logits_of(state, ids, positions, segments), dtype=np.float32)
     tmp = f"{args.output}.tmp-{os.getpid()}.npy"
-    np.save(tmp, logits)
-    os.replace(tmp, args.output)
+    with in_progress(tmp):
+        try:
+            np.save(tmp, logits)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     print(f"wrote {args.output}: logits {logits.shape} float32")
 
 
@@ -97,6 +120,10 @@ def _data_inspect(args):
     from glm5_jax.data.errors import DataError
     from glm5_jax.data.inspect import inspect
 
+    for flag, value, minimum in (("--rows", args.rows, 0), ("--batches", args.batches, 1),
+                                 ("--chars", args.chars, 1)):
+        if value < minimum:
+            raise InputError(f"{flag}: must be an integer >= {minimum}; got {value}")
     try:
         inspect(args.config, rows=args.rows, stage=args.stage, batches=args.batches, chars=args.chars,
                 overrides=args.override)
@@ -288,20 +315,77 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+_GRACE_S = 3.0  # a stopped command that has not unwound by then (blocked in C, say) is ended outright
+_stop_signal: list = [None]
+
+
+def _exit_stopped(signum: int):
+    """Remove temporary outputs, end worker processes, exit 128 + signal number (no interpreter teardown,
+    which can crash while XLA threads still run)."""
+    store = sys.modules.get("glm5_jax.checkpoint.store")
+    if store is not None:
+        store.remove_in_progress()
+    import multiprocessing
+
+    for child in multiprocessing.active_children():  # Grain workers
+        child.terminate()
+    sys.stdout.flush()
+    print(f"glm5: stopped by {signal.Signals(signum).name}; nothing written", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def _stop(signum, frame):
+    """SIGTERM, like Ctrl-C, unwinds the command (its atomic writers remove what they had started); a
+    second signal, or a command still running after _GRACE_S, ends it at once."""
+    if _stop_signal[0] is not None:
+        _exit_stopped(signum)
+    _stop_signal[0] = signum
+    default_hook = sys.unraisablehook
+
+    def quiet(unraisable):  # the interrupt landed where Python drops exceptions (a gc callback): the timer ends it
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            default_hook(unraisable)
+
+    sys.unraisablehook = quiet
+    timer = threading.Timer(_GRACE_S, _exit_stopped, (signum,))
+    timer.daemon = True
+    timer.start()
+    raise KeyboardInterrupt
+
+
+def _run(args) -> int:
+    from glm5_jax.checkpoint import CheckpointError
+    from glm5_jax.convert.hf import ConversionError
+    from glm5_jax.data.errors import DataError
+
+    try:
+        args.run(args)
+    except (ConfigError, ConversionError, CheckpointError, InputError, DataError) as e:
+        print(f"glm5: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         logging.getLogger("absl").setLevel(logging.ERROR)
-    from glm5_jax.checkpoint import CheckpointError
-    from glm5_jax.convert.hf import ConversionError
-
+    # `glm5 train` stops at a step boundary and checkpoints (its own handlers); every other command stops at
+    # once, exit status 128 + signal number, and leaves no partial output.
+    if args.command == "train" or threading.current_thread() is not threading.main_thread():
+        return _run(args)
+    _stop_signal[0] = None
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        args.run(args)
-    except (ConfigError, ConversionError, CheckpointError, InputError) as e:
-        print(f"glm5: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return _run(args)
+    except KeyboardInterrupt:
+        if _stop_signal[0] is None:
+            raise
+        _exit_stopped(_stop_signal[0])
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

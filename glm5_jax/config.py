@@ -240,19 +240,56 @@ def preset_path(name: str, folder: str = "models", what: str = "model preset", s
     return str(path)
 
 
+def _config_path(source: str, folder: str, what: str, skip=()) -> str:
+    """The file a config source names: an existing path, else the shipped preset of that name."""
+    if os.path.isfile(source):
+        return source
+    looks_like_path = "/" in source or source.endswith((".yaml", ".yml"))
+    if os.path.isdir(source) and (looks_like_path or not os.path.isfile(os.path.join(
+            str(importlib.resources.files("glm5_jax.configs") / folder), f"{source}.yaml"))):
+        raise ConfigError(f"{source}: is a directory, not a {what} config file")
+    if looks_like_path:
+        raise ConfigError(f"{source}: no such file")
+    return preset_path(source, folder, f"{what} preset", skip)
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_plain(value, key: str = "") -> None:
+    """Raise ConfigError naming the key of the first value JSON cannot hold (a YAML date, set, binary...)."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)) or isinstance(k, bool):
+                raise ConfigError(f"{key or 'config'}: key {k!r} must be a string")
+            check_plain(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_plain(v, f"{key}.{i}")
+    elif not isinstance(value, _JSON_SCALARS):
+        hint = " (quote it to make it a string)" if type(value).__name__ in ("date", "datetime") else ""
+        raise ConfigError(f"{key}: a {type(value).__name__} value is not allowed, only strings, numbers, "
+                          f"booleans, null, lists and mappings; got {value!s}{hint}")
+
+
 def read_yaml_mapping(source: str, folder: str, what: str, skip=()) -> dict:
     """The mapping in a YAML file, or in the shipped preset of that name (``configs/FOLDER/``).
 
     `what` ("model", "data", "recipe", "layout") names the kind of config in error messages.
     """
-    path = source if os.path.exists(source) else preset_path(source, folder, f"{what} preset", skip)
-    with open(path) as f:
-        try:
+    path = _config_path(source, folder, what, skip)
+    try:
+        with open(path, encoding="utf-8") as f:
             values = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a {what} config is a YAML file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: a {what} config must be a mapping of keys to values")
+    check_plain(values)
     return values
 
 
@@ -268,33 +305,62 @@ def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfi
     return from_dict(apply_overrides(values, overrides))
 
 
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{key}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def _set(node, leaf: str, value, key: str, merge: bool = False):
+    """node[leaf] = value; a mapping set on a list sets the items it indexes (merged into mapping items)."""
+    if isinstance(node, list):
+        i = _list_index(node, leaf, key)
+        merge = merge and isinstance(node[i], dict) and isinstance(value, dict)
+        node[i] = {**node[i], **value} if merge else value
+    elif isinstance(node.get(leaf), list) and isinstance(value, dict):
+        for k, v in value.items():  # {"0": {...}}: how nested dotted keys (data_overrides.stages.0.x) arrive
+            _set(node[leaf], str(k), v, f"{key}.{k}", merge=True)
+    else:
+        node[leaf] = value
+
+
 def apply_overrides(values: dict, overrides) -> dict:
-    """Apply overrides: ``key=value`` strings (values parsed as YAML) or a mapping of keys to values;
-    ``a.b`` sets a nested key."""
+    """Apply overrides: ``key=value`` strings (values parsed as YAML) or a mapping of dotted keys to values.
+
+    ``a.b=v`` sets a nested key; a number indexes a list (``stages.0.seq_len=256``); a mapping set on a list
+    (``stages={0: {seq_len: 256}}``, how nested dotted overrides arrive) sets the items it indexes.
+    """
+    check_plain(values)
     values = json.loads(json.dumps(values))  # deep copy of plain data
     for key, value in override_items(overrides):
         *parents, leaf = key.split(".")
         node = values
         for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            node = node[_list_index(node, p, key)] if isinstance(node, list) else node.setdefault(p, {})
+            if not isinstance(node, (dict, list)):
                 raise ConfigError(f"{key}: {p} is not a mapping")
-        node[leaf] = value
+        _set(node, leaf, value, key)
     return values
 
 
 def override_items(overrides):
     """(dotted key, value) pairs of `key=value` strings (YAML values) or of a mapping (values as they are)."""
     if isinstance(overrides, dict):
+        for key, value in overrides.items():
+            check_plain(value, key)
         return list(overrides.items())
     items = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item}: overrides are key=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
         if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as text
             value = float(value)
+        check_plain(value, key)
         items.append((key, value))
     return items
 

@@ -5,10 +5,11 @@ from glm5_jax.checkpoint.store import (
     CheckpointReader,
     abstract_leaves,
     atomic_output_dir,
+    describe_read_error,
     load_model,
     save_model,
     write_streaming,
 )
 
-__all__ = ["CheckpointError", "CheckpointReader", "abstract_leaves", "atomic_output_dir", "load_model",
+__all__ = ["CheckpointError", "CheckpointReader", "abstract_leaves", "atomic_output_dir", "describe_read_error", "load_model",
            "save_model", "write_streaming"]

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Callable
 
@@ -35,6 +36,46 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or written; the message names the path and the cause."""
 
 
+_STATUS = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|INTERNAL|UNKNOWN|"
+                     r"PERMISSION_DENIED|UNAVAILABLE|ABORTED|RESOURCE_EXHAUSTED)\b")
+_OCDBT_KEY = re.compile(r'reading "([^"/]+)/[^"]*"')  # 'Error reading "layers.0.mlp.gate/0.0" in OCDBT ...'
+_FILE = re.compile(r'local file "([^"]+)"')
+_RANGE = re.compile(r"byte range \[(\d+), (\d+)\) is not valid for value of size (\d+)")
+
+
+def describe_read_error(exc: BaseException, directory: str) -> str:
+    """One short line for an Orbax / TensorStore read failure: the array (dotted name), the file, the cause.
+
+    TensorStore's messages are long and Orbax nests them inside reprs; the array and the file are found in
+    the text when it names them (an OCDBT key or a zarr chunk path below `directory`).
+    """
+    text = " ".join(str(exc).split())
+    array = None
+    m = _OCDBT_KEY.search(text)
+    if m:
+        array = m.group(1)
+    files = _FILE.findall(text)
+    file = files[-1] if files else None
+    if array is None and file:
+        root = os.path.abspath(directory)
+        rel = os.path.relpath(os.path.abspath(file), root) if os.path.abspath(file).startswith(root) else ""
+        parts = [p for p in rel.split(os.sep) if p and p != ".."]
+        names = [p for p in parts if re.fullmatch(r"[A-Za-z_][\w]*(\.\w+)+", p)]
+        array = names[0] if names else None
+    status = _STATUS.search(text)
+    cause = status.group(1) if status else type(exc).__name__
+    r = _RANGE.search(text)
+    if r:
+        cause += f": truncated (needs bytes up to {r.group(2)}, the stored value has {r.group(3)})"
+    elif status:
+        rest = text[status.end():].lstrip(": ")
+        cause += f": {rest[:160]}{'...' if len(rest) > 160 else ''}"
+    else:
+        cause += f": {text[:160]}{'...' if len(text) > 160 else ''}"
+    where = f"array {array}" if array else "an array"
+    return f"{where} in {file or directory}: {cause}"
+
+
 def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
     """Dotted name -> shape and dtype of every model variable, without allocating any of them."""
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
@@ -44,6 +85,28 @@ def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 def named_variables(model) -> dict[str, nnx.Variable]:
     """Every variable of a model by dotted name (`layers.1.mlp.experts_gate`), the checkpoint's leaf names."""
     return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
+
+
+_in_progress: set[str] = set()  # temporary outputs being written, for a command stopped by a signal
+
+
+@contextlib.contextmanager
+def in_progress(path: str):
+    """Mark `path` as a temporary output for the duration of the block (see `remove_in_progress`)."""
+    _in_progress.add(path)
+    try:
+        yield path
+    finally:
+        _in_progress.discard(path)
+
+
+def remove_in_progress():
+    """Delete every temporary output still being written (a command stopping without unwinding)."""
+    for path in list(_in_progress):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 @contextlib.contextmanager
@@ -58,16 +121,17 @@ def atomic_output_dir(out: str, overwrite: bool = False):
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        yield tmp
-        old = f"{tmp}-replaced"
-        if os.path.exists(out):
-            os.replace(out, old)  # the old output stays whole until the new one has its name
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with in_progress(tmp):
+        os.makedirs(tmp)
+        try:
+            yield tmp
+            old = f"{tmp}-replaced"
+            if os.path.exists(out):
+                os.replace(out, old)  # the old output stays whole until the new one has its name
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _chunks(shape, index_dims: int, itemsize: int) -> list[int]:
@@ -176,6 +240,7 @@ def load_model(directory: str, step: int | None = None, overrides=()) -> tuple[G
     cfg = reader.config
     if overrides:
         cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
+        _check_same_shapes(reader, cfg, overrides)
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = nest({name: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
@@ -187,6 +252,21 @@ def load_model(directory: str, step: int | None = None, overrides=()) -> tuple[G
     nnx.replace_by_pure_dict(state, _int_keys(restored))
     nnx.update(model, state)
     return model, cfg
+
+
+def _check_same_shapes(reader: CheckpointReader, cfg, overrides):
+    """Overrides of a saved model may change compute settings (dtype, remat, ...), never parameter shapes."""
+    saved = {n: v.shape for n, v in abstract_leaves(reader.config).items()}
+    wanted = {n: v.shape for n, v in abstract_leaves(cfg).items()}
+    if saved == wanted:
+        return
+    name = next((n for n in wanted if saved.get(n) != wanted[n]), None) or sorted(set(saved) - set(wanted))[0]
+    keys = ", ".join(o.split("=", 1)[0] for o in overrides)
+    need = f"would be {list(wanted[name])}" if name in wanted else "would not exist"
+    found = f"is {list(saved[name])}" if name in saved else "does not exist"
+    raise config_lib.ConfigError(f"{keys}: changes the shapes of the model's parameters ({name} {need}; in "
+                                 f"{reader.directory} step {reader.step} it {found}); overrides of a checkpoint "
+                                 "may change only compute settings such as dtype")
 
 
 def _int_keys(tree):

@@ -18,7 +18,14 @@ import numpy as np
 from safetensors import safe_open
 
 from glm5_jax import config as config_lib
-from glm5_jax.checkpoint import CheckpointError, CheckpointReader, abstract_leaves, atomic_output_dir, write_streaming
+from glm5_jax.checkpoint import (
+    CheckpointError,
+    CheckpointReader,
+    abstract_leaves,
+    atomic_output_dir,
+    describe_read_error,
+    write_streaming,
+)
 from glm5_jax.convert.names import Entry, hf_entries
 from glm5_jax.progress import progress_bar
 
@@ -44,8 +51,15 @@ class HFDirectory:
             raise ConversionError(f"{self.path}: no such directory")
         index = os.path.join(self.path, INDEX_FILE)
         if os.path.exists(index):
-            with open(index) as f:
-                weight_map = json.load(f).get("weight_map", {})
+            try:
+                with open(index, encoding="utf-8") as f:
+                    weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ConversionError(f"{index}: not valid JSON ({e})") from None
+            except AttributeError:
+                weight_map = None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{index}: needs a \"weight_map\" of tensor names to safetensors files")
             files = sorted(set(weight_map.values()))
         elif os.path.exists(os.path.join(self.path, SINGLE_FILE)):
             files = [SINGLE_FILE]
@@ -138,7 +152,10 @@ def parse_size(text: str) -> int:
     unit = m.group(2).upper().rstrip("B")
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30,
              "TI": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    size = int(float(m.group(1)) * scale)
+    if size < 1:
+        raise ConversionError(f"--max-shard-size: must be at least 1 byte (e.g. 5GB, 500MB); got {text!r}")
+    return size
 
 
 class SafetensorsWriter:
@@ -174,7 +191,7 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
     """Export a checkpoint step as a transformers GLM-5 directory (safetensors + index + config.json)."""
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype: must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    limit = parse_size(str(max_shard_size))
     reader = CheckpointReader(checkpoint, step)
     cfg = reader.config
     leaves = abstract_leaves(cfg)
@@ -212,7 +229,11 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
                         raise CheckpointError(f"{checkpoint} step {reader.step}: array {e.path} has shape "
                                               f"{list(arrays[e.path].shape)}; its config implies "
                                               f"{list(leaves[e.path].shape)}")
-                slot = arrays[e.path][e.index].read().result()
+                try:
+                    slot = arrays[e.path][e.index].read().result()
+                except (ValueError, OSError) as exc:  # TensorStore: a truncated or corrupt data file
+                    raise CheckpointError(f"{checkpoint} step {reader.step}: cannot read "
+                                          f"{describe_read_error(exc, reader.item_dir)}") from None
                 writer.write(e.hf, e.to_hf(np.asarray(slot)).astype(dt))
                 advance()
             writer.close()

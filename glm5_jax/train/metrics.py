@@ -43,6 +43,17 @@ def _finite(x):
     return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None
 
 
+def _record(line: bytes) -> dict | None:
+    """A whole JSONL record (a JSON object ending in a newline), or None."""
+    if not line.endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """`RUN_DIR/metrics.jsonl` (one record per logged step), TensorBoard events, console lines."""
 
@@ -114,13 +125,25 @@ class MetricsLog:
 
 
 def _truncate(path: str, step: int):
-    """Drop records after `step` (written after the checkpoint a resume starts from)."""
+    """Keep the whole records up to `step`: drop later ones (written after the checkpoint a resume starts from)
+    and a torn last line (the process died mid-write), which would otherwise break every reader."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep, dropped = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            record = _record(line)
+            if record is None:  # torn or corrupt: nothing after it is trusted
+                dropped += 1 + sum(1 for _ in f)
+                break
+            if record.get("step", 0) <= step:
+                keep.append(line)
+    if dropped:
+        print(f"glm5 train: {path}: dropped {dropped} torn or unreadable line(s) at the end", file=sys.stderr)
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(tmp, "wb") as f:
         f.writelines(keep)
     os.replace(tmp, path)
 
