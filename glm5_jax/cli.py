@@ -323,8 +323,9 @@ def _exit_stopped(signum: int):
     """Remove temporary outputs, end worker processes, exit 128 + signal number (no interpreter teardown,
     which can crash while XLA threads still run)."""
     store = sys.modules.get("glm5_jax.checkpoint.store")
-    if store is not None:
-        store.remove_in_progress()
+    remove = getattr(store, "remove_in_progress", None)  # (None while the module is still being imported:
+    if remove is not None:                               # then nothing can have been registered yet)
+        remove()
     import multiprocessing
 
     for child in multiprocessing.active_children():  # Grain workers

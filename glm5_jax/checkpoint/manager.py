@@ -103,8 +103,11 @@ class CheckpointManager:
         self.last_saved, self._saved_at = step, time.monotonic()
 
     def close(self):
-        self.mngr.wait_until_finished()
-        self.mngr.close()
+        """Wait for a save in flight, then release the manager (again: nothing)."""
+        if self.mngr is not None:
+            self.mngr.wait_until_finished()
+            self.mngr.close()
+            self.mngr = None
 
     # -- restore ----------------------------------------------------------------------------------------
 

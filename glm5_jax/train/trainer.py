@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import threading
 import time
 
@@ -210,8 +211,24 @@ def train(recipe: Recipe, out=print) -> dict:
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params), abstract, out)
     run_dir = os.path.abspath(recipe.run_dir)
+    created = not os.path.exists(run_dir)  # a run that fails before its first checkpoint leaves nothing here
     os.makedirs(run_dir, exist_ok=True)
     ckpt = CheckpointManager(os.path.join(run_dir, "checkpoints"), recipe.checkpoint)
+    ok = False
+    try:
+        summary = _run(run, pipe, programs, abstract, ckpt, run_dir, out)
+        ok = True
+        return summary
+    finally:
+        ckpt.close()
+        if not ok and created and ckpt.last_saved is None:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing on disk
+
+
+def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: CheckpointManager, run_dir: str,
+         out) -> dict:
+    """The loop of `train`, from restore-or-init to the last save."""
+    recipe = run.recipe
     total = run.total_steps
     end = total if recipe.max_steps is None else min(total, recipe.max_steps)
     state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract), pipe,
