@@ -119,8 +119,11 @@ class Generator:
         check_max_length(cfg, T)
         if T <= P:
             raise ConfigError(f"--max-length: {T} leaves no room after the longest prompt ({P} tokens)")
-        if self.par is not None and B % self.par.axis_size("batch"):
-            raise ConfigError(f"batch: {B} prompts do not split into {self.par.axis_size('batch')} batch shards")
+        extra = -B % (self.par.axis_size("batch") if self.par is not None else 1)
+        if extra:  # fill the last batch shard with copies of the last prompt, dropped from the result
+            r = self.generate(list(prompts) + [prompts[-1]] * extra, max_new_tokens, T, return_logits=return_logits)
+            return dataclasses.replace(r, sequences=r.sequences[:B], prompt_lengths=r.prompt_lengths[:B],
+                                       logits=None if r.logits is None else r.logits[:B])
         if return_logits and self.speculative:
             raise ConfigError("return_logits: not kept with speculative decoding")
         seq = np.zeros((B, T), np.int32)
