@@ -16,7 +16,7 @@ from glm5_jax.checkpoint import load_model
 from glm5_jax.generate import Generator, Sampling
 from glm5_jax.generate import cache as cache_lib
 from glm5_jax.generate import speculative
-from glm5_jax.generate import step as step_lib
+from glm5_jax.generate.runner import prefill_all
 from glm5_jax.generate.sampling import log_probs
 from tests.conftest import TINY, add_mtp_shard, build_hf_model, run_cli
 
@@ -125,9 +125,9 @@ def test_verify_accepts_the_agreeing_prefix(sparse_model, greedy):
     @jax.jit
     def run(state, drafts):
         m = nnx.merge(graphdef, state)
-        _, hidden, cache = step_lib.prefill(m, prompt, length, T)
-        hidden = jnp.pad(hidden, ((0, 0), (0, T - hidden.shape[1]), (0, 0)))
-        ids = jnp.concatenate([jnp.asarray(plain.sequences[0][None, len(prompts[0]):len(prompts[0]) + 1]), drafts], axis=1)
+        _, cache, hidden = prefill_all(m, prompt, length, T, True)
+        ids = jnp.concatenate([jnp.asarray(plain.sequences[0][None, len(prompts[0]):len(prompts[0]) + 1]), drafts],
+                              axis=1)
         return speculative.verify(m, cache, hidden, ids, length, None, Sampling(), jax.random.key(0))[:2]
 
     truth = plain.sequences[0][len(prompts[0]) + 1:len(prompts[0]) + 2 + D]  # tokens n + 1 .. n + D + 1
@@ -137,6 +137,36 @@ def test_verify_accepts_the_agreeing_prefix(sparse_model, greedy):
     wrong[1] = (wrong[1] + 1) % TINY["vocab_size"]
     tokens, accepted = run(state, jnp.asarray(wrong[None]))
     assert int(accepted[0]) == 1 and np.asarray(tokens)[0, :2].tolist() == truth[:2].tolist()
+
+
+def test_mtp_drafts_match_the_training_forward(sparse_model):
+    """Each step's draft logits equal the MTP heads of a full training forward over the committed tokens
+    followed by the drafts (depth k at the newest position reads draft k - 1), step after step: the MTP
+    depth caches, and their entries rewritten once a drafted token is committed, are exact."""
+    _, model = sparse_model
+    D = model.cfg.mtp_depths
+    graphdef, state = nnx.split(model)
+    prompt = prompts_for(TINY["vocab_size"], (18,), seed=4)[0]
+    P, T, steps = len(prompt), len(prompt) + 16, 5
+    start = jax.jit(lambda st, ids, n: prefill_all(nnx.merge(graphdef, st), ids, n, T, True))
+    spec = jax.jit(lambda st, c, h, seq, n: speculative.step(nnx.merge(graphdef, st), c, h, seq, n, Sampling(),
+                                                             jax.random.key(0)))
+    logits, cache, hidden = start(state, jnp.asarray(prompt[None]), jnp.asarray([P], jnp.int32))
+    seq = np.zeros((1, T), np.int32)
+    seq[0, :P], seq[0, P] = prompt, int(np.argmax(logits[0]))
+    n, worst = P, 0.0
+    for _ in range(steps):
+        tokens, accepted, cache, hidden, draft_logits = spec(state, cache, hidden, jnp.asarray(seq),
+                                                             jnp.asarray([n], jnp.int32))
+        drafts = np.argmax(np.asarray(draft_logits)[0], axis=-1)
+        x = np.concatenate([seq[0, :n + 1], drafts[:D - 1]])[None]
+        want = np.asarray(model(jnp.asarray(x), mtp_depths=D).mtp_logits)[:, 0, n - 1]  # [D, V]
+        worst = max(worst, float(np.abs(np.asarray(draft_logits)[0] - want).max() / np.abs(want).max()))
+        a = int(accepted[0])
+        seq[0, n + 1:n + a + 2] = np.asarray(tokens)[0, :a + 1]
+        n += a + 1
+    print(f"draft logits vs training-forward MTP logits over {steps} steps: max rel {worst:.2e}")
+    assert worst < 1e-5
 
 
 def test_sharded_decoding_matches_one_device(sparse_model, greedy):

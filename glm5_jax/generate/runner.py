@@ -58,6 +58,20 @@ def eos_ids(cfg) -> tuple[int, ...]:
     return () if e is None else (e,) if isinstance(e, int) else tuple(e)
 
 
+def prefill_all(model, ids, lengths, cache_length: int, with_mtp: bool):
+    """Prefill prompts ids [B, P] (real up to `lengths`) into a cache of `cache_length` slots.
+
+    -> (logits [B, V] at each row's last prompt token, DecodeCache, and with `with_mtp` the MTP caches
+    filled and the main model's final-normed hidden states [B, cache_length, D] the drafts read; else
+    None)."""
+    logits, hidden, cache = step_lib.prefill(model, ids, lengths, cache_length)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    if not with_mtp:
+        return last, cache, None
+    cache = step_lib.mtp_prefill(model, ids, lengths, hidden, cache)
+    return last, cache, jnp.pad(hidden, ((0, 0), (0, cache_length - hidden.shape[1]), (0, 0)))
+
+
 class Generator:
     """Generate from a GLM5 model; with `par` the weights, cache and batch follow that layout."""
 
@@ -77,25 +91,15 @@ class Generator:
         s = self.sampling
 
         def prefill(st, ids, lengths, key, cache_length):
-            model = merge(st)
-            logits, hidden, cache = step_lib.prefill(model, ids, lengths, cache_length)
-            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            if speculative_mtp:
-                cache = step_lib.mtp_prefill(model, ids, lengths, hidden, cache)
-                pad = cache_length - hidden.shape[1]
-                hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-            return sample(last, s, key), last, cache, hidden
+            logits, cache, hidden = prefill_all(merge(st), ids, lengths, cache_length, speculative_mtp)
+            return sample(logits, s, key), logits, cache, hidden
 
         def decode(st, cache, ids, positions, key):
             logits, _, cache = step_lib.decode(merge(st), cache, ids, positions)
             return sample(logits[:, -1], s, key), logits[:, -1], cache
 
         def spec_step(st, cache, hidden, seq, n, key):
-            model = merge(st)
-            k_draft, k_verify = jax.random.split(key)
-            drafts, q_logp, cache = speculative.draft(model, cache, hidden, seq, n, s, k_draft)
-            ids = jnp.concatenate([jnp.take_along_axis(seq, n[:, None], axis=1), drafts], axis=1)
-            return speculative.verify(model, cache, hidden, ids, n, q_logp, s, k_verify)
+            return speculative.step(merge(st), cache, hidden, seq, n, s, key)[:4]
 
         self._prefill = jax.jit(prefill, static_argnums=4)
         self._decode = jax.jit(decode, donate_argnums=1)

@@ -27,9 +27,20 @@ def window(cfg) -> int:
     return 2 * cfg.mtp_depths + 1
 
 
+def step(model, cache, hidden, seq, n, s: Sampling, key):
+    """One speculative step from newest tokens seq[b, n[b]]: draft, then verify.
+
+    -> (tokens [B, D + 1], accepted [B], cache, hidden, draft logits [B, D, V]) (see `verify`)."""
+    k_draft, k_verify = jax.random.split(key)
+    drafts, draft_logits, cache = draft(model, cache, hidden, seq, n, s, k_draft)
+    ids = jnp.concatenate([jnp.take_along_axis(seq, n[:, None], axis=1), drafts], axis=1)
+    q_logp = None if s.greedy else log_probs(draft_logits, s)
+    return (*verify(model, cache, hidden, ids, n, q_logp, s, k_verify), draft_logits)
+
+
 def draft(model, cache, hidden, seq, n, s: Sampling, key):
-    """Draft tokens [B, depths] for positions n + 1 .. n + depths, their draft log-probabilities
-    [B, depths, V] (None when greedy), and the cache with the MTP depths' window entries rewritten.
+    """Draft tokens [B, depths] for positions n + 1 .. n + depths, the MTP logits they were drawn from
+    [B, depths, V] (float32), and the cache with the MTP depths' window entries rewritten.
 
     hidden [B, T, D]: the main model's final-normed hidden state per position (valid below n);
     seq [B, T]: committed tokens (valid up to n)."""
@@ -49,10 +60,10 @@ def draft(model, cache, hidden, seq, n, s: Sampling, key):
         last = logits[:, -1]
         token = sample(last, s, k)
         ext = jax.lax.dynamic_update_slice_in_dim(ext, token[:, None], W + d + 1, axis=1)
-        return (h, ext, cache), (token, None if s.greedy else log_probs(last, s))
+        return (h, ext, cache), (token, last)
 
-    (_, _, cache), (tokens, q) = jax.lax.scan(depth, (h0, ext, cache), (jnp.arange(D), keys))
-    return tokens.T, None if q is None else jnp.swapaxes(q, 0, 1), cache
+    (_, _, cache), (tokens, logits) = jax.lax.scan(depth, (h0, ext, cache), (jnp.arange(D), keys))
+    return tokens.T, jnp.swapaxes(logits, 0, 1), cache
 
 
 def verify(model, cache, hidden, ids, n, q_logp, s: Sampling, key):
