@@ -200,9 +200,10 @@ def test_cache_holds_latent_and_indexer_key_only(sparse_model):
 
     glm5 = ModelConfig(dtype="bfloat16", indexer_types=["full", "shared"] * 39)
     big = jax.eval_shape(lambda: cache_lib.empty(glm5, 1, 8, with_mtp=True))
-    assert cache_lib.per_token_per_layer(big)[:2] == [576 * 2 + 128 * 4, 576 * 2]
+    assert cache_lib.per_token_per_layer(big)[:2] == [(576 + 128) * 2, 576 * 2]  # bfloat16
     assert big.mtp.latent.shape == (3, 1, 8, 576) and big.mtp.index_keys.shape == (3, 1, 8, 128)
-    assert cache_lib.cache_bytes_per_token(glm5) == 576 * 2 + 128 * 4
+    assert cache_lib.cache_bytes_per_token(glm5) == (576 + 128) * 2
+    assert cache_lib.cache_bytes_per_token(glm5, indexer=False) == 576 * 2
 
 
 def test_sampling_knobs():

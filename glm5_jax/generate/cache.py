@@ -24,7 +24,7 @@ class LayerCache(NamedTuple):
     """One layer group's (or the MTP depths') cache."""
 
     latent: jax.Array  # [layers, B, T, kv_lora_rank + qk_rope_head_dim], model dtype
-    index_keys: jax.Array | None  # [layers, B, T, index_head_dim] float32; None for "shared" layers
+    index_keys: jax.Array | None  # [layers, B, T, index_head_dim], model dtype; None for "shared" layers
 
 
 class DecodeCache(NamedTuple):
@@ -41,20 +41,20 @@ def latent_width(cfg) -> int:
 
 
 def cache_bytes_per_token(cfg, indexer: bool = True) -> int:
-    """Bytes one layer keeps per token: the latent in the model dtype, the indexer key in float32."""
-    width = latent_width(cfg) * jnp.dtype(cfg.dtype).itemsize
-    return width + (cfg.index_head_dim * 4 if indexer else 0)
+    """Bytes one layer keeps per token: latent and indexer key, both in the model dtype (the indexer
+    computes its key in the model dtype and only then casts it to float32 for scoring, so this is lossless)."""
+    return (latent_width(cfg) + (cfg.index_head_dim if indexer else 0)) * jnp.dtype(cfg.dtype).itemsize
 
 
 def _layer_cache(cfg, layers: int, indexer: bool, batch: int, length: int, entries=None) -> LayerCache:
     """A zero cache, or one holding `entries` (latent, keys) [layers, B, L <= length, .] in slots 0..L-1."""
     latent = jnp.zeros((layers, batch, length, latent_width(cfg)), jnp.dtype(cfg.dtype))
-    keys = jnp.zeros((layers, batch, length, cfg.index_head_dim), jnp.float32) if indexer else None
+    keys = jnp.zeros((layers, batch, length, cfg.index_head_dim), jnp.dtype(cfg.dtype)) if indexer else None
     if entries is not None:
         lat, k = entries
         latent = jax.lax.dynamic_update_slice(latent, lat.astype(latent.dtype), (0, 0, 0, 0))
         if keys is not None:
-            keys = jax.lax.dynamic_update_slice(keys, k.astype(jnp.float32), (0, 0, 0, 0))
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), (0, 0, 0, 0))
     return LayerCache(latent, keys)
 
 

@@ -130,9 +130,10 @@ class MLA(nnx.Module):
         sparse = latent.shape[1] > cfg.index_topk
         if self.indexer is not None:
             qi, ki, wi = self.indexer.project(x, c_q, cos, sin)
-            index_keys = constrain(write_slots(index_keys, positions, ki), ("batch", None, None))
+            index_keys = constrain(write_slots(index_keys, positions, ki.astype(index_keys.dtype)),
+                                   ("batch", None, None))
             if sparse:
-                scores = jnp.where(ok, self.indexer.scores(qi, index_keys, wi), -jnp.inf)
+                scores = jnp.where(ok, self.indexer.scores(qi, index_keys.astype(jnp.float32), wi), -jnp.inf)
                 topk_idx = jax.lax.top_k(scores, cfg.index_topk)[1].astype(jnp.int32)
         scale = cfg.qk_head_dim ** -0.5
         r = cfg.kv_lora_rank
