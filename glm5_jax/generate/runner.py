@@ -6,6 +6,7 @@ one decode step reused for every token), so tokens per second count decoding onl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 
@@ -15,7 +16,6 @@ import numpy as np
 from flax import nnx
 
 from glm5_jax.config import ConfigError
-from glm5_jax.generate import cache as cache_lib
 from glm5_jax.generate import speculative
 from glm5_jax.generate import step as step_lib
 from glm5_jax.generate.sampling import Sampling, sample
@@ -135,7 +135,7 @@ class Generator:
             seq[i, :len(p)] = p
         eos = np.array(eos_ids(cfg) or [-1])
         key = jax.random.key(s.seed)
-        with use(self.par) if self.par is not None else _nullcontext():
+        with use(self.par) if self.par is not None else contextlib.nullcontext():
             token, last, cache, hidden = self._prefill(self.state, self._put(seq[:, :P], ("batch", None)),
                                                        self._put(lengths, ("batch",)), jax.random.fold_in(key, 0), T)
             n = lengths.copy()  # per row: index of the newest token; positions below it are in the cache
@@ -180,11 +180,3 @@ class Generator:
         if self.speculative and row_steps:
             result.accepted = committed / row_steps  # tokens a row commits per step (accepted drafts + 1)
         return result
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

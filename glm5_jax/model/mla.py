@@ -10,6 +10,10 @@ selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blo
 KL against the dense attention is returned) and "sparse_adapt" (top-k attention; KL over the selected
 keys). In both training modes the indexer's inputs are detached, so no gradient passes between the
 indexer and the rest of the model.
+
+Generation (docs/generation.md) shares this code: `forward(..., with_cache=True)` also returns what a
+decode cache keeps of the tokens (the latent and the indexer key), and `decode` runs new tokens over that
+cache with the same absorbed kernels (`_attend_all`, `_attend_selected`).
 """
 
 from __future__ import annotations
