@@ -220,21 +220,26 @@ def test_sampling_knobs():
 
 
 def test_speculative_sampling_follows_the_target_distribution():
-    """The rejection rule's output is distributed as the target p whatever the draft q."""
-    V, n = 5, 20000
-    p_logits = jnp.log(jnp.asarray([0.5, 0.2, 0.15, 0.1, 0.05]))
+    """accept_sampled's first output token is distributed as the target p whatever the draft q (and the
+    acceptance rate is sum min(p, q)); a draft that always agrees with greedy is always accepted."""
+    V, n, D = 5, 40000, 2
+    p = jnp.asarray([0.5, 0.2, 0.15, 0.1, 0.05])
     q = jnp.asarray([0.1, 0.1, 0.5, 0.2, 0.1])
-    s = Sampling(temperature=1.0)
-    key_d, key_r = jax.random.split(jax.random.key(0))
-    drafts = jax.random.categorical(key_d, jnp.log(q), shape=(n,))
-    u = jax.random.uniform(key_r, (n,))
-    p = jnp.exp(log_probs(p_logits, s))
-    accept = u < p[drafts] / q[drafts]
-    residual = jnp.maximum(p - q, 0) / jnp.maximum(p - q, 0).sum()
-    # What verify draws on rejection, checked in distribution: accepted drafts + rejected mass x residual.
-    got = np.bincount(np.asarray(drafts)[np.asarray(accept)], minlength=V) / n
-    got = got + (1 - np.asarray(accept).mean()) * np.asarray(residual)
-    np.testing.assert_allclose(got, np.asarray(p), atol=0.01)
+    key_d, key_a = jax.random.split(jax.random.key(0))
+    drafts = jax.random.categorical(key_d, jnp.log(q), shape=(n, D)).astype(jnp.int32)
+    p_logp = jnp.broadcast_to(jnp.log(p), (n, D + 1, V))
+    q_logp = jnp.broadcast_to(jnp.log(q), (n, D, V))
+    accepted, last = speculative.accept_sampled(p_logp, q_logp, drafts, key_a)
+    accepted, last = np.asarray(accepted), np.asarray(last)
+    first = np.where(accepted > 0, np.asarray(drafts)[:, 0], last)  # the step's first committed token
+    np.testing.assert_allclose(np.bincount(first, minlength=V) / n, np.asarray(p), atol=0.01)
+    np.testing.assert_allclose((accepted > 0).mean(), float(jnp.minimum(p, q).sum()), atol=0.01)
+    second = np.where(accepted > 1, np.asarray(drafts)[:, 1], last)[accepted > 0]
+    np.testing.assert_allclose(np.bincount(second, minlength=V) / len(second), np.asarray(p), atol=0.015)
+    logits = jnp.asarray([[[0.0, 3, 0, 0, 0], [0, 0, 3, 0, 0], [0, 0, 0, 3, 0]]])
+    assert [int(a[0]) for a in speculative.accept_greedy(logits, jnp.asarray([[1, 2]], jnp.int32))] == [2, 3]
+    assert [int(a[0]) for a in speculative.accept_greedy(logits, jnp.asarray([[1, 4]], jnp.int32))] == [1, 2]
+    assert [int(a[0]) for a in speculative.accept_greedy(logits, jnp.asarray([[0, 2]], jnp.int32))] == [0, 1]
 
 
 def test_seeded_sampling(sparse_model):

@@ -71,30 +71,44 @@ def verify(model, cache, hidden, ids, n, q_logp, s: Sampling, key):
 
     -> (tokens [B, D + 1] for positions n + 1 ..: the first accepted + 1 are the step's output, accepted
     [B] int32, cache, hidden with these positions written)."""
-    B, Q = ids.shape
-    D = Q - 1
+    Q = ids.shape[1]
     drafts = ids[:, 1:]
     positions = n[:, None] + jnp.arange(Q, dtype=jnp.int32)
     logits, h, cache = step_lib.decode(model, cache, ids, positions)
     hidden = write_slots(hidden, positions, h.astype(hidden.dtype))
     if s.greedy:
-        target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        accepted = jnp.cumprod(drafts == target[:, :D], axis=1).sum(axis=1).astype(jnp.int32)
-        last = jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+        accepted, last = accept_greedy(logits, drafts)
     else:
-        k_accept, k_draw = jax.random.split(key)
-        p_logp = log_probs(logits, s)  # [B, D + 1, V]
-        take = lambda lp, t: jnp.take_along_axis(lp, t[..., None], axis=-1)[..., 0]
-        ratio = jnp.exp(take(p_logp[:, :D], drafts) - take(q_logp, drafts))
-        ok = jax.random.uniform(k_accept, (B, D)) < ratio
-        accepted = jnp.cumprod(ok, axis=1).sum(axis=1).astype(jnp.int32)
-        p = jnp.exp(p_logp)
-        residual = jnp.maximum(p[:, :D] - jnp.exp(q_logp), 0.0)
-        mass = residual.sum(-1, keepdims=True)
-        residual = jnp.where(mass > 0, residual / jnp.maximum(mass, 1e-30), p[:, :D])
-        dist = jnp.concatenate([residual, p[:, D:]], axis=1)  # [B, D + 1, V]: draw at position `accepted`
-        row = jnp.take_along_axis(dist, accepted[:, None, None], axis=1)[:, 0]
-        last = jax.random.categorical(k_draw, jnp.log(row), axis=-1).astype(jnp.int32)
+        accepted, last = accept_sampled(log_probs(logits, s), q_logp, drafts, key)
     j = jnp.arange(Q)
     tokens = jnp.where(j < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), last[:, None])
     return tokens, accepted, cache, hidden
+
+
+def accept_greedy(logits, drafts):
+    """Longest prefix of drafts [B, D] equal to the argmax of the main logits [B, D + 1, V] at the position
+    before each, and the main model's argmax after it. -> (accepted [B], next token [B])."""
+    target = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    accepted = jnp.cumprod(drafts == target[:, :-1], axis=1).sum(axis=1).astype(jnp.int32)
+    return accepted, jnp.take_along_axis(target, accepted[:, None], axis=1)[:, 0]
+
+
+def accept_sampled(p_logp, q_logp, drafts, key):
+    """Speculative sampling: accept draft i with probability min(1, p(d_i) / q(d_i)); at the first
+    rejection draw from normalise(max(p - q, 0)), after D acceptances from p at the last position.
+
+    p_logp [B, D + 1, V]: the main model's sampling log-probabilities; q_logp [B, D, V]: the drafts'.
+    -> (accepted [B], next token [B])."""
+    B, D = drafts.shape
+    k_accept, k_draw = jax.random.split(key)
+    take = lambda lp: jnp.take_along_axis(lp, drafts[..., None], axis=-1)[..., 0]
+    ratio = jnp.exp(take(p_logp[:, :D]) - take(q_logp))
+    ok = jax.random.uniform(k_accept, (B, D)) < ratio
+    accepted = jnp.cumprod(ok, axis=1).sum(axis=1).astype(jnp.int32)
+    p = jnp.exp(p_logp)
+    residual = jnp.maximum(p[:, :D] - jnp.exp(q_logp), 0.0)
+    mass = residual.sum(-1, keepdims=True)
+    residual = jnp.where(mass > 0, residual / jnp.maximum(mass, 1e-30), p[:, :D])
+    dist = jnp.concatenate([residual, p[:, D:]], axis=1)  # [B, D + 1, V]: drawn from at position `accepted`
+    row = jnp.take_along_axis(dist, accepted[:, None, None], axis=1)[:, 0]
+    return accepted, jax.random.categorical(k_draw, jnp.log(row), axis=-1).astype(jnp.int32)
