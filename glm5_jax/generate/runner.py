@@ -101,9 +101,17 @@ class Generator:
         def spec_step(st, cache, hidden, seq, n, key):
             return speculative.step(merge(st), cache, hidden, seq, n, s, key)[:4]
 
+        self._compiled = {}  # (step, batch, cache length) -> executable: one compile per shape
         self._prefill = jax.jit(prefill, static_argnums=4)
         self._decode = jax.jit(decode, donate_argnums=1)
         self._spec = jax.jit(spec_step, donate_argnums=(1, 2))
+
+    def _compile(self, fn, args, batch: int, length: int):
+        """fn compiled ahead of time for these argument shapes (before the timed loop), reused by later calls."""
+        key = (fn, batch, length)
+        if key not in self._compiled:
+            self._compiled[key] = fn.lower(*args).compile()
+        return self._compiled[key]
 
     def _put(self, x, axes):
         if self.par is None:
@@ -149,14 +157,14 @@ class Generator:
                 k = jax.random.fold_in(key, steps + 1)
                 if self.speculative:
                     args = (self.state, cache, hidden, self._put(seq, ("batch", None)), self._put(n, ("batch",)), k)
-                    compiled = compiled or self._spec.lower(*args).compile()
+                    compiled = compiled or self._compile(self._spec, args, B, T)
                     start = start or time.perf_counter()
                     tokens, accepted, cache, hidden = compiled(*args)
                     tokens, accepted = np.asarray(tokens), np.asarray(accepted)
                 else:
                     args = (self.state, cache, self._put(seq[np.arange(B), n][:, None], ("batch", None)),
                             self._put(n[:, None], ("batch", None)), k)
-                    compiled = compiled or self._decode.lower(*args).compile()
+                    compiled = compiled or self._compile(self._decode, args, B, T)
                     start = start or time.perf_counter()
                     token, last, cache = compiled(*args)
                     tokens, accepted = np.asarray(token)[:, None], np.zeros(B, np.int32)
