@@ -35,10 +35,10 @@ def main():
         model = GLM5(cfg, rngs=nnx.Rngs(0))
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; prompt {args.prompt_len} tokens, "
           f"{args.new} new; index_topk {cfg.index_topk} (decode is sparse)")
-    rng = np.random.default_rng(0)
     for spec in (False, True):
         gen = Generator(model, speculative_mtp=spec)
         for batch in map(int, args.batches.split(",")):
+            rng = np.random.default_rng(batch)  # the same prompts with and without speculation
             prompts = [rng.integers(3, cfg.vocab_size, args.prompt_len).astype(np.int32) for _ in range(batch)]
             r = gen.generate(prompts, args.new)
             extra = f", mean acceptance length {r.accepted:.2f}" if spec else ""
