@@ -144,10 +144,10 @@ class MLA(nnx.Module):
         if sparse:
             sel = jax.vmap(lambda a, i: a[i])(latent, topk_idx)  # [B, Q, K, C]
             out, _ = self._attend_selected(q_nope, q_rope, sel[..., :r], sel[..., r:],
-                                           topk_idx <= positions[..., None], scale)
+                                           topk_idx <= positions[..., None], scale, *self._absorbed())
         else:
             topk_idx = None
-            out, _ = self._attend_all(q_nope, q_rope, latent[..., :r], latent[..., r:], ok, scale)
+            out, _ = self._attend_all(q_nope, q_rope, latent[..., :r], latent[..., r:], ok, scale, *self._absorbed())
         return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, latent, index_keys
 
     def _absorbed(self):
@@ -155,10 +155,10 @@ class MLA(nnx.Module):
         kv_b = self.w(self.kv_b_proj)
         return kv_b[..., :nope], kv_b[..., nope:]
 
-    def _attend_all(self, qn, qr, c_kv, k_rope, ok, scale):
+    def _attend_all(self, qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv):
         """Absorbed attention of queries [B, Q, H, .] over all keys c_kv [B, K, C], k_rope [B, K, R] where
-        `ok` [B, Q, K] -> (output [B, Q, H, v_head_dim], float32 probabilities [B, Q, H, K])."""
-        w_uk, w_uv = self._absorbed()
+        `ok` [B, Q, K], with kv_b_proj's key and value halves w_uk, w_uv (`_absorbed`) -> (output
+        [B, Q, H, v_head_dim], float32 probabilities [B, Q, H, K])."""
         q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
         s = jnp.einsum("bqhc,bkc->bqhk", q_lat, c_kv) + jnp.einsum("bqhr,bkr->bqhk", qr, k_rope)
         s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
@@ -166,10 +166,9 @@ class MLA(nnx.Module):
         o_lat = jnp.einsum("bqhk,bkc->bqhc", p32.astype(self.dtype), c_kv)
         return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
 
-    def _attend_selected(self, qn, qr, c_sel, r_sel, ok, scale):
+    def _attend_selected(self, qn, qr, c_sel, r_sel, ok, scale, w_uk, w_uv):
         """Absorbed attention of each query [B, Q, H, .] over its own keys c_sel [B, Q, K, C], r_sel
         [B, Q, K, R] where `ok` [B, Q, K] -> (output [B, Q, H, v_head_dim], probabilities [B, Q, H, K])."""
-        w_uk, w_uv = self._absorbed()
         q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
         s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
         s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
@@ -191,12 +190,13 @@ class MLA(nnx.Module):
         """Dense attention over every visible key in absorbed form, one query block at a time (DSA warm-up
         at any length, and shared-indexer layers then). With `index` = the indexer's (q, k, w), also the
         per-query indexer KL over all visible keys."""
+        w_uk, w_uv = self._absorbed()
         k_index = jnp.arange(q_nope.shape[1])
         ki = None if index is None else constrain(index[1], ("batch", None, None))
 
         def block(qn, qr, q_index, q_segment, *qw):
             ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
-            out, p32 = self._attend_all(qn, qr, c_kv, k_rope, ok, scale)
+            out, p32 = self._attend_all(qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv)
             if not qw:
                 return out, None
             return out, indexer_kl(p32, self.indexer.scores(qw[0], ki, qw[1]), ok)
@@ -209,12 +209,14 @@ class MLA(nnx.Module):
     def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index=None):
         """Attention over each query's top-k keys; with `index` (sparse adaptation) also the per-query
         indexer KL restricted to those keys."""
+        w_uk, w_uv = self._absorbed()
         gather = jax.vmap(lambda a, i: a[i])  # per batch row: [L, ...][Q, K] -> [Q, K, ...]
         ki = None if index is None else constrain(index[1], ("batch", None, None))
 
         def block(qn, qr, idx, q_index, q_segment, *qw):
             ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
-            out, p32 = self._attend_selected(qn, qr, gather(c_kv, idx), gather(k_rope, idx), ok, scale)
+            out, p32 = self._attend_selected(qn, qr, gather(c_kv, idx), gather(k_rope, idx), ok, scale, w_uk,
+                                             w_uv)
             if not qw:
                 return out, None
             return out, indexer_kl(p32, self.indexer.scores_at(qw[0], gather(ki, idx), qw[1]), ok)
