@@ -243,6 +243,39 @@ def _add_train_parsers(sub):
     pl.set_defaults(run=_plot)
 
 
+def _generate(args):
+    from glm5_jax.generate.command import PromptError, run
+
+    try:
+        run(args)
+    except PromptError as e:
+        raise InputError(str(e)) from None
+
+
+def _add_generate_parser(sub):
+    g = sub.add_parser("generate", help="generate text or ids from a checkpoint (KV-latent cache, sparse decode)")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--step", type=int, default=None, help="step to load (default: latest committed)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeatable: one row each); needs --tokenizer")
+    src.add_argument("--prompt-ids", help=".npy int array [batch, length], rows right-padded with -1")
+    g.add_argument("--tokenizer", help="'bytes' (built-in byte tokenizer) or a tokenizer.json path")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per row (default 64)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="cache slots per row (default longest prompt + max-new-tokens)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--speculative", choices=("mtp",), default=None, help="MTP speculative decoding")
+    g.add_argument("--layout", default=None, help="layout preset (configs/layouts/NAME.yaml) or YAML file")
+    _key_values(g, "--layout-override", "layout override, e.g. mesh.tensor=2 (repeatable)")
+    _key_values(g, "--override", "model config override, e.g. dtype=bfloat16 (repeatable)")
+    g.add_argument("--output", default=None, help=".npy file for the sequences, int32 [batch, length]")
+    g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g.set_defaults(run=_generate)
+
+
 class InputError(ValueError):
     """A user input file that cannot be used."""
 
@@ -312,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     insp.set_defaults(run=_data_inspect)
     _add_plan_parser(sub)
     _add_train_parsers(sub)
+    _add_generate_parser(sub)
     return p
 
 

@@ -10,6 +10,10 @@ selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blo
 KL against the dense attention is returned) and "sparse_adapt" (top-k attention; KL over the selected
 keys). In both training modes the indexer's inputs are detached, so no gradient passes between the
 indexer and the rest of the model.
+
+Generation (docs/generation.md) shares this code: `forward(..., with_cache=True)` also returns what a
+decode cache keeps of the tokens (the latent and the indexer key), and `decode` runs new tokens over that
+cache with the same absorbed kernels (`_attend_all`, `_attend_selected`).
 """
 
 from __future__ import annotations
@@ -55,9 +59,11 @@ class MLA(nnx.Module):
     def __call__(self, x, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse"):
         """x [B, L, D] -> (output [B, L, D], top-k indices for layers that share them or None if dense,
         indexer KL summed over the queries of real tokens (segment id > 0), or None when not computed)."""
+        return self.forward(x, cos, sin, segment_ids, topk_idx, dsa_mode)[:3]
+
+    def project(self, x, cos, sin):
+        """The query side and the latent KV of tokens x [B, L, D]: (c_q, q_nope, q_rope, c_kv, k_rope)."""
         cfg = self.cfg
-        if dsa_mode not in DSA_MODES:
-            raise ValueError(f"dsa_mode must be one of {', '.join(DSA_MODES)}; got {dsa_mode!r}")
         nope = cfg.qk_nope_head_dim
         c_q = self.q_a_layernorm(x @ self.w(self.q_a_proj))
         q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
@@ -65,6 +71,16 @@ class MLA(nnx.Module):
         kv_a = x @ self.w(self.kv_a_proj_with_mqa)
         c_kv = self.kv_a_layernorm(kv_a[..., : cfg.kv_lora_rank])
         k_rope = apply_rope(kv_a[..., cfg.kv_lora_rank:], cos, sin)
+        return c_q, q_nope, q_rope, c_kv, k_rope
+
+    def forward(self, x, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse", *, with_cache: bool = False):
+        """`__call__`'s results plus, with `with_cache`, what a decode cache keeps of these tokens: (latent
+        [B, L, kv_lora_rank + qk_rope_head_dim] = c_kv | k_rope, indexer keys [B, L, index_head_dim] or
+        None for a layer without an indexer); None without `with_cache`."""
+        cfg = self.cfg
+        if dsa_mode not in DSA_MODES:
+            raise ValueError(f"dsa_mode must be one of {', '.join(DSA_MODES)}; got {dsa_mode!r}")
+        c_q, q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
         # Context parallelism: queries stay in their sequence shard; the latent KV (576 numbers a token) is
         # gathered whole, which is what makes MLA cheap to split by sequence.
         c_kv, k_rope = (constrain(a, ("batch", None, None)) for a in (c_kv, k_rope))
@@ -72,25 +88,93 @@ class MLA(nnx.Module):
         scale = cfg.qk_head_dim ** -0.5
         length = x.shape[1]
         train_indexer = dsa_mode != "sparse" and self.indexer is not None
+        sparse = length > cfg.index_topk and dsa_mode != "warmup"
         index = None
         if train_indexer:  # detached inputs: the indexer learns from its KL only, the model never from it
             index = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), cos, sin)
+        elif self.indexer is not None and (sparse or with_cache):
+            index = self.indexer.project(x, c_q, cos, sin)
+        kl_index = index if train_indexer else None
         kl = None
-        if length > cfg.index_topk and dsa_mode != "warmup":
+        if sparse:
             if self.indexer is not None:
-                qi, ki, wi = index if index is not None else self.indexer.project(x, c_q, cos, sin)
+                qi, ki, wi = index
                 topk_idx = select_topk(self.indexer, qi, ki, wi, segment_ids, cfg.index_topk,
                                        cfg.attention_query_block)
-            out, kl = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index)
+            out, kl = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale,
+                                   kl_index)
         elif train_indexer or length > cfg.index_topk:
-            out, kl = self._dense_blocked(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale, index)
+            out, kl = self._dense_blocked(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale,
+                                          kl_index)
             topk_idx = None
         else:
             out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale)
             topk_idx = None
         if kl is not None:
             kl = jnp.sum(jnp.where(segment_ids > 0, kl, 0.0))
-        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, kl
+        cache = None
+        if with_cache:
+            cache = (jnp.concatenate([c_kv, k_rope], axis=-1), None if index is None else index[1])
+        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, kl, cache
+
+    def decode(self, x, cos, sin, positions, latent, index_keys, topk_idx):
+        """Attention of new tokens x [B, Q, D] at `positions` [B, Q] over a decode cache, in absorbed form.
+
+        latent [B, T, kv_lora_rank + qk_rope_head_dim] and index_keys [B, T, index_head_dim] (None for a
+        layer without an indexer) hold slot s = position s of each row; the new tokens' entries are written
+        first, then query p sees slots <= p. With T > index_topk the indexer scores the cached keys and each
+        query attends to its top-k (a layer without an indexer uses `topk_idx`, the previous full layer's).
+        -> (output [B, Q, D], top-k indices [B, Q, index_topk] or None, latent, index_keys).
+        """
+        cfg = self.cfg
+        c_q, q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
+        latent = write_slots(latent, positions, jnp.concatenate([c_kv, k_rope], axis=-1).astype(latent.dtype))
+        latent = constrain(latent, ("batch", None, None))
+        ok = jnp.arange(latent.shape[1]) <= positions[..., None]  # [B, Q, T]
+        sparse = latent.shape[1] > cfg.index_topk
+        if self.indexer is not None:
+            qi, ki, wi = self.indexer.project(x, c_q, cos, sin)
+            index_keys = constrain(write_slots(index_keys, positions, ki.astype(index_keys.dtype)),
+                                   ("batch", None, None))
+            if sparse:
+                scores = jnp.where(ok, self.indexer.scores(qi, index_keys.astype(jnp.float32), wi), -jnp.inf)
+                topk_idx = jax.lax.top_k(scores, cfg.index_topk)[1].astype(jnp.int32)
+        scale = cfg.qk_head_dim ** -0.5
+        r = cfg.kv_lora_rank
+        if sparse:
+            sel = jax.vmap(lambda a, i: a[i])(latent, topk_idx)  # [B, Q, K, C]
+            out, _ = self._attend_selected(q_nope, q_rope, sel[..., :r], sel[..., r:],
+                                           topk_idx <= positions[..., None], scale, *self._absorbed())
+        else:
+            topk_idx = None
+            out, _ = self._attend_all(q_nope, q_rope, latent[..., :r], latent[..., r:], ok, scale, *self._absorbed())
+        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, latent, index_keys
+
+    def _absorbed(self):
+        nope = self.cfg.qk_nope_head_dim
+        kv_b = self.w(self.kv_b_proj)
+        return kv_b[..., :nope], kv_b[..., nope:]
+
+    def _attend_all(self, qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv):
+        """Absorbed attention of queries [B, Q, H, .] over all keys c_kv [B, K, C], k_rope [B, K, R] where
+        `ok` [B, Q, K], with kv_b_proj's key and value halves w_uk, w_uv (`_absorbed`) -> (output
+        [B, Q, H, v_head_dim], float32 probabilities [B, Q, H, K])."""
+        q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
+        s = jnp.einsum("bqhc,bkc->bqhk", q_lat, c_kv) + jnp.einsum("bqhr,bkr->bqhk", qr, k_rope)
+        s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
+        p32 = jax.nn.softmax(s, axis=-1)
+        o_lat = jnp.einsum("bqhk,bkc->bqhc", p32.astype(self.dtype), c_kv)
+        return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
+
+    def _attend_selected(self, qn, qr, c_sel, r_sel, ok, scale, w_uk, w_uv):
+        """Absorbed attention of each query [B, Q, H, .] over its own keys c_sel [B, Q, K, C], r_sel
+        [B, Q, K, R] where `ok` [B, Q, K] -> (output [B, Q, H, v_head_dim], probabilities [B, Q, H, K])."""
+        q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
+        s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
+        s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
+        p32 = jax.nn.softmax(s, axis=-1)
+        o_lat = jnp.einsum("bqhk,bqkc->bqhc", p32.astype(self.dtype), c_sel)
+        return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
 
     def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale):
         kv = jnp.einsum("blc,chd->blhd", c_kv, self.w(self.kv_b_proj))
@@ -106,20 +190,13 @@ class MLA(nnx.Module):
         """Dense attention over every visible key in absorbed form, one query block at a time (DSA warm-up
         at any length, and shared-indexer layers then). With `index` = the indexer's (q, k, w), also the
         per-query indexer KL over all visible keys."""
-        nope = self.cfg.qk_nope_head_dim
-        kv_b = self.w(self.kv_b_proj)
-        w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
+        w_uk, w_uv = self._absorbed()
         k_index = jnp.arange(q_nope.shape[1])
         ki = None if index is None else constrain(index[1], ("batch", None, None))
 
         def block(qn, qr, q_index, q_segment, *qw):
-            q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
-            s = jnp.einsum("bqhc,bkc->bqhk", q_lat, c_kv) + jnp.einsum("bqhr,bkr->bqhk", qr, k_rope)
             ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
-            s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
-            p32 = jax.nn.softmax(s, axis=-1)
-            o_lat = jnp.einsum("bqhk,bkc->bqhc", p32.astype(self.dtype), c_kv)
-            out = jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
+            out, p32 = self._attend_all(qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv)
             if not qw:
                 return out, None
             return out, indexer_kl(p32, self.indexer.scores(qw[0], ki, qw[1]), ok)
@@ -132,22 +209,14 @@ class MLA(nnx.Module):
     def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index=None):
         """Attention over each query's top-k keys; with `index` (sparse adaptation) also the per-query
         indexer KL restricted to those keys."""
-        nope = self.cfg.qk_nope_head_dim
-        kv_b = self.w(self.kv_b_proj)
-        w_uk, w_uv = kv_b[..., :nope], kv_b[..., nope:]
+        w_uk, w_uv = self._absorbed()
         gather = jax.vmap(lambda a, i: a[i])  # per batch row: [L, ...][Q, K] -> [Q, K, ...]
         ki = None if index is None else constrain(index[1], ("batch", None, None))
 
         def block(qn, qr, idx, q_index, q_segment, *qw):
-            q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
-            c_sel, r_sel = gather(c_kv, idx), gather(k_rope, idx)
-            s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
             ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
-            s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
-            p32 = jax.nn.softmax(s, axis=-1)
-            p = p32.astype(self.dtype)
-            o_lat = jnp.einsum("bqhk,bqkc->bqhc", p, c_sel)
-            out = jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv)
+            out, p32 = self._attend_selected(qn, qr, gather(c_kv, idx), gather(k_rope, idx), ok, scale, w_uk,
+                                             w_uv)
             if not qw:
                 return out, None
             return out, indexer_kl(p32, self.indexer.scores_at(qw[0], gather(ki, idx), qw[1]), ok)
@@ -156,3 +225,10 @@ class MLA(nnx.Module):
         extra = () if index is None else (index[0], index[2])
         return map_query_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, topk_idx, q_index,
                                 segment_ids, *extra)
+
+
+def write_slots(cache, positions, values):
+    """cache [B, T, ...] with values [B, Q, ...] written at slots `positions` [B, Q]; slots outside [0, T)
+    are dropped."""
+    positions = jnp.where(positions < 0, cache.shape[1], positions)  # negative: dropped, not wrapped
+    return jax.vmap(lambda c, p, v: c.at[p].set(v, mode="drop"))(cache, positions, values)

@@ -80,15 +80,32 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, h, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse"):
         """-> (h, top-k indices, LayerStats)."""
+        return self.forward(h, cos, sin, segment_ids, topk_idx, dsa_mode)[:3]
+
+    def forward(self, h, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse", *, with_cache: bool = False):
+        """`__call__`'s results plus, with `with_cache`, the attention's decode-cache entries (MLA.forward)."""
         h = constrain(h, HIDDEN)
-        a, topk_idx, kl = self.self_attn(self.input_layernorm(h), cos, sin, segment_ids, topk_idx, dsa_mode)
+        a, topk_idx, kl, cache = self.self_attn.forward(self.input_layernorm(h), cos, sin, segment_ids, topk_idx,
+                                                        dsa_mode, with_cache=with_cache)
         h = h + a
         x = self.post_attention_layernorm(h)
         if self.moe:
             y, load, balance = self.mlp(x, segment_ids, with_balance=True)
         else:
             y, load, balance = self.mlp(x), None, None
-        return h + y, topk_idx, LayerStats(load, balance, kl)
+        return h + y, topk_idx, LayerStats(load, balance, kl), cache
+
+    def decode(self, h, cos, sin, positions, latent, index_keys, topk_idx):
+        """The layer on new tokens h [B, Q, D] at `positions` over its decode cache (MLA.decode).
+
+        -> (h, top-k indices, latent, index_keys)."""
+        h = constrain(h, HIDDEN)
+        a, topk_idx, latent, index_keys = self.self_attn.decode(self.input_layernorm(h), cos, sin, positions,
+                                                                latent, index_keys, topk_idx)
+        h = h + a
+        x = self.post_attention_layernorm(h)
+        y = self.mlp(x)[0] if self.moe else self.mlp(x)
+        return h + y, topk_idx, latent, index_keys
 
 
 def run_stack(stack: DecoderLayer, h, cos, sin, segment_ids, topk_idx, remat_policy: str,
@@ -134,11 +151,25 @@ class MTP(nnx.Module):
         self.layer = DecoderLayer(cfg, moe=True, indexer=True, stack=None, rngs=rngs)
         self.shared_head_norm = RMSNorm(D, cfg.rms_norm_eps, axis="embed", stack=None, param_dtype=pd)
 
-    def step(self, h_prev, token_embeds, cos, sin, segment_ids, dsa_mode: str = "sparse"):
+    def combine(self, h_prev, token_embeds):
         x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(h_prev)], axis=-1)
-        x = x @ self.eh_proj[...].astype(self.dtype)
-        h, _, stats = self.layer(x, cos, sin, segment_ids, None, dsa_mode)
+        return x @ self.eh_proj[...].astype(self.dtype)
+
+    def step(self, h_prev, token_embeds, cos, sin, segment_ids, dsa_mode: str = "sparse", *,
+             with_cache: bool = False):
+        """One depth over a whole sequence -> (h, normed h, LayerStats); with `with_cache` also the layer's
+        decode-cache entries (MLA.forward)."""
+        h, _, stats, cache = self.layer.forward(self.combine(h_prev, token_embeds), cos, sin, segment_ids, None,
+                                                dsa_mode, with_cache=with_cache)
+        if with_cache:
+            return h, self.shared_head_norm(h), stats, cache
         return h, self.shared_head_norm(h), stats
+
+    def decode(self, h_prev, token_embeds, cos, sin, positions, latent, index_keys):
+        """One depth on new positions over this depth's decode cache -> (h, normed h, latent, index_keys)."""
+        h, _, latent, index_keys = self.layer.decode(self.combine(h_prev, token_embeds), cos, sin, positions,
+                                                     latent, index_keys, None)
+        return h, self.shared_head_norm(h), latent, index_keys
 
 
 class ModelOutput(NamedTuple):
@@ -174,6 +205,11 @@ class GLM5(nnx.Module):
         table = constrain(self.embed_tokens[...], ("vocab", "act_embed"))
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
+    def rope(self, positions):
+        """RoPE cos and sin [B, L, qk_rope_head_dim / 2] for integer positions [B, L]."""
+        cfg = self.cfg
+        return rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
+
     def head(self, h):
         logits = jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
@@ -196,7 +232,7 @@ class GLM5(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
-        cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
+        cos, sin = self.rope(positions)
         h, stats = constrain(self.embed(input_ids), HIDDEN), []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         sparse = cfg.index_topk < L and dsa_mode != "warmup"

@@ -1,0 +1,121 @@
+"""`glm5 generate`: read and check the prompts (before the model loads), generate, print and save."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from glm5_jax.config import ConfigError
+
+
+class PromptError(ValueError):
+    """A prompt or prompt file that cannot be used: one line naming the flag."""
+
+
+def load_tokenizer(name: str):
+    """`bytes` (the built-in byte tokenizer) or a tokenizer.json path."""
+    from glm5_jax.data.tokenizer import ByteTokenizer, HFTokenizer
+
+    if name == "bytes":
+        return ByteTokenizer()
+    path = os.path.expanduser(name)
+    if not (os.path.isfile(path) and path.endswith(".json")):
+        raise PromptError(f"--tokenizer {name}: unknown tokenizer; use 'bytes' or the path of a tokenizer.json")
+    # eos_id only matters for packing training data; generation stops at the model config's EOS ids.
+    return HFTokenizer(path, eos_id=0)
+
+
+def read_prompts(args, cfg) -> tuple[list[np.ndarray], object]:
+    """The prompts as 1-D int32 arrays and the tokenizer (None with --prompt-ids), all checked against the
+    model config `cfg`."""
+    tokenizer = None
+    if args.prompt_ids:
+        try:
+            array = np.load(args.prompt_ids, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise PromptError(f"--prompt-ids {args.prompt_ids}: not a readable .npy file ({e})") from None
+        if array.ndim == 1:
+            array = array[None]
+        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+            raise PromptError(f"--prompt-ids {args.prompt_ids}: need a 1-D or 2-D integer array [batch, length] "
+                              f"(rows right-padded with -1); got {array.dtype} {array.shape}")
+        prompts = [row[:_unpadded(row)].astype(np.int32) for row in array]
+        what = f"--prompt-ids {args.prompt_ids}"
+    else:
+        if not args.tokenizer:
+            raise PromptError("--prompt: needs --tokenizer (bytes or a tokenizer.json)")
+        tokenizer = load_tokenizer(args.tokenizer)
+        prompts = [tokenizer.encode(text) for text in args.prompt]
+        what = "--prompt"
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise PromptError(f"{what}: prompt {i} is empty")
+        if len(p) >= cfg.max_position_embeddings:
+            raise PromptError(f"{what}: prompt {i} has {len(p)} tokens; the model allows at most "
+                              f"{cfg.max_position_embeddings - 1} before the first generated one "
+                              f"(max_position_embeddings {cfg.max_position_embeddings})")
+        if p.min() < 0 or p.max() >= cfg.vocab_size:
+            raise PromptError(f"{what}: prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): "
+                              f"[{p.min()}, {p.max()}]")
+    return prompts, tokenizer
+
+
+def _unpadded(row) -> int:
+    """Length of a row without its trailing -1 padding."""
+    real = np.flatnonzero(row != -1)
+    return int(real[-1]) + 1 if len(real) else 0
+
+
+def run(args):
+    from glm5_jax.checkpoint import CheckpointReader
+
+    cfg = CheckpointReader(args.checkpoint, args.step).config
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be a positive integer; got {args.max_new_tokens}")
+    from glm5_jax.generate.sampling import Sampling
+
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed).validate()
+    if args.speculative == "mtp" and not cfg.has_mtp:
+        raise ConfigError(f"--speculative mtp: {args.checkpoint} has no MTP layer (num_nextn_predict_layers 0)")
+    prompts, tokenizer = read_prompts(args, cfg)
+    longest = max(len(p) for p in prompts)
+    max_length = args.max_length or min(longest + args.max_new_tokens, cfg.max_position_embeddings)
+    from glm5_jax.generate.runner import check_max_length
+
+    check_max_length(cfg, max_length)
+    if max_length <= longest:
+        raise ConfigError(f"--max-length: {max_length} leaves no room after the longest prompt ({longest} tokens)")
+    if args.output and os.path.exists(args.output) and not args.overwrite:
+        raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
+
+    from glm5_jax.checkpoint import load_model
+    from glm5_jax.generate.runner import Generator
+
+    par = None
+    if args.layout or args.layout_override:
+        from glm5_jax.sharding.context import Parallelism
+        from glm5_jax.sharding.layout import load_layout
+
+        try:
+            par = Parallelism.create(load_layout(args.layout, args.layout_override))
+        except (ValueError, AssertionError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"--layout: {e}") from None
+    model, _ = load_model(args.checkpoint, args.step, overrides=args.override)
+    gen = Generator(model, sampling, speculative_mtp=args.speculative == "mtp", par=par)
+    result = gen.generate(prompts, args.max_new_tokens, max_length)
+    for i, s in enumerate(result.sequences):
+        shown = tokenizer.decode(s) if tokenizer is not None else " ".join(map(str, s.tolist()))
+        print(f"[{i}] {shown}")
+    print(f"generated {result.generated} tokens in {result.decode_seconds:.2f} s of decoding: "
+          f"{result.tokens_per_second:.1f} tokens/s ({len(prompts)} rows, {result.steps} steps)")
+    if result.accepted is not None:
+        print(f"mean acceptance length: {result.accepted:.2f} tokens per step (mtp_depths {cfg.mtp_depths})")
+    if args.output:
+        out = result.padded(-1)
+        tmp = f"{args.output}.tmp-{os.getpid()}.npy"
+        np.save(tmp, out)
+        os.replace(tmp, args.output)
+        print(f"wrote {args.output}: ids {out.shape} int32 (prompt + generated; shorter rows padded with -1)")
