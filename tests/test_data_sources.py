@@ -176,7 +176,7 @@ def test_presets_and_overrides():
     cfg = data_config.load("default", ["stages.1.seq_len=512", "seed=7"])
     assert cfg.stages[1].seq_len == 512 and cfg.seed == 7
     glm5 = data_config.load("glm5")
-    assert [s.seq_len for s in glm5.stages][:4] == [4096, 4096, 4096, 32768]
+    assert [s.seq_len for s in glm5.stages][:4] == [4096, 4096, 32768, 131072]  # (the 4K ramp is one stage)
     assert max(s.seq_len for s in glm5.stages) == 202752
     with pytest.raises(ConfigError, match="data preset 'nope' does not exist; presets: default, glm5"):
         data_config.load("nope")
