@@ -72,7 +72,7 @@ class DataPipeline:
         if not 0 <= self.process_index < self.process_count:
             raise ValueError(f"process_index {self.process_index} is not in [0, {self.process_count})")
         self.seed = self.cfg.seed if seed is None else seed
-        self.holdout = None if holdout is None or not holdout[1] else HoldoutSplit(*holdout)
+        self.holdout = None if holdout is None or not holdout[1] else holdout
         self.tokenizer = build_tokenizer(self.cfg.tokenizer)
         self.policy = ErrorPolicy(self.cfg.on_error)
         self.schedule = Schedule(self.cfg.stages, self.process_count, accumulate)
@@ -110,7 +110,7 @@ class DataPipeline:
             limit = min(2 * shard_len * max(cfg.num_workers, 1) + cfg.read_buffer_size, MAX_CONSECUTIVE_SKIPS)
             ds = ds.map(Encoder(name, self.tokenizer, self.policy, cfg.sources[name].append_eos, limit))
             if self.holdout is not None:
-                ds = ds.map(self.holdout)
+                ds = ds.map(HoldoutSplit(*self.holdout, name, limit))
             parts.append(ds)
             weights.append(weight)
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -139,18 +139,27 @@ class DataPipeline:
 
 class HoldoutSplit:
     """Documents of one side of a deterministic split: a document is held out when the CRC-32 of its token
-    ids, as a fraction of 2**32, is below ``fraction``. ``keep``: "train" (the rest) or "eval" (held out)."""
+    ids, as a fraction of 2**32, is below ``fraction``. ``keep``: "train" (the rest) or "eval" (held out).
+    ``limit`` documents in a row on the other side mean this side of the source is empty: a `DataError`."""
 
-    def __init__(self, keep: str, fraction: float):
+    def __init__(self, keep: str, fraction: float, source: str, limit: int):
         if keep not in ("train", "eval"):
             raise ValueError(f"holdout side must be train or eval; got {keep!r}")
-        self.keep, self.fraction = keep, float(fraction)
+        self.keep, self.fraction, self.source, self.limit = keep, float(fraction), source, limit
+        self.other = 0  # documents in a row that belong to the other side
 
     def __call__(self, doc):
         if doc is None:
             return None
-        held_out = zlib.crc32(doc["input_ids"].tobytes()) < self.fraction * 2**32
-        return doc if held_out == (self.keep == "eval") else None
+        if (zlib.crc32(doc["input_ids"].tobytes()) < self.fraction * 2**32) == (self.keep == "eval"):
+            self.other = 0
+            return doc
+        self.other += 1
+        if self.other >= self.limit:
+            side = "held-out" if self.keep == "eval" else "training"
+            raise DataError(f"source {self.source}: no {side} document in {self.other} documents in a row "
+                            f"(holdout fraction {self.fraction:g}); change eval.holdout")
+        return None
 
 
 class PipelineIterator(grain.DatasetIterator):

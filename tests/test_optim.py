@@ -142,7 +142,7 @@ def test_routing_table_744b_accounts_for_every_parameter():
     cfg = config.load("glm5-744b")
     routes = routing_table(cfg)
     got = summary(routes)
-    # Independently from the config formulas (DESIGN.md section 3).
+    # Independently from the config formulas (the released config's shapes, docs/model.md).
     D, H, V, E = cfg.hidden_size, cfg.num_attention_heads, cfg.vocab_size, cfg.n_routed_experts
     ql, kl, nope, rope, v = cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     ih, idim, mi, I = cfg.index_n_heads, cfg.index_head_dim, cfg.moe_intermediate_size, cfg.intermediate_size

@@ -111,7 +111,7 @@ def test_more_devices_than_this_process_has_runs_in_a_child(capfd):
     assert exit_info.value.code == 2
     err = capfd.readouterr().err.strip()
     assert err.endswith("glm5: error: --global-batch: 3 rows per step as 1 microbatches do not split into 4 batch "
-                        "shards x 4 pipeline microbatches")
+                        "shards x 4 pipeline microbatches; use a multiple of 16 rows")
 
 
 def test_device_memory_sizes():

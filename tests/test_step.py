@@ -55,7 +55,7 @@ def _stats(compiled):
                                          ("quickstart-layout", {"mesh": {"pipeline": 2, "expert": 2, "tensor": 2},
                                                                 "microbatches": 2})])
 def test_plan_compiles_the_trained_step(name, layout):
-    # The tiny preset, 2 layers so both compiles stay short; the recipe's losses (MTP, balance, bias update).
+    # The tiny preset, 3 layers so both compiles stay short; the recipe's losses (MTP, balance, bias update).
     model = {"num_hidden_layers": 3, "first_k_dense_replace": 1}
     recipe = recipe_lib.from_dict({
         "model": "tiny", "model_overrides": model, "layout_overrides": layout, "data": "default",

@@ -60,9 +60,11 @@ def test_eval_during_training_and_glm5_eval(tmp_path, capsys, hf_model_dir, conv
     data = ["--data", "default", "--data-override", "stages.0.seq_len=32", "--data-override",
             "stages.0.tokens_per_step=256", "--batches", "2"]
     capsys.readouterr()
-    assert run_cli("eval", "--checkpoint", str(run_dir / "checkpoints"), *data) == 0
+    # glm5 eval on the run's held-out documents gives what the run logged at its last step.
+    assert run_cli("eval", "--checkpoint", str(run_dir / "checkpoints"), *data, "--holdout", "0.05") == 0
     printed = capsys.readouterr().out
     assert "step 12 on default stage" in printed and "perplexity" in printed, printed
+    assert f"loss {evals[-1]['loss']:.4f}, LM loss {evals[-1]['lm']:.4f}" in printed, (printed, evals[-1])
     hf_dir, _ = hf_model_dir(vocab_size=512, num_hidden_layers=2, first_k_dense_replace=1)
     assert run_cli("eval", "--checkpoint", convert(hf_dir), *data) == 0
     assert "step 0 on default stage" in capsys.readouterr().out

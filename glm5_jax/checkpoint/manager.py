@@ -177,7 +177,7 @@ def _restore_args(target):
     return ocp.checkpoint_utils.construct_restore_args(target)
 
 
-def load_variables(directory: str, abstract: dict) -> dict:
+def load_variables(directory: str, abstract: dict, key: str = "init_from") -> dict:
     """Every variable of a model checkpoint (a converted HF model or another run's training checkpoint)
     restored straight into `abstract`'s shardings ({dotted name: ShapeDtypeStruct})."""
     from glm5_jax.config import ConfigError
@@ -185,7 +185,7 @@ def load_variables(directory: str, abstract: dict) -> dict:
     reader = CheckpointReader(directory)
     missing = sorted(set(abstract) - set(reader.names))
     if missing:
-        raise ConfigError(f"init_from: {reader.directory} lacks variables this model needs, e.g. {missing[0]}")
+        raise ConfigError(f"{key}: {reader.directory} lacks variables this model needs, e.g. {missing[0]}")
     target = nest(abstract)
     with ocp.CheckpointManager(reader.directory, item_handlers={"params": ocp.PyTreeCheckpointHandler()}) as mngr:
         restored = mngr.restore(reader.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(

@@ -1,6 +1,6 @@
 """Typed optimizer configuration, loaded from a plain dict and validated before anything compiles.
 
-Defaults are GLM-5's recipe (DESIGN.md section 4): Muon-Split for matrices, AdamW for the rest, both with
+Defaults are GLM-5's recipe (the GLM-5 report, arXiv 2602.15763; docs/optimizer.md): Muon-Split for matrices, AdamW for the rest, both with
 weight decay 0.1. Every problem is one :class:`~glm5_jax.config.ConfigError` line naming the key.
 """
 

@@ -14,7 +14,10 @@ import math
 import numpy as np
 
 from glm5_jax.data import config as data_config
-from glm5_jax.data.pipeline import DataPipeline, global_batch
+from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.tokenizer import build_tokenizer
+from glm5_jax.train.setup import check_vocab, choose_accumulation
+from glm5_jax.train.step import place_batch
 
 
 def eval_data(data_cfg, stage_name: str, seq_len: int, rows: int, holdout: float = 0.0):
@@ -35,16 +38,9 @@ def device_batches(pipe: DataPipeline, program, microbatches: int) -> list:
         micro = [next(it) for _ in range(microbatches)]
     finally:
         it.close()
-    out = []
-    for start in range(0, len(micro), a):
-        group = micro[start:start + a]
-        arrays = {k: np.zeros((a, *group[0][k].shape), np.int32) for k in ("input_ids", "targets", "positions",
-                                                                          "segment_ids")}
-        for i, m in enumerate(group):
-            for k in arrays:
-                arrays[k][i] = m[k]
-        out.append((global_batch(arrays, program.batch_sharding), len(group)))
-    return out
+    rows = len(micro[0]["input_ids"])
+    return [place_batch(program.par, program.spec, rows, {k: np.concatenate([m[k] for m in micro[i:i + a]])
+                                                          for k in micro[0]}) for i in range(0, len(micro), a)]
 
 
 def run_eval(program, params, rest, batches) -> dict:
@@ -59,36 +55,36 @@ def run_eval(program, params, rest, batches) -> dict:
 
 
 class Evaluator:
-    """The recipe's `eval` section during training."""
+    """The recipe's `eval` section during training: when to evaluate, and on which held-out microbatches."""
 
-    def __init__(self, run, log):
-        self.run, self.cfg, self.log = run, run.recipe.eval, log
+    def __init__(self, run):
+        self.run, self.cfg = run, run.recipe.eval
         self.source = run.data_cfg if self.cfg.data is None else data_config.load(self.cfg.data)
+        check_vocab("eval.data", build_tokenizer(self.source.tokenizer).vocab_size, run.model_cfg)
         self._batches: dict = {}
 
     def due(self, step: int, stage_end: bool) -> bool:
         c = self.cfg
         return (c.interval_steps is not None and step % c.interval_steps == 0) or (c.at_stage_end and stage_end)
 
-    def run_at(self, step: int, stage, program, params, rest) -> dict:
+    def run_at(self, stage, program, params, rest) -> dict:
+        """{"loss", "lm", "ppl", "tokens"} of the stage's held-out microbatches (the same ones every time)."""
         if stage.name not in self._batches:
             d = stage.data
             pipe = eval_data(self.source, stage.name, d.seq_len, d.micro_rows, self.cfg.holdout)
             self._batches[stage.name] = device_batches(pipe, program, self.cfg.batches)
-        result = run_eval(program, params, rest, self._batches[stage.name])
-        self.log.write_eval({"step": step, "stage": stage.name, **result})
-        return result
+        return run_eval(program, params, rest, self._batches[stage.name])
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, batches: int = 8,
                         step: int | None = None, layout: str | None = None, data_overrides=(),
                         holdout: float = 0.0) -> dict:
-    """`glm5 eval`: loss and perplexity of a checkpoint on `batches` microbatches of a data config's stage
-    (only its held-out documents with `holdout` > 0: those a run with `eval.holdout` of that value skipped)."""
+    """`glm5 eval`: loss and perplexity of a checkpoint on `batches` steps' worth of rows of a data config's
+    stage, one step's rows at a time (only its held-out documents with `holdout` > 0: those a run with
+    `eval.holdout` of that value skipped)."""
     import jax
 
     from glm5_jax.checkpoint.manager import load_variables
-    from glm5_jax.checkpoint.naming import flatten
     from glm5_jax.checkpoint.store import CheckpointReader
     from glm5_jax.config import ConfigError
     from glm5_jax.sharding.context import Parallelism
@@ -96,29 +92,22 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     from glm5_jax.train import losses
     from glm5_jax.train import step as S
 
+    if not 0 <= holdout < 1:
+        raise ConfigError(f"--holdout: must be a fraction in [0, 1); got {holdout}")
     reader = CheckpointReader(checkpoint, step)
     cfg = reader.config
     dcfg = data_config.load(data, data_overrides)
     st = dcfg.stage(stage) if stage else dcfg.stages[0]
-    par = Parallelism.create(load_layout(layout), jax.devices())
-    shards = par.axis_size("batch") * par.config.microbatches
+    try:
+        par = Parallelism.create(load_layout(layout), jax.devices())
+    except (ValueError, AssertionError) as e:
+        raise ConfigError(f"--layout: {e}") from None
     rows = st.global_batch
-    if rows % shards:
-        raise ConfigError(f"--data: stage {st.name} has {rows} rows per step, which do not split into {shards} "
-                          "batch shards; choose a layout or stage that fits")
-    if not 0 <= holdout < 1:
-        raise ConfigError(f"--holdout: must be a fraction in [0, 1); got {holdout}")
+    choose_accumulation(f"--data stage {st.name}", 1, rows, st.seq_len, par, None)
+    check_vocab("--data", build_tokenizer(dcfg.tokenizer).vocab_size, cfg)
     pipe = eval_data(dcfg, st.name, st.seq_len, rows, holdout)
-    if pipe.vocab_size > cfg.vocab_size:
-        raise ConfigError(f"--data: the tokenizer emits {pipe.vocab_size} ids but the model's vocab_size is "
-                          f"{cfg.vocab_size}")
-    abstract = S.abstract_state(cfg)
-    program = S.EvalStep(S.StepConfig(cfg, losses.LossConfig(), rows, st.seq_len), par, abstract)
-    targets = {**{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.param_shardings[k])
-                  for k, v in flatten(abstract.params).items()},
-               **{k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=program.rest_shardings[k])
-                  for k, v in flatten(abstract.rest).items()}}
-    variables = load_variables(reader.directory, targets)
+    program = S.EvalStep(S.StepConfig(cfg, losses.LossConfig(), rows, st.seq_len), par, S.abstract_state(cfg))
+    variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint")
     params = {k: variables[k] for k in program.param_shardings}
     rest = {k: variables[k] for k in program.rest_shardings}
     result = run_eval(program, params, rest, device_batches(pipe, program, batches))

@@ -43,7 +43,7 @@ def _finite(x):
     return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None
 
 
-def _record(line: bytes) -> dict | None:
+def read_record(line: bytes) -> dict | None:
     """A whole JSONL record (a JSON object ending in a newline), or None."""
     if not line.endswith(b"\n"):
         return None
@@ -134,7 +134,7 @@ def _truncate(path: str, step: int):
         for line in f:
             if not line.strip():
                 continue
-            record = _record(line)
+            record = read_record(line)
             if record is None:  # torn or corrupt: nothing after it is trusted
                 dropped += 1 + sum(1 for _ in f)
                 break

@@ -3,26 +3,21 @@ evaluates) as a PNG (matplotlib, Agg)."""
 
 from __future__ import annotations
 
-import json
 import os
 
 from glm5_jax.config import ConfigError
+from glm5_jax.train.metrics import read_record
 
 
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
+def read_records(run_dir: str, name: str = "metrics.jsonl") -> list[dict]:
+    """The whole records of RUN_DIR/NAME (a torn line of a live or killed run is left out)."""
+    path = os.path.join(run_dir, name)
     if not os.path.exists(path):
-        raise ConfigError(f"{run_dir}: no metrics.jsonl (not a training run directory?)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def read_evals(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "eval.jsonl")
-    if not os.path.exists(path):
+        if name == "metrics.jsonl":
+            raise ConfigError(f"{run_dir}: no metrics.jsonl (not a training run directory?)")
         return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, "rb") as f:
+        return [r for r in (read_record(line) for line in f if line.strip()) if r is not None]
 
 
 def plot(run_dir: str, out: str | None = None) -> str:
@@ -31,7 +26,7 @@ def plot(run_dir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
+    records = read_records(run_dir)
     if not records:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds no records yet")
     out = out or os.path.join(run_dir, "curves.png")
@@ -41,7 +36,7 @@ def plot(run_dir: str, out: str | None = None) -> str:
         values = [(s, r.get(key)) for s, r in zip(steps, records) if r.get(key) is not None]
         if values and (key == "loss" or any(v for _, v in values)):
             ax_loss.plot(*zip(*values), label=label, marker="." if len(values) < 50 else None)
-    evals = [(e["step"], e["loss"]) for e in read_evals(run_dir) if e.get("loss") is not None]
+    evals = [(e["step"], e["loss"]) for e in read_records(run_dir, "eval.jsonl") if e.get("loss") is not None]
     if evals:
         ax_loss.plot(*zip(*evals), label="eval loss (held out)", marker="o", linestyle="--", color="black")
     for i, r in enumerate(records):  # stage boundaries: each stage's first step is always logged

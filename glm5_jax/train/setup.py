@@ -18,6 +18,7 @@ from glm5_jax import optim
 from glm5_jax.checkpoint.store import CheckpointReader
 from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
+from glm5_jax.data.stages import Schedule
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import load_layout
 from glm5_jax.train import losses
@@ -73,6 +74,13 @@ def unit_rate_optimizer(values: dict) -> optim.OptimizerConfig:
                                                  "warmup_steps": 0})
 
 
+def check_vocab(key: str, tokenizer_vocab: int, cfg):
+    """The tokenizer's ids must fit the model's vocabulary."""
+    if tokenizer_vocab > cfg.vocab_size:
+        raise ConfigError(f"{key}: the tokenizer emits {tokenizer_vocab} ids but the model's vocab_size is "
+                          f"{cfg.vocab_size}")
+
+
 def _keyed(key: str, fn, *args):
     try:
         return fn(*args)
@@ -116,7 +124,7 @@ def choose_accumulation(key: str, want, rows: int, seq_len: int, par: Parallelis
                           f"at most max_tokens_per_device={budget} tokens on a device")
     if not fits(want):
         raise ConfigError(f"{key}: {rows} rows per step as {want} microbatches do not split into {shards} batch "
-                          f"shards x {micro} pipeline microbatches")
+                          f"shards x {micro} pipeline microbatches; use a multiple of {want * unit} rows")
     return want
 
 
@@ -141,13 +149,15 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, par,
                                                   recipe.max_tokens_per_device)
     dcfg = dataclasses.replace(dcfg, stages=stages)
-    from glm5_jax.data.stages import Schedule
-
     schedule = Schedule(dcfg.stages, jax.process_count(), accumulate)
     opt_base = unit_rate_optimizer(recipe.optimizer)
     settings = []
     for i, (st, ds) in enumerate(zip(recipe.stages, schedule.stages, strict=True)):
         key = f"stages.{i}"
+        if ds.ramp is not None and ds.ramp.accumulation_steps(0) == ds.accumulate:
+            raise ConfigError(f"{key}.accumulate: data stage {ds.name!r} ramps its batch in whole microbatches, "
+                              f"but {ds.accumulate} microbatch(es) per step leave nothing to ramp; set accumulate "
+                              "to N > 1 or auto")
         opt_cfg = _keyed(f"{key}.schedule", optim.from_dict,
                          {"total_steps": ds.steps, **recipe.optimizer, **st.schedule})
         over = {**ds.model_overrides(), **st.model_overrides}

@@ -21,11 +21,13 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
 from glm5_jax import optim
 from glm5_jax.checkpoint.naming import flatten, to_state
+from glm5_jax.data.pipeline import global_batch
 from glm5_jax.model import GLM5, layer_groups
 from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.train import losses
@@ -96,6 +98,16 @@ class StepConfig:
         return (self.accumulate, self.rows, self.seq_len)
 
 
+def place_batch(par: Parallelism, spec: StepConfig, local_micro_rows: int, local: dict):
+    """This process's rows of a step (its microbatches of `local_micro_rows` rows, concatenated) as the step's
+    global batch [accumulate, rows, L] (slots past their count zero: the step never reads them), and the count."""
+    count = len(local["input_ids"]) // local_micro_rows
+    arrays = {k: np.zeros((spec.accumulate, local_micro_rows, spec.seq_len), np.int32) for k in BATCH_KEYS}
+    for k in arrays:
+        arrays[k][:count] = np.asarray(local[k]).reshape(count, local_micro_rows, spec.seq_len)
+    return global_batch(arrays, par.sharding(BATCH_AXES, spec.batch_shape)), count
+
+
 def _only_first(batch: dict, count) -> dict:
     """`batch` with microbatches from `count` on unscored (no targets, padding segments)."""
     used = jnp.arange(batch["targets"].shape[0])[:, None, None] < count
@@ -138,6 +150,12 @@ class EvalStep:
         norms = losses.normalizers(batch, self.depths)
         loss, aux = _accumulate(lambda micro: self._loss(params, rest, micro, norms), batch, count)
         return {"loss": loss, "tokens": aux["tokens"], **aux["metrics"]}
+
+    def abstract_variables(self) -> dict:
+        """{dotted name: ShapeDtypeStruct with its sharding} of every model variable (params and rest)."""
+        sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+        return {**{k: sds(v, self.param_shardings[k]) for k, v in flatten(self.abstract.params).items()},
+                **{k: sds(v, self.rest_shardings[k]) for k, v in flatten(self.abstract.rest).items()}}
 
     def evaluate(self, params, rest, batch, count=None) -> dict:
         """Loss and its terms on `batch` (on device)."""
@@ -209,8 +227,9 @@ class TrainStep(EvalStep):
     def abstract_args(self) -> tuple:
         """ShapeDtypeStructs (with shardings) of every argument: the ahead-of-time plan's inputs."""
         sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-        params = {k: sds(v, self.param_shardings[k]) for k, v in flatten(self.abstract.params).items()}
-        rest = {k: sds(v, self.rest_shardings[k]) for k, v in flatten(self.abstract.rest).items()}
+        variables = self.abstract_variables()
+        params = {k: variables[k] for k in self.param_shardings}
+        rest = {k: variables[k] for k in self.rest_shardings}
         opt_state = jax.tree.map(sds, jax.eval_shape(self.tx.init, params), self.opt_shardings)
         batch = {k: jax.ShapeDtypeStruct(self.spec.batch_shape, jnp.int32, sharding=self.batch_sharding)
                  for k in BATCH_KEYS}

@@ -4,13 +4,14 @@
 checkpoint manager restores the run or initialises it and decides when to save; `TrainStep` (train/step.py)
 is the compiled program, one per stage shape. The loop below only moves data and state between them.
 
-The host runs one step ahead of the device: it dispatches step s, puts step s+1's batch on the device, and
-only then reads step s-1's metrics (already computed), so input loading overlaps compute and the
-non-finite guard still stops the run within one step.
+The host runs one step ahead of the device: it dispatches step s, reads step s-1's metrics (computed by
+then), and puts step s+1's batch on the devices while step s computes, so input loading overlaps compute and
+the non-finite guard still stops the run within one step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -23,14 +24,13 @@ import numpy as np
 from glm5_jax import optim
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.naming import flatten
-from glm5_jax.config import ConfigError
-from glm5_jax.data.pipeline import DataPipeline, global_batch, restore_args, save_args
+from glm5_jax.data.pipeline import DataPipeline, restore_args, save_args
 from glm5_jax.train import step as S
 from glm5_jax.train.distributed import maybe_initialize_distributed
 from glm5_jax.train.evaluate import Evaluator
 from glm5_jax.train.metrics import MetricsLog, model_flops_per_step, peak_flops
 from glm5_jax.train.recipe import Recipe
-from glm5_jax.train.setup import Run, StageSettings, resolve
+from glm5_jax.train.setup import Run, StageSettings, check_vocab, resolve
 
 
 class TrainingStopped(RuntimeError):
@@ -107,9 +107,13 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, pip
         params = {k: loaded[k] for k in params_abs}
         return loaded, program.init_optimizer(params)
 
-    step, variables, opt_state, saved = ckpt.restore_or_init(
-        {**params_abs, **rest_abs}, opt_abs, lambda: restore_args(it), init, recipe.init_from,
-        warn=lambda m: out(f"WARNING: {m}"))
+    try:
+        step, variables, opt_state, saved = ckpt.restore_or_init(
+            {**params_abs, **rest_abs}, opt_abs, lambda: restore_args(it), init, recipe.init_from,
+            warn=lambda m: out(f"WARNING: {m}"))
+    except BaseException:
+        it.close()
+        raise
     counters = {"nonfinite_in_a_row": 0, "skipped_total": 0, "tokens_seen": 0,
                 "rng": np.asarray(jax.random.key_data(jax.random.key(recipe.seed))).tolist()}
     counters.update({k: saved[k] for k in counters if k in saved})
@@ -187,17 +191,6 @@ class Reporter:
                                   f"checkpoint {last}is intact")
 
 
-def device_batch(run: Run, stage: StageSettings, local: dict):
-    """This process's rows of a step (`count` microbatches) as the step's global batch [accumulate, rows, L]
-    (slots past `count` zero: the step never reads them) and the count."""
-    a, lm = stage.data.accumulate, stage.data.local_micro_rows
-    count = len(local["input_ids"]) // lm
-    arrays = {k: np.zeros((a, lm, local[k].shape[-1]), np.int32) for k in S.BATCH_KEYS}
-    for k in arrays:
-        arrays[k][:count] = local[k].reshape(count, lm, -1)
-    return global_batch(arrays, run.par.sharding(S.BATCH_AXES, stage.step.batch_shape)), count
-
-
 def train(recipe: Recipe, out=print) -> dict:
     """Run `recipe` to its end (or max_steps / SIGTERM). Returns a summary dict (final step, losses, ...)."""
     _setup_cache(recipe)
@@ -205,84 +198,82 @@ def train(recipe: Recipe, out=print) -> dict:
     run = resolve(recipe)
     pipe = DataPipeline(run.data_cfg, accumulate={s.name: s.data.accumulate for s in run.stages},
                         holdout=("train", recipe.eval.holdout))
-    if pipe.vocab_size > run.model_cfg.vocab_size:
-        raise ConfigError(f"data: the tokenizer emits {pipe.vocab_size} ids but the model's vocab_size is "
-                          f"{run.model_cfg.vocab_size}")
+    check_vocab("data", pipe.vocab_size, run.model_cfg)
+    evaluator = Evaluator(run) if recipe.eval.enabled else None
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params), abstract, out)
     run_dir = os.path.abspath(recipe.run_dir)
-    created = not os.path.exists(run_dir)  # a run that fails before its first checkpoint leaves nothing here
+    created = not os.path.exists(run_dir)
     os.makedirs(run_dir, exist_ok=True)
-    ckpt = CheckpointManager(os.path.join(run_dir, "checkpoints"), recipe.checkpoint)
-    ok = False
+    progress = {"trained": False}
     try:
-        summary = _run(run, pipe, programs, abstract, ckpt, run_dir, out)
-        ok = True
-        return summary
-    finally:
-        ckpt.close()
-        if not ok and created and ckpt.last_saved is None:
-            shutil.rmtree(run_dir, ignore_errors=True)  # a failed start leaves nothing on disk
+        with contextlib.ExitStack() as stack:
+            ckpt = CheckpointManager(os.path.join(run_dir, "checkpoints"), recipe.checkpoint)
+            stack.callback(ckpt.close)
+            return _run(run, pipe, programs, abstract, ckpt, evaluator, run_dir, stack, progress, out)
+    except BaseException:
+        if created and not progress["trained"] and jax.process_index() == 0:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a start that failed before its first step leaves nothing
+        raise
 
 
-def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: CheckpointManager, run_dir: str,
-         out) -> dict:
-    """The loop of `train`, from restore-or-init to the last save."""
+def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: CheckpointManager, evaluator,
+         run_dir: str, stack: contextlib.ExitStack, progress: dict, out) -> dict:
+    """The loop of `train`, from restore-or-init to the last save; `stack` closes what it opens."""
     recipe = run.recipe
     total = run.total_steps
     end = total if recipe.max_steps is None else min(total, recipe.max_steps)
     state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract), pipe,
                                 out)
+    stack.callback(it.close)
     log = MetricsLog(run_dir, state.step, recipe.metrics.tensorboard, recipe.metrics.progress, end)
+    stack.callback(log.close)
     reporter = Reporter(run, log, state.counters, end, lambda: ckpt.last_saved, programs)
-    evaluator = Evaluator(run, log) if recipe.eval.enabled else None
     start, stopped = state.step, None
     out(f"training from step {start} to {end} of {total} on {run.par.mesh.devices.size} "
         f"{run.par.mesh.devices.flat[0].platform} devices, mesh {dict(run.par.mesh.shape)}; run dir {run_dir}")
 
     def save():
         reporter.flush()  # the counters saved are this step's
-        stage = run.stage_at(min(state.step, total - 1))
+        trained = run.stage_at(max(state.step - 1, 0))  # the stage of the last step trained (its RoPE)
         ckpt.save(state.step, variables={**state.params, **state.rest}, opt_state=state.opt_state,
-                  train={**state.counters, "step": state.step, "stage": stage.name}, data_args=save_args(it),
-                  model_config=stage.step.model_cfg.to_dict(), recipe=recipe.to_dict())
+                  train={**state.counters, "step": state.step, "stage": trained.name}, data_args=save_args(it),
+                  model_config=trained.step.model_cfg.to_dict(), recipe=recipe.to_dict())
 
-    try:
-        with ckpt.watch_sigterm():
-            batch, current = None, None
-            while state.step < end:
-                stage = run.stage_at(state.step)
-                if stage is not current:
-                    out(stage.describe())
-                    current = stage
-                program = programs.get(stage)
-                data, count = batch or device_batch(run, stage, next(it))
-                lr = float(stage.schedule(state.step - stage.data.start_step))
-                dispatched = time.perf_counter()
-                state.params, state.rest, state.opt_state, metrics = program(
-                    state.params, state.rest, state.opt_state, data, count, lr, stage.bias_rate)
-                state.step += 1
-                reporter.add(state.step, stage, lr, count * stage.data.micro_rows, metrics, dispatched)
-                stage_end = state.step == stage.data.end_step
-                if evaluator is not None and evaluator.due(state.step, stage_end):
-                    reporter.flush()
-                    evaluator.run_at(state.step, stage, program, state.params, state.rest)
-                if ckpt.sigterm:
-                    out(f"SIGTERM: saving step {state.step} and exiting")
-                    save()
-                    stopped = "sigterm"
-                    break
-                if ckpt.due(state.step, stage_end and state.step < end):
-                    save()
-                # The next step's batch goes to the devices while this step computes.
-                batch = device_batch(run, run.stage_at(state.step), next(it)) if state.step < end else None
-            reporter.flush()
-            if recipe.checkpoint.save_on_exit and ckpt.last_saved != state.step:
+    with ckpt.watch_sigterm():
+        batch, current = None, None
+        while state.step < end:
+            stage = run.stage_at(state.step)
+            if stage is not current:
+                out(stage.describe())
+                current = stage
+            program = programs.get(stage)
+            data, count = batch or S.place_batch(run.par, stage.step, stage.data.local_micro_rows, next(it))
+            lr = float(stage.schedule(state.step - stage.data.start_step))
+            dispatched = time.perf_counter()
+            state.params, state.rest, state.opt_state, metrics = program(
+                state.params, state.rest, state.opt_state, data, count, lr, stage.bias_rate)
+            state.step += 1
+            progress["trained"] = True
+            reporter.add(state.step, stage, lr, count * stage.data.micro_rows, metrics, dispatched)
+            stage_end = state.step == stage.data.end_step
+            if evaluator is not None and evaluator.due(state.step, stage_end):
+                reporter.flush()
+                log.write_eval({"step": state.step, "stage": stage.name,
+                                **evaluator.run_at(stage, program, state.params, state.rest)})
+            if ckpt.sigterm:
+                out(f"SIGTERM: saving step {state.step} and exiting")
                 save()
-    finally:
-        ckpt.close()
-        log.close()
-        it.close()
+                stopped = "sigterm"
+                break
+            if ckpt.due(state.step, stage_end and state.step < end):
+                save()
+            # The next step's batch goes to the devices while this step computes.
+            batch = S.place_batch(run.par, run.stage_at(state.step).step,
+                                   run.stage_at(state.step).data.local_micro_rows, next(it)) if state.step < end else None
+        reporter.flush()
+        if recipe.checkpoint.save_on_exit and ckpt.last_saved != state.step:
+            save()
     first, last = reporter.first_loss, reporter.last_loss
     out(f"done: step {state.step}" + (f", loss {first:.4f} -> {last:.4f}" if first is not None else "")
         + (f", checkpoint step {ckpt.last_saved} in {ckpt.directory}" if ckpt.last_saved is not None else "")
