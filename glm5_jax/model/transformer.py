@@ -263,6 +263,8 @@ class GLM5(nnx.Module):
                                                                              segment_ids, dsa_mode)
                 return h, (self.head(normed), layer_stats)
 
+            if cfg.remat_policy != "none":  # like the main layers: the backward recomputes a depth's insides
+                depth = jax.checkpoint(depth, policy=REMAT[cfg.remat_policy], prevent_cse=False)
             _, (mtp_logits, mtp_stats) = jax.lax.scan(depth, h, ids)
         return ModelOutput(logits, mtp_logits, stats.load, stats, mtp_stats)
 
