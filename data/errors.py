@@ -40,6 +40,7 @@ class Bad:
 _lock = threading.Lock()
 _skipped: collections.Counter = collections.Counter()
 _last_logged: dict[str, float] = {}
+_logged: collections.defaultdict = collections.defaultdict(set)  # source -> the first distinct records logged
 
 
 def skipped_counts() -> dict[str, int]:
@@ -52,6 +53,7 @@ def reset_skipped_counts():
     with _lock:
         _skipped.clear()
         _last_logged.clear()
+        _logged.clear()
 
 
 class ErrorPolicy:
@@ -69,11 +71,17 @@ class ErrorPolicy:
         now = time.monotonic()
         with _lock:
             _skipped[source] += 1
-            count = _skipped[source]
-            quiet = count > _LOG_FIRST and now - _last_logged.get(source, -_LOG_EVERY_S) < _LOG_EVERY_S
+            count, seen = _skipped[source], _logged[source]
+            # The first _LOG_FIRST distinct bad records are logged (a record repeats every epoch), later ones
+            # at most every _LOG_EVERY_S seconds.
+            first = message not in seen and len(seen) < _LOG_FIRST
+            quiet = not first and now - _last_logged.get(source, -_LOG_EVERY_S) < _LOG_EVERY_S
+            if first:
+                seen.add(message)
             if not quiet:
                 _last_logged[source] = now
         if not quiet:
-            later = f"; further skips logged at most every {_LOG_EVERY_S:g} s" if count == _LOG_FIRST else ""
+            later = f"; further skips logged at most every {_LOG_EVERY_S:g} s" if first and len(seen) == _LOG_FIRST \
+                else ""
             log.warning("skipped bad record of source %s (%d so far in this process%s): %s", source, count,
                         later, message)
