@@ -4,6 +4,7 @@ counted, and too many in a row stop the run with its last checkpoint intact; glm
 from __future__ import annotations
 
 import signal
+import time
 
 import numpy as np
 
@@ -42,3 +43,28 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(tmp_path):
     # glm5 plot draws the run's curves.
     assert run_cli("plot", str(run_dir), "--out", str(tmp_path / "c.png")) == 0
     assert (tmp_path / "c.png").stat().st_size > 1000
+
+
+def test_sigterm_during_a_compile_saves_and_exits_at_once(tmp_path):
+    """The second stage's step is compiling (no cache for it): SIGTERM saves the step reached and exits 0
+    without waiting for the compile; the run then resumes from that step."""
+    stages = [{"name": "short", "steps": 3}, {"name": "long", "steps": 3}]
+    data = {**u.RECIPE["data_overrides"], "stages.1.seq_len": 48, "stages.1.tokens_per_step": 384}
+    recipe = u.write_recipe(tmp_path / "r.yaml", stages=stages, data_overrides=data, compilation_cache=None,
+                            checkpoint={"interval_steps": None})
+    run_dir = tmp_path / "run"
+    proc = u.start(recipe, run_dir)
+    lines = []
+    for line in proc.stdout:  # wait until the second stage's compile has begun
+        lines.append(line)
+        if "compiling the 48-token step" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    start = time.monotonic()
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 0 and time.monotonic() - start < 15, out
+    assert "SIGTERM while compiling: saving step 3 and exiting" in out, out
+    assert u.committed(run_dir) == [3]
+    code, out = u.run(recipe, run_dir)
+    assert code == 0 and "resumed from" in out and u.committed(run_dir)[-1] == 6, out

@@ -46,44 +46,56 @@ class TrainState:
     counters: dict  # nonfinite_in_a_row, skipped_total, tokens_seen, rng (saved as the `train` item)
 
 
+class CompileInterrupted(Exception):
+    """SIGTERM arrived while a step was compiling (the loop saves and stops without waiting for it)."""
+
+
 class Programs:
     """The compiled train step of each distinct stage shape (stages that share one share the program)."""
 
-    def __init__(self, run: Run, tx, abstract, out):
-        self.run, self.tx, self.abstract, self.out = run, tx, abstract, out
+    def __init__(self, run: Run, tx, abstract, out, stop=lambda: False):
+        self.run, self.tx, self.abstract, self.out, self.stop = run, tx, abstract, out, stop
         self._built: dict = {}
 
     def __len__(self) -> int:
         return len(self._built)
+
+    def built(self, stage: StageSettings) -> bool:
+        return repr(stage.step) in self._built
 
     def get(self, stage: StageSettings) -> S.TrainStep:
         key = repr(stage.step)  # (the configs are plain dataclasses, equal when their reprs are)
         if key not in self._built:
             program = S.TrainStep(stage.step, self.tx, self.run.par, self.abstract)
             a, r, L = stage.step.batch_shape
-            with _ticker(self.out, f"compiling the {L}-token step ({a} x {r} rows) of stage {stage.name}"):
-                program.compile()
+            self._compile(program, f"compiling the {L}-token step ({a} x {r} rows) of stage {stage.name}")
             self._built[key] = program
         return self._built[key]
 
+    def _compile(self, program: S.TrainStep, what: str, every: float = 20.0):
+        """Compile in a worker thread while this one reports progress every `every` s and watches `stop()`:
+        XLA's compiler does not return to Python for minutes, so a signal could not be handled before."""
+        start, errors = time.monotonic(), []
 
-def _ticker(out, what: str, every: float = 20.0):
-    """A context printing `what ...`, then every `every` s the time so far, then the total."""
-    class Ticker:
-        def __enter__(self):
-            self.start, self.done = time.monotonic(), threading.Event()
-            out(f"{what} ...")
-            def tick():
-                while not self.done.wait(every):
-                    out(f"  ... still compiling ({time.monotonic() - self.start:.0f} s)")
-            self.thread = threading.Thread(target=tick, daemon=True)
-            self.thread.start()
-
-        def __exit__(self, *exc):
-            self.done.set()
-            if exc[0] is None:
-                out(f"  compiled in {time.monotonic() - self.start:.1f} s")
-    return Ticker()
+        def work():
+            try:
+                program.compile()
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                errors.append(e)
+        worker = threading.Thread(target=work, daemon=True, name="compile")
+        self.out(f"{what} ...")
+        worker.start()
+        next_report = start + every
+        while worker.is_alive():
+            worker.join(0.2)
+            if self.stop():
+                raise CompileInterrupted(what)
+            if time.monotonic() >= next_report:
+                self.out(f"  ... still compiling ({time.monotonic() - start:.0f} s)")
+                next_report += every
+        if errors:
+            raise errors[0]
+        self.out(f"  compiled in {time.monotonic() - start:.1f} s")
 
 
 def _setup_cache(recipe: Recipe):
@@ -229,6 +241,7 @@ def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: Check
     log = MetricsLog(run_dir, state.step, recipe.metrics.tensorboard, recipe.metrics.progress, end)
     stack.callback(log.close)
     reporter = Reporter(run, log, state.counters, end, lambda: ckpt.last_saved, programs)
+    programs.stop = lambda: ckpt.sigterm
     start, stopped = state.step, None
     out(f"training from step {start} to {end} of {total} on {run.par.mesh.devices.size} "
         f"{run.par.mesh.devices.flat[0].platform} devices, mesh {dict(run.par.mesh.shape)}; run dir {run_dir}")
@@ -247,7 +260,14 @@ def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: Check
             if stage is not current:
                 out(stage.describe())
                 current = stage
-            program = programs.get(stage)
+            try:
+                program = programs.get(stage)  # (before this step's batch is read: a stop here saves exactly)
+            except CompileInterrupted:
+                out(f"SIGTERM while compiling: saving step {state.step} and exiting")
+                if ckpt.last_saved != state.step:
+                    save()
+                stopped = "sigterm"
+                break
             data, count = batch or S.place_batch(run.par, stage.step, stage.data.local_micro_rows, next(it))
             lr = float(stage.schedule(state.step - stage.data.start_step))
             dispatched = time.perf_counter()
@@ -268,9 +288,11 @@ def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: Check
                 break
             if ckpt.due(state.step, stage_end and state.step < end):
                 save()
-            # The next step's batch goes to the devices while this step computes.
-            batch = S.place_batch(run.par, run.stage_at(state.step).step,
-                                   run.stage_at(state.step).data.local_micro_rows, next(it)) if state.step < end else None
+            # The next step's batch goes to the devices while this step computes (unless its program is yet to
+            # compile: then it is read after the compile, so a SIGTERM during the compile saves this step exactly).
+            following = run.stage_at(state.step)
+            batch = S.place_batch(run.par, following.step, following.data.local_micro_rows, next(it)) \
+                if state.step < end and programs.built(following) else None
         reporter.flush()
         if recipe.checkpoint.save_on_exit and ckpt.last_saved != state.step:
             save()
