@@ -93,10 +93,6 @@ class PlanInputs:
     batch: dict
     routes: dict
 
-    @property
-    def args(self) -> tuple:
-        return self.step.abstract_args()
-
 
 def batch_shards(par) -> int:
     """How many ways the layout splits the batch dimension."""

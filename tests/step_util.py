@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from glm5_jax import optim
@@ -56,3 +57,16 @@ def compiled_loss_and_grads(state: S.ModelState, batch: dict, par=None, loss_cfg
     args = (flatten(state.params), flatten(state.rest), microbatches(batch, 1), jnp.int32(1))
     with use(step.par):
         return jax.jit(step._loss_and_grads).lower(*args).compile(), args
+
+
+def two_document_batch(vocab_size: int, rows: int, length: int, split: int = 25, seed: int = 0) -> dict:
+    """Random ids [rows, length] packed as two documents per row (positions restart at `split`; no target
+    across the boundary): masks and RoPE positions must hold in every layout."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(2, vocab_size, (rows, length + 1)).astype(np.int32)
+    segments = np.ones((rows, length), np.int32)
+    segments[:, split:] = 2
+    positions = np.concatenate([np.arange(split), np.arange(length - split)])[None].repeat(rows, 0)
+    targets = ids[:, 1:].copy()
+    targets[:, split - 1] = -1
+    return dict(input_ids=ids[:, :-1], targets=targets, positions=positions.astype(np.int32), segment_ids=segments)

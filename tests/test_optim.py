@@ -15,7 +15,6 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from glm5_jax import config
 from glm5_jax.config import ConfigError
-from glm5_jax.data.stages import BatchRamp
 from glm5_jax.model import GLM5
 from glm5_jax.optim import (
     OptimizerConfig,
@@ -314,25 +313,3 @@ def test_schedules_match_formulas():
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-12, err_msg=name)
     no_warmup = learning_rate_schedule(OptimizerConfig(schedule="constant", learning_rate=lr))
     assert float(no_warmup(0)) == pytest.approx(lr)
-
-
-def test_batch_size_warmup():
-    # GLM-5: 16M -> 64M tokens per step over the first 500B tokens, here with 4M-token microbatches.
-    m = 4 * 2**20
-    ramp = BatchRamp(m, 16 * 2**20, 64 * 2**20, 500 * 10**9)
-    counts = [n for _, n, _ in ramp.table]
-    assert counts == list(range(4, 17))  # 16M / 4M .. 64M / 4M, one row per count
-    # Against a step-by-step simulation of the rule.
-    step, consumed, checked = 0, 0, 0
-    while consumed < 520 * 10**9:
-        target = 16 * 2**20 + 48 * 2**20 * min(consumed / (500 * 10**9), 1)
-        n = max(1, math.floor(target / m + 0.5))
-        if step % 97 == 0 or n != ramp.accumulation_steps(step):
-            assert ramp.accumulation_steps(step) == n, step
-            assert ramp.tokens_before(step) == consumed, step
-            checked += 1
-        consumed += n * m
-        step += 1
-    assert checked > 100 and ramp.accumulation_steps(10**9) == 16
-    flat = BatchRamp(8, 16, 16, 100)
-    assert flat.table == ((0, 2, 0),) and flat.tokens_before(5) == 80

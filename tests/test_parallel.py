@@ -23,7 +23,7 @@ from glm5_jax.sharding.layout import ParallelConfig, load_layout
 from glm5_jax.sharding.mesh import resolve_sizes
 from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
-from tests.step_util import LM_ONLY, loss_and_grads
+from tests.step_util import LM_ONLY, loss_and_grads, two_document_batch
 
 B, L = 8, 40  # L > index_topk (16): the sparse attention path and the indexer run
 
@@ -32,14 +32,7 @@ B, L = 8, 40  # L > index_topk (16): the sparse attention path and the indexer r
 def setup():
     cfg = config.load("tiny", ["expert_matmul=tiled"])
     state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(2, cfg.vocab_size, (B, L + 1)).astype(np.int32)
-    segments = np.ones((B, L), np.int32)
-    segments[:, 25:] = 2  # two documents per row: masks must hold in every layout
-    positions = np.concatenate([np.arange(25), np.arange(L - 25)])[None].repeat(B, 0).astype(np.int32)
-    targets = ids[:, 1:].copy()
-    targets[:, 24] = -1  # no target across the document boundary
-    batch = dict(input_ids=ids[:, :-1], targets=targets, positions=positions, segment_ids=segments)
+    batch = two_document_batch(cfg.vocab_size, B, L)
     (loss, aux), grads = loss_and_grads(state, batch)
     return state, batch, loss, aux, grads
 

@@ -26,27 +26,16 @@ from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.sharding.layout import ParallelConfig
 from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
-from tests.step_util import LM_ONLY, compiled_loss_and_grads, loss_and_grads
+from tests.step_util import LM_ONLY, compiled_loss_and_grads, loss_and_grads, two_document_batch
 
 B, L = 8, 40  # L > index_topk (16): the indexer and the sparse attention run inside the stages
-
-
-def _batch(cfg):
-    rng = np.random.default_rng(0)
-    ids = rng.integers(2, cfg.vocab_size, (B, L + 1)).astype(np.int32)
-    segments = np.ones((B, L), np.int32)
-    segments[:, 25:] = 2  # two documents per row
-    positions = np.concatenate([np.arange(25), np.arange(L - 25)])[None].repeat(B, 0).astype(np.int32)
-    targets = ids[:, 1:].copy()
-    targets[:, 24] = -1
-    return {"input_ids": ids[:, :-1], "targets": targets, "positions": positions, "segment_ids": segments}
 
 
 @pytest.fixture(scope="module")
 def setup():
     cfg = config.load("tiny", ["expert_matmul=tiled", "num_hidden_layers=5", "first_k_dense_replace=0"])
     state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
-    batch = _batch(cfg)
+    batch = two_document_batch(cfg.vocab_size, B, L)
     (loss, aux), grads = loss_and_grads(state, batch)
     return cfg, state, batch, loss, aux, grads
 

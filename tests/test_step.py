@@ -7,6 +7,8 @@ parallel layouts; the batch-size ramp's rows per step follow its schedule with o
 
 from __future__ import annotations
 
+import math
+
 import jax
 import numpy as np
 import pytest
@@ -16,6 +18,7 @@ from glm5_jax import config, optim, plan
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.data import config as data_config
 from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.stages import BatchRamp
 from glm5_jax.model import GLM5
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import ParallelConfig
@@ -23,7 +26,7 @@ from glm5_jax.train import losses
 from glm5_jax.train import recipe as recipe_lib
 from glm5_jax.train import step as S
 from glm5_jax.train.setup import resolve
-from tests.step_util import microbatches, one_device, train_step
+from tests.step_util import microbatches, one_device, train_step, two_document_batch
 
 B, L = 16, 40  # L > index_topk (16): sparse attention and the indexer run
 
@@ -82,16 +85,9 @@ def test_plan_compiles_the_trained_step(name, layout):
 def model_and_batch():
     cfg = config.load("tiny", ["expert_matmul=tiled"])
     state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-    ids = rng.integers(2, cfg.vocab_size, (B, L + 1)).astype(np.int32)
-    segments = np.ones((B, L), np.int32)
-    segments[:, 25:] = 2
-    segments[3, 30:] = 0  # padding in one row
-    positions = np.concatenate([np.arange(25), np.arange(L - 25)])[None].repeat(B, 0).astype(np.int32)
-    targets = ids[:, 1:].copy()
-    targets[:, 24] = -1
-    targets[3, 29:] = -1
-    batch = dict(input_ids=ids[:, :-1], targets=targets, positions=positions, segment_ids=segments)
+    batch = two_document_batch(cfg.vocab_size, B, L)
+    batch["segment_ids"][3, 30:] = 0  # padding in one row
+    batch["targets"][3, 29:] = -1
     return cfg, state, batch
 
 
@@ -195,3 +191,25 @@ def test_glm5_recipe_runs_the_ramp_in_one_stage():
     assert first.tokens_per_step == 64 * 2**20 and first.batch_ramp == {"start_tokens_per_step": 16 * 2**20,
                                                                          "tokens": 500 * 10**9}
     assert not any(s.name == "pretrain_warmup" for s in dcfg.stages)
+
+
+def test_batch_size_warmup():
+    # GLM-5: 16M -> 64M tokens per step over the first 500B tokens, here with 4M-token microbatches.
+    m = 4 * 2**20
+    ramp = BatchRamp(m, 16 * 2**20, 64 * 2**20, 500 * 10**9)
+    counts = [n for _, n, _ in ramp.table]
+    assert counts == list(range(4, 17))  # 16M / 4M .. 64M / 4M, one row per count
+    # Against a step-by-step simulation of the rule.
+    step, consumed, checked = 0, 0, 0
+    while consumed < 520 * 10**9:
+        target = 16 * 2**20 + 48 * 2**20 * min(consumed / (500 * 10**9), 1)
+        n = max(1, math.floor(target / m + 0.5))
+        if step % 97 == 0 or n != ramp.accumulation_steps(step):
+            assert ramp.accumulation_steps(step) == n, step
+            assert ramp.tokens_before(step) == consumed, step
+            checked += 1
+        consumed += n * m
+        step += 1
+    assert checked > 100 and ramp.accumulation_steps(10**9) == 16
+    flat = BatchRamp(8, 16, 16, 100)
+    assert flat.table == ((0, 2, 0),) and flat.tokens_before(5) == 80

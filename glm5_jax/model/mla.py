@@ -13,7 +13,7 @@ indexer and the rest of the model.
 
 Generation (docs/generation.md) shares this code: `forward(..., with_cache=True)` also returns what a
 decode cache keeps of the tokens (the latent and the indexer key), and `decode` runs new tokens over that
-cache with the same absorbed kernels (`_attend_all`, `_attend_selected`).
+cache with the same absorbed kernels (`_attend`).
 """
 
 from __future__ import annotations
@@ -143,11 +143,11 @@ class MLA(nnx.Module):
         r = cfg.kv_lora_rank
         if sparse:
             sel = jax.vmap(lambda a, i: a[i])(latent, topk_idx)  # [B, Q, K, C]
-            out, _ = self._attend_selected(q_nope, q_rope, sel[..., :r], sel[..., r:],
+            out, _ = self._attend(q_nope, q_rope, sel[..., :r], sel[..., r:],
                                            topk_idx <= positions[..., None], scale, *self._absorbed())
         else:
             topk_idx = None
-            out, _ = self._attend_all(q_nope, q_rope, latent[..., :r], latent[..., r:], ok, scale, *self._absorbed())
+            out, _ = self._attend(q_nope, q_rope, latent[..., :r], latent[..., r:], ok, scale, *self._absorbed())
         return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, latent, index_keys
 
     def _absorbed(self):
@@ -155,25 +155,17 @@ class MLA(nnx.Module):
         kv_b = self.w(self.kv_b_proj)
         return kv_b[..., :nope], kv_b[..., nope:]
 
-    def _attend_all(self, qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv):
-        """Absorbed attention of queries [B, Q, H, .] over all keys c_kv [B, K, C], k_rope [B, K, R] where
-        `ok` [B, Q, K], with kv_b_proj's key and value halves w_uk, w_uv (`_absorbed`) -> (output
-        [B, Q, H, v_head_dim], float32 probabilities [B, Q, H, K])."""
+    def _attend(self, qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv):
+        """Absorbed attention of queries [B, Q, H, .] over keys: shared by all queries (c_kv [B, K, C],
+        k_rope [B, K, R]) or each query's own (c_kv [B, Q, K, C], k_rope [B, Q, K, R]), where `ok` [B, Q, K],
+        with kv_b_proj's key and value halves w_uk, w_uv (`_absorbed`) -> (output [B, Q, H, v_head_dim],
+        float32 probabilities [B, Q, H, K])."""
+        keys = "bk" if c_kv.ndim == 3 else "bqk"  # shared keys, or per-query gathered ones
         q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
-        s = jnp.einsum("bqhc,bkc->bqhk", q_lat, c_kv) + jnp.einsum("bqhr,bkr->bqhk", qr, k_rope)
+        s = jnp.einsum(f"bqhc,{keys}c->bqhk", q_lat, c_kv) + jnp.einsum(f"bqhr,{keys}r->bqhk", qr, k_rope)
         s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
         p32 = jax.nn.softmax(s, axis=-1)
-        o_lat = jnp.einsum("bqhk,bkc->bqhc", p32.astype(self.dtype), c_kv)
-        return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
-
-    def _attend_selected(self, qn, qr, c_sel, r_sel, ok, scale, w_uk, w_uv):
-        """Absorbed attention of each query [B, Q, H, .] over its own keys c_sel [B, Q, K, C], r_sel
-        [B, Q, K, R] where `ok` [B, Q, K] -> (output [B, Q, H, v_head_dim], probabilities [B, Q, H, K])."""
-        q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
-        s = jnp.einsum("bqhc,bqkc->bqhk", q_lat, c_sel) + jnp.einsum("bqhr,bqkr->bqhk", qr, r_sel)
-        s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
-        p32 = jax.nn.softmax(s, axis=-1)
-        o_lat = jnp.einsum("bqhk,bqkc->bqhc", p32.astype(self.dtype), c_sel)
+        o_lat = jnp.einsum(f"bqhk,{keys}c->bqhc", p32.astype(self.dtype), c_kv)
         return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
 
     def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale):
@@ -196,7 +188,7 @@ class MLA(nnx.Module):
 
         def block(qn, qr, q_index, q_segment, *qw):
             ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
-            out, p32 = self._attend_all(qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv)
+            out, p32 = self._attend(qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv)
             if not qw:
                 return out, None
             return out, indexer_kl(p32, self.indexer.scores(qw[0], ki, qw[1]), ok)
@@ -215,7 +207,7 @@ class MLA(nnx.Module):
 
         def block(qn, qr, idx, q_index, q_segment, *qw):
             ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
-            out, p32 = self._attend_selected(qn, qr, gather(c_kv, idx), gather(k_rope, idx), ok, scale, w_uk,
+            out, p32 = self._attend(qn, qr, gather(c_kv, idx), gather(k_rope, idx), ok, scale, w_uk,
                                              w_uv)
             if not qw:
                 return out, None
