@@ -187,12 +187,16 @@ def _train(args):
     from glm5_jax.train.trainer import TrainingStopped, train
 
     try:
-        train(recipe)
+        summary = train(recipe)
     except DataError as e:
         raise InputError(str(e)) from None
     except TrainingStopped as e:
         print(f"glm5: stopped: {e}", file=sys.stderr)
         sys.exit(3)
+    if summary["stopped"] == "sigterm-compiling":  # everything is saved and closed; the abandoned compile thread
+        sys.stdout.flush()                          # would abort the interpreter's teardown: leave without one
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _eval(args):

@@ -266,7 +266,7 @@ def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: Check
                 out(f"SIGTERM while compiling: saving step {state.step} and exiting")
                 if ckpt.last_saved != state.step:
                     save()
-                stopped = "sigterm"
+                stopped = "sigterm-compiling"  # (the compile thread still runs: `glm5 train` exits without teardown)
                 break
             data, count = batch or S.place_batch(run.par, stage.step, stage.data.local_micro_rows, next(it))
             lr = float(stage.schedule(state.step - stage.data.start_step))
