@@ -79,6 +79,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of parameters
     remat_policy: str = "none"  # what a scanned layer keeps for the backward pass
     attention_query_block: int = 256  # queries per block in sparse (top-k) attention
+    logits_block: int = 2048  # positions per block of the LM / MTP heads in the training loss
     expert_matmul: str = "auto"  # ragged_dot (grouped GEMM), tiled (portable loop), auto: tiled on CPU only
     expert_tile: int = 64  # rows per tile of the tiled expert matmul
 
@@ -153,7 +154,7 @@ def _validate(cfg: ModelConfig):
         "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank",
         "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
         "num_experts_per_tok", "max_position_embeddings", "index_topk", "index_head_dim", "index_n_heads",
-        "mtp_depths", "attention_query_block", "expert_tile",
+        "mtp_depths", "attention_query_block", "logits_block", "expert_tile",
     )
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         _fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "

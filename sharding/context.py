@@ -75,3 +75,32 @@ def axis_size(logical: str) -> int:
     """How many shards the active layout splits logical axis `logical` into (1 without a layout)."""
     par = current()
     return 1 if par is None else par.axis_size(logical)
+
+
+def per_shard(fn, in_axes, out_axes):
+    """`fn` run on each device's own shards of its arguments, with no communication inside it.
+
+    in_axes / out_axes: the logical axes of every argument and result (a pytree of results: a matching
+    pytree of axes tuples). Each device calls fn on its blocks (a `shard_map` over the whole mesh; mesh axes
+    that no dimension maps to replicate), so fn sees local arrays, and inside it no layout is active
+    (`constrain` and `axis_size` are no-ops). Without an active layout this is fn itself.
+    """
+    par = current()
+    if par is None or par.mesh.size == 1:
+        return fn
+
+    def local(*args):
+        token = _active.set(None)
+        try:
+            return fn(*args)
+        finally:
+            _active.reset(token)
+
+    def run(*args):
+        in_specs = tuple(par.spec(axes, x.shape) for axes, x in zip(in_axes, args, strict=True))
+        shapes = jax.eval_shape(local, *args)  # global result shapes: fn is written for any length
+        out_specs = jax.tree.map(lambda axes, s: par.spec(axes, s.shape), out_axes, shapes,
+                                 is_leaf=lambda a: isinstance(a, tuple))
+        return jax.shard_map(local, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+
+    return run

@@ -1,8 +1,8 @@
 """The DeepSeek Sparse Attention lightning indexer and its top-k key selection.
 
 I[t, s] = sum_h w[t, h] * ReLU(q_I[t, h] . k_I[s] / sqrt(d_I)); query t attends only to the `index_topk`
-visible keys with the highest I[t, s]. Scores are computed per block of queries so memory is
-O(block * length), never [length, length] at once.
+visible keys with the highest I[t, s]. Scores are computed per block of queries against chunks of keys, so
+memory is O(block * chunk), never [length, length] or [block, length] at once (`select_topk`).
 
 Training the indexer (docs/losses.md): `indexer_kl` is KL(p || softmax(I)) of one query block, with p the
 main attention's probabilities summed over heads (a stop-gradient target).
@@ -10,15 +10,17 @@ main attention's probabilities summed over heads (a stop-gradient target).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5_jax.config import ConfigError
+from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.norms import LayerNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
-from glm5_jax.sharding.context import axis_size, constrain
+from glm5_jax.sharding.context import per_shard
 
 
 class Indexer(nnx.Module):
@@ -37,25 +39,26 @@ class Indexer(nnx.Module):
                                        stack=stack, dtype=jnp.float32, std=std)
 
     def project(self, x, c_q, cos, sin):
-        """Indexer queries [B, L, Hi, Di], keys [B, L, Di] (float32) and head weights [B, L, Hi]."""
+        """Indexer queries [B, L, Hi, Di], keys [B, L, Di] (the model dtype: stored, as large as x) and head
+        weights [B, L, Hi] (float32)."""
         q = jnp.einsum("blr,rhd->blhd", c_q, self.wq_b[...].astype(self.dtype))
         k = self.k_norm(x @ self.wk[...].astype(self.dtype))
         r = self.rope_dim
         q = jnp.concatenate([apply_rope(q[..., :r], cos, sin), q[..., r:]], axis=-1)
         k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
         w = (x.astype(jnp.float32) @ self.weights_proj[...]) * self.n_heads ** -0.5
-        return q.astype(jnp.float32), k.astype(jnp.float32), w
+        return q, k, w
 
     def scores(self, q, k, w):
         """Index scores [B, Q, L] of query block q [B, Q, Hi, Di] against all keys k [B, L, Di]."""
-        s = jnp.einsum("bqhd,bkd->bqhk", q, k) * self.head_dim ** -0.5
+        s = jnp.einsum("bqhd,bkd->bqhk", q, k, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
         if self.relu:
             s = jax.nn.relu(s)
         return jnp.einsum("bqh,bqhk->bqk", w, s)
 
     def scores_at(self, q, k_sel, w):
         """Index scores [B, Q, K] of query block q [B, Q, Hi, Di] against its own keys k_sel [B, Q, K, Di]."""
-        s = jnp.einsum("bqhd,bqkd->bqhk", q, k_sel) * self.head_dim ** -0.5
+        s = jnp.einsum("bqhd,bqkd->bqhk", q, k_sel, preferred_element_type=jnp.float32) * self.head_dim ** -0.5
         if self.relu:
             s = jax.nn.relu(s)
         return jnp.einsum("bqh,bqhk->bqk", w, s)
@@ -82,53 +85,52 @@ def visible(q_index, k_index, q_segment, k_segment):
     return (k_index <= q_index) & (k_segment == q_segment)
 
 
-def map_query_blocks(fn, block: int, *arrays):
-    """Apply fn to blocks of `block` queries of each array [B, L, ...] (axis 1), concatenating results.
-
-    Under context parallelism the query axis is split into its `length` shards first and every shard is
-    cut into blocks of its own, so each loop iteration works on one block of every shard at once and no
-    query leaves its device. Each shard is padded at its end to a whole number of blocks; the padding is
-    cut off the results.
-    """
-    n, shards = arrays[0].shape[1], axis_size("length")
-    if n % shards:
-        raise ConfigError(f"mesh.context: sequence length {n} does not split into {shards} equal context shards")
-    local = n // shards
-    block = min(block, local)
-    n_blocks = -(-local // block)
-
-    def split(a):  # [B, L, ...] -> [blocks, B, shards * block, ...]
-        a = a.reshape(a.shape[0], shards, local, *a.shape[2:])
-        a = jnp.pad(a, [(0, 0), (0, 0), (0, n_blocks * block - local)] + [(0, 0)] * (a.ndim - 3))
-        a = a.reshape(a.shape[0], shards, n_blocks, block, *a.shape[3:])
-        a = jnp.moveaxis(a, 2, 0).reshape(n_blocks, a.shape[0], shards * block, *a.shape[4:])
-        return constrain(a, (None, "batch", "length") + (None,) * (a.ndim - 3))
-
-    out = jax.lax.map(lambda blocks: fn(*blocks), tuple(split(a) for a in arrays))
-
-    def join(o):  # [blocks, B, shards * block, ...] -> [B, L, ...]
-        o = o.reshape(n_blocks, o.shape[1], shards, block, *o.shape[3:])
-        o = jnp.moveaxis(o, 0, 2).reshape(o.shape[1], shards, n_blocks * block, *o.shape[4:])
-        return constrain(o[:, :, :local].reshape(o.shape[0], n, *o.shape[3:]),
-                         ("batch", "length") + (None,) * (o.ndim - 3))
-
-    return jax.tree.map(join, out)
-
-
 def select_topk(indexer: Indexer, q, k, w, segment_ids, topk: int, block: int):
-    """Top-k key indices [B, L, topk] (int32) per query; invisible keys rank last (score -inf)."""
-    # Every query scores every key, so under context parallelism the keys are gathered whole (128 numbers
-    # a token) while the queries stay in their shard.
-    k = constrain(k, ("batch", None, None))
-    key_segments = constrain(segment_ids, ("batch", None))
-    length = k.shape[1]
-    k_index = jnp.arange(length)
+    """Top-k key indices [B, L, topk] (int32) per query: its `topk` visible keys of highest index score.
 
-    def block_topk(qb, wb, q_index, q_segment):
-        s = indexer.scores(qb, k, wb)
-        ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
-        s = jnp.where(ok, s, -jnp.inf)
-        return jax.lax.top_k(s, topk)[1].astype(jnp.int32)
+    Exactly `lax.top_k` of each query's scores over all keys with invisible keys at -inf (ties go to the
+    lower key index; a query with fewer than topk visible keys gets invisible ones, which attention masks),
+    computed without its cost:
+    - each device selects for its own queries (`per_shard`): under context parallelism a shard's scores
+      never leave its device; only the indexer keys (index_head_dim numbers a token) are gathered;
+    - queries go in blocks of `block`, keys in chunks of max(topk, block) merged into a running top-k, and
+      a block scores only the chunks up to its last query's position (causal: half the indexer's FLOPs);
+      the chunks a block skips hold keys its queries cannot see, which rank after every scanned key.
+    The indices carry no gradient, so the inputs are detached.
+    """
+    q, k, w = (jax.lax.stop_gradient(a) for a in (q, k, w))
+    positions = jnp.broadcast_to(jnp.arange(k.shape[1], dtype=jnp.int32), segment_ids.shape)
+    fn = per_shard(functools.partial(_local_topk, indexer, topk=topk, block=block),
+                   in_axes=(("batch", "length", None, None), ("batch", None, None), ("batch", "length", None),
+                            ("batch", "length"), ("batch", "length"), ("batch", None)),
+                   out_axes=("batch", "length", None))
+    return fn(q, k, w, positions, segment_ids, segment_ids)
 
-    q_index = jnp.broadcast_to(k_index, segment_ids.shape)
-    return map_query_blocks(block_topk, block, q, w, q_index, segment_ids)
+
+def _local_topk(indexer: Indexer, q, k, w, q_pos, q_seg, k_seg, *, topk: int, block: int):
+    """`select_topk` of queries q [B, Q, Hi, Di] at positions q_pos over all keys k [B, L, Di] on one device."""
+    B, length = k_seg.shape
+    chunk = max(topk, block)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length  # padded keys: segment -1, seen by no query
+    k = jnp.pad(k, ((0, 0), (0, pad), (0, 0))).reshape(B, n_chunks, chunk, k.shape[-1])
+    k_seg = jnp.pad(k_seg, ((0, 0), (0, pad)), constant_values=-1).reshape(B, n_chunks, chunk)
+
+    def block_topk(qb, wb, pos, seg):
+        def scored(c):  # masked scores [B, Q, chunk] of key chunk c and the chunk's key indices
+            k_index = c * chunk + jnp.arange(chunk, dtype=jnp.int32)
+            ok = visible(pos[..., None], k_index, seg[..., None], k_seg[:, c][:, None, :])
+            return jnp.where(ok, indexer.scores(qb, k[:, c], wb), -jnp.inf), k_index
+
+        def merge(c, best):  # the top-k of (best so far, chunk c): best first, so ties keep the lower index
+            values, index = best
+            s, k_index = scored(c)
+            values, pick = jax.lax.top_k(jnp.concatenate([values, s], axis=-1), topk)
+            index = jnp.concatenate([index, jnp.broadcast_to(k_index, s.shape)], axis=-1)
+            return values, jnp.take_along_axis(index, pick, axis=-1)
+
+        values, pick = jax.lax.top_k(scored(0)[0], topk)  # chunk 0 holds >= topk keys (length > topk)
+        needed = jnp.minimum(jnp.max(pos) // chunk + 1, n_chunks)
+        return jax.lax.fori_loop(1, needed, merge, (values, pick.astype(jnp.int32)))[1]
+
+    return map_blocks(block_topk, block, q, w, q_pos, q_seg)

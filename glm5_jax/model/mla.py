@@ -3,7 +3,9 @@
 Short sequences (length <= index_topk) see every visible key, so DSA equals dense attention and runs as
 dense causal MLA. Longer ones attend to each query's top-k keys only, in the absorbed (MQA) form: the
 selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blocks of queries, so no
-[length, length] attention exists.
+[length, length] attention exists. Every query block is rematerialised: the backward pass recomputes its
+gathered keys, scores and probabilities (and in DSA training the indexer's scores) from the block's
+queries, so what a layer keeps for the backward grows with the tokens alone (docs/model.md, "Long context").
 
 `dsa_mode` (docs/losses.md) selects how the indexer trains: "sparse" (default; no indexer loss),
 "warmup" (attention stays dense at every length, in query blocks when length > index_topk; the indexer's
@@ -22,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5_jax.model.dsa import Indexer, indexer_kl, map_query_blocks, select_topk, visible
+from glm5_jax.model.blocks import map_blocks
+from glm5_jax.model.dsa import Indexer, indexer_kl, select_topk, visible
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
@@ -162,8 +165,10 @@ class MLA(nnx.Module):
         float32 probabilities [B, Q, H, K])."""
         keys = "bk" if c_kv.ndim == 3 else "bqk"  # shared keys, or per-query gathered ones
         q_lat = jnp.einsum("bqhn,chn->bqhc", qn, w_uk)
-        s = jnp.einsum(f"bqhc,{keys}c->bqhk", q_lat, c_kv) + jnp.einsum(f"bqhr,{keys}r->bqhk", qr, k_rope)
-        s = jnp.where(ok[:, :, None, :], s.astype(jnp.float32) * scale, MASKED)
+        f32 = jnp.float32  # scores accumulate in float32; the gathered keys stay in the model dtype
+        s = (jnp.einsum(f"bqhc,{keys}c->bqhk", q_lat, c_kv, preferred_element_type=f32)
+             + jnp.einsum(f"bqhr,{keys}r->bqhk", qr, k_rope, preferred_element_type=f32))
+        s = jnp.where(ok[:, :, None, :], s * scale, MASKED)
         p32 = jax.nn.softmax(s, axis=-1)
         o_lat = jnp.einsum(f"bqhk,{keys}c->bqhc", p32.astype(self.dtype), c_kv)
         return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
@@ -195,8 +200,8 @@ class MLA(nnx.Module):
 
         q_index = jnp.broadcast_to(k_index, segment_ids.shape)
         extra = () if index is None else (index[0], index[2])
-        return map_query_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, q_index, segment_ids,
-                                *extra)
+        return map_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, q_index, segment_ids, *extra,
+                          remat=True)
 
     def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index=None):
         """Attention over each query's top-k keys; with `index` (sparse adaptation) also the per-query
@@ -215,8 +220,8 @@ class MLA(nnx.Module):
 
         q_index = jnp.broadcast_to(jnp.arange(q_nope.shape[1]), segment_ids.shape)
         extra = () if index is None else (index[0], index[2])
-        return map_query_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, topk_idx, q_index,
-                                segment_ids, *extra)
+        return map_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, topk_idx, q_index, segment_ids,
+                          *extra, remat=True)
 
 
 def write_slots(cache, positions, values):

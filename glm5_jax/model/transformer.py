@@ -180,6 +180,10 @@ class ModelOutput(NamedTuple):
     # (load, balance: MoE layers in order; indexer_kl: layers with an indexer, only in DSA training modes).
     stats: LayerStats | None = None
     mtp_stats: LayerStats | None = None  # the MTP layer's, stacked over depths [depths, ...]; None without MTP
+    # With `logits=False` (the training loss, which runs the head in blocks): the final normed hidden states
+    # the head reads, [B, L, D], and MTP's [depths, B, L, D]; logits and mtp_logits are then None.
+    hidden: jax.Array | None = None
+    mtp_hidden: jax.Array | None = None
 
 
 class GLM5(nnx.Module):
@@ -216,8 +220,8 @@ class GLM5(nnx.Module):
         return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None,
-                 dsa_mode: str = "sparse"):
-        """Logits for `input_ids` [B, L].
+                 dsa_mode: str = "sparse", logits: bool = True):
+        """Logits for `input_ids` [B, L] (with `logits=False`, the hidden states the head would read).
 
         positions: [B, L] RoPE positions (default 0..L-1); segment_ids: [B, L] document ids of packed rows
         (attention and the indexer never cross a change of id; default one document per row).
@@ -249,7 +253,7 @@ class GLM5(nnx.Module):
             stats.append(group_stats)
         stats = LayerStats(*(_concat([getattr(s, f) for s in stats]) for f in LayerStats._fields))
         h = self.norm(h)
-        logits = self.head(h)
+        head = self.head if logits else (lambda normed: normed)
         depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
         mtp_logits = mtp_stats = None
         if self.mtp is not None and depths > 0:
@@ -261,12 +265,14 @@ class GLM5(nnx.Module):
             def depth(h, ids_k):  # one shared parameter set, scanned over depths: compiled once
                 h, normed, layer_stats = nnx.merge(graphdef, mtp_state).step(h, self.embed(ids_k), cos, sin,
                                                                              segment_ids, dsa_mode)
-                return h, (self.head(normed), layer_stats)
+                return h, (head(normed), layer_stats)
 
             if cfg.remat_policy != "none":  # like the main layers: the backward recomputes a depth's insides
                 depth = jax.checkpoint(depth, policy=REMAT[cfg.remat_policy], prevent_cse=False)
             _, (mtp_logits, mtp_stats) = jax.lax.scan(depth, h, ids)
-        return ModelOutput(logits, mtp_logits, stats.load, stats, mtp_stats)
+        if logits:
+            return ModelOutput(self.head(h), mtp_logits, stats.load, stats, mtp_stats)
+        return ModelOutput(None, None, stats.load, stats, mtp_stats, h, mtp_logits)
 
 
 def _concat(parts):

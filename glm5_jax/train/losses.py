@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5_jax.config import ConfigError, unknown_key
+from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.mla import DSA_MODES
 
 TRAINABLE = ("all", "indexer")
@@ -61,10 +62,16 @@ def _is_static_zero(x) -> bool:
     return isinstance(x, (numbers.Real,)) and not isinstance(x, bool) and float(x) == 0.0
 
 
-def _token_terms(logits, targets, mask):
-    """(summed cross-entropy, summed logsumexp ** 2, count) over `mask`; logits [..., V] float32."""
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
+def _head_terms(model, hidden, targets, mask):
+    """(summed cross-entropy, summed logsumexp ** 2, count) over `mask` of the head's logits on `hidden`
+    [B, L, D] against `targets`, one block of `model.cfg.logits_block` positions at a time and each block
+    rematerialised: the backward recomputes a block's logits, so no [L, vocab] array is ever held."""
+    def block(h, t):
+        logits = model.head(h)  # [B, block, V] float32
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        return logz, jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
+
+    logz, picked = map_blocks(block, model.cfg.logits_block, hidden, targets, remat=True)
     return (jnp.sum(jnp.where(mask, logz - picked, 0.0)), jnp.sum(jnp.where(mask, logz * logz, 0.0)),
             jnp.sum(mask))
 
@@ -119,10 +126,10 @@ def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=N
     depths = mtp_depths(model.cfg, loss_cfg, mtp_weight)
     norms = normalizers(batch, depths) if norms is None else norms
     ids, targets, segments = batch["input_ids"], batch["targets"], batch["segment_ids"]
-    out = model(ids, batch["positions"], segments, mtp_depths=depths, dsa_mode=loss_cfg.dsa)
+    out = model(ids, batch["positions"], segments, mtp_depths=depths, dsa_mode=loss_cfg.dsa, logits=False)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
 
-    ce, zz, count = _token_terms(out.logits, targets, targets >= 0)
+    ce, zz, count = _head_terms(model, out.hidden, targets, targets >= 0)
     lm = ce / norms["tokens"]
     z = zz / norms["tokens"]
     stats = [out.stats] + ([out.mtp_stats] if depths else [])
@@ -130,7 +137,7 @@ def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=N
     mtp = jnp.float32(0.0)
     if depths:
         mtp_t = mtp_targets(targets, segments, depths)
-        per_depth = [_token_terms(out.mtp_logits[k], mtp_t[k], mtp_t[k] >= 0)[0] for k in range(depths)]
+        per_depth = [_head_terms(model, out.mtp_hidden[k], mtp_t[k], mtp_t[k] >= 0)[0] for k in range(depths)]
         mtp = sum(c / norms["mtp"][k] for k, c in enumerate(per_depth)) / depths
 
     balances = [s.balance for s in stats if s.balance is not None]

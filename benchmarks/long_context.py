@@ -1,0 +1,156 @@
+"""One GLM-5 attention layer at long context: compiled memory, FLOPs and wall time of forward + backward.
+
+The layer has the released model's dimensions (64 heads of 192 + 64 / 256, kv_lora 512, q_lora 2048, indexer
+32 x 128, top-k 2048, query block 256), batch 1, on one device. Paths:
+
+- sparse:  DSA top-k attention (what training runs above 2,048 tokens);
+- dense:   dense causal attention with a [L, L] mask (what DSA replaces);
+- warmup:  the DSA warm-up: dense attention in query blocks plus the indexer's KL against it.
+
+For each length it prints XLA's compiled temporaries (the activation memory of the step), the analytic
+FLOPs (XLA's cost analysis counts a loop body once), and, up to `--run-up-to`, the measured wall time of a
+forward + backward. Then the fitted growth exponent of temporaries and FLOPs in L per path, and the
+shortest measured length from which sparse is faster than dense.
+
+    .venv/bin/python benchmarks/long_context.py [--lengths 4096,8192,16384,32768,65536]
+        [--compile-only 131072,202752] [--run-up-to 16384] [--dtype float32|bfloat16] [--paths sparse,dense,warmup]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from glm5_jax import config
+from glm5_jax.model.mla import MLA
+from glm5_jax.model.rope import inverse_frequencies, rope_angles
+
+PATHS = ("sparse", "dense", "warmup")
+
+
+def layer_config(dtype: str):
+    return config.load("glm5-744b", [f"dtype={dtype}", f"param_dtype={dtype}", "num_hidden_layers=1",
+                                     "first_k_dense_replace=1", "num_nextn_predict_layers=0"])
+
+
+def objective(cfg, path: str):
+    """loss(layer state, x) whose gradient is the layer's backward: a fixed projection of the output (plus the
+    indexer KL in warm-up); dense runs with index_topk >= L, which makes the layer take its dense path."""
+    def loss(state, x, graphdef, cos, sin, segments, probe):
+        layer = nnx.merge(graphdef, state)
+        mode = "warmup" if path == "warmup" else "sparse"
+        out, _, kl = layer(x, cos, sin, segments, None, mode)
+        value = jnp.sum(out.astype(jnp.float32) * probe)
+        return value + (kl if kl is not None else 0.0)
+    return loss
+
+
+def build(cfg, path: str, length: int):
+    if path == "dense":
+        cfg = config.from_dict({**cfg.to_dict(), "index_topk": length})
+    layer = MLA(cfg, has_indexer=True, stack=None, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(layer)
+    dt = jnp.dtype(cfg.dtype)
+    positions = jnp.arange(length, dtype=jnp.int32)[None]
+    cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), dt)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, length, cfg.hidden_size)), dt)
+    probe = jnp.asarray(rng.standard_normal((1, length, cfg.hidden_size)), jnp.float32)
+    segments = jnp.ones((1, length), jnp.int32)
+    grads = jax.value_and_grad(objective(cfg, path), argnums=(0, 1))
+    step = jax.jit(lambda state, x, *rest: grads(state, x, graphdef, *rest))
+    return step, (state, x, cos, sin, segments, probe)
+
+
+def analytic_flops(cfg, path: str, L: int) -> float:
+    """Forward + backward FLOPs of the layer (backward = 2 x forward; a rematerialised query block's forward
+    counted once more), matmuls only."""
+    H, D = cfg.num_attention_heads, cfg.hidden_size
+    nope, rope, v, C, Cq = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+    Hi, Di, K = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+    proj = 2 * L * (D * Cq + Cq * H * (nope + rope) + D * (C + rope) + H * v * D)
+    index_proj = 2 * L * (Cq * Hi * Di + D * Di + D * Hi)
+    absorb = 2 * L * H * (nope * C + C * v)  # q into the latent, latent output to values
+    if path == "dense":
+        attn = 2 * L * L / 2 * H * (2 * (nope + rope) + v) * 2  # causal half, dense heads (k and v expanded)
+        attn += 2 * L * C * H * (nope + v)
+        return 3 * (proj + attn)
+    keys = K if path == "sparse" else L / 2
+    attn = 2 * L * keys * H * (C + rope + C) + absorb
+    index = 2 * L * (L / 2) * Hi * Di  # causal key blocks only (the indexer skips invisible ones)
+    fwd = proj + index_proj + attn + index
+    return fwd + 2 * (proj + index_proj + attn) + attn + (2 * index if path == "warmup" else 0)
+
+
+def measure(cfg, path: str, length: int, run: bool):
+    step, args = build(cfg, path, length)
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    temps = compiled.memory_analysis().temp_size_in_bytes
+    wall = None
+    if run:
+        jax.block_until_ready(compiled(*args))
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        wall = time.perf_counter() - t0
+    return temps, compile_s, wall
+
+
+def exponent(points):
+    """Least-squares slope of log(value) against log(L)."""
+    xs, ys = np.log([p[0] for p in points]), np.log([p[1] for p in points])
+    return float(np.polyfit(xs, ys, 1)[0]) if len(points) > 1 else float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--lengths", default="4096,8192,16384,32768,65536")
+    ap.add_argument("--compile-only", default="131072,202752", help="lengths compiled, never run")
+    ap.add_argument("--run-up-to", type=int, default=16384, help="run (time) lengths up to this; 0: none")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--paths", default=",".join(PATHS))
+    ap.add_argument("--dense-up-to", type=int, default=32768, help="dense [L, L] beyond this is not compiled")
+    args = ap.parse_args()
+    cfg = layer_config(args.dtype)
+    lengths = [int(n) for n in args.lengths.split(",") if n]
+    extra = [int(n) for n in args.compile_only.split(",") if n]
+    paths = [p for p in args.paths.split(",") if p]
+    for p in paths:
+        if p not in PATHS:
+            raise SystemExit(f"--paths: {p!r} is not one of {', '.join(PATHS)}")
+    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; one "
+          f"GLM-5 attention layer, batch 1, {args.dtype}, forward + backward")
+    print(f"{'path':8} {'length':>8} {'temporaries':>13} {'FLOPs':>10} {'compile':>9} {'wall':>9}")
+    results = {p: [] for p in paths}
+    for path in paths:
+        for length in lengths + extra:
+            if path == "dense" and length > args.dense_up_to:
+                continue
+            temps, compile_s, wall = measure(cfg, path, length, length in lengths and length <= args.run_up_to)
+            flops = analytic_flops(cfg, path, length)
+            results[path].append((length, temps, flops, wall))
+            wall_s = "-" if wall is None else f"{wall:.2f} s"
+            print(f"{path:8} {length:>8} {temps / 1e9:>10.2f} GB {flops:>10.2e} {compile_s:>7.1f} s {wall_s:>9}",
+                  flush=True)
+    print()
+    for path, rows in results.items():
+        print(f"{path}: temporaries grow as L^{exponent([(r[0], r[1]) for r in rows]):.2f}, "
+              f"FLOPs as L^{exponent([(r[0], r[2]) for r in rows]):.2f}")
+    if "sparse" in results and "dense" in results:
+        timed = {r[0]: r[3] for r in results["dense"] if r[3] is not None}
+        faster = [r[0] for r in results["sparse"] if r[3] is not None and r[0] in timed and r[3] < timed[r[0]]]
+        print("sparse is faster than dense from L = " + (f"{min(faster)}" if faster else
+                                                          "(not within the timed lengths)"))
+
+
+if __name__ == "__main__":
+    main()
