@@ -13,13 +13,17 @@ forward + backward. Then the fitted growth exponent of temporaries and FLOPs in 
 shortest measured length from which sparse is faster than dense.
 
     .venv/bin/python benchmarks/long_context.py [--lengths 4096,8192,16384,32768,65536]
-        [--compile-only 131072,202752] [--run-up-to 16384] [--dtype float32|bfloat16] [--paths sparse,dense,warmup]
+        [--compile-only 131072,202752] [--run-up-to 4096] [--dtype float32|bfloat16] [--paths sparse,dense,warmup]
+        [--override attention_query_block=128] [--target cpu|tpu:v5p:2x2x1]
+
+XLA:CPU computes bfloat16 matmuls in float32 and keeps the converted copies, so its bfloat16 temporaries
+overstate what an accelerator needs; `--target tpu:...` compiles for a TPU with no TPU present (libtpu,
+the `tpu` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import time
@@ -28,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import SingleDeviceSharding
 
 from glm5_jax import config
 from glm5_jax.model.mla import MLA
@@ -36,9 +41,9 @@ from glm5_jax.model.rope import inverse_frequencies, rope_angles
 PATHS = ("sparse", "dense", "warmup")
 
 
-def layer_config(dtype: str):
+def layer_config(dtype: str, overrides=()):
     return config.load("glm5-744b", [f"dtype={dtype}", f"param_dtype={dtype}", "num_hidden_layers=1",
-                                     "first_k_dense_replace=1", "num_nextn_predict_layers=0"])
+                                     "first_k_dense_replace=1", "num_nextn_predict_layers=0", *overrides])
 
 
 def objective(cfg, path: str):
@@ -53,21 +58,43 @@ def objective(cfg, path: str):
     return loss
 
 
-def build(cfg, path: str, length: int):
+def build(cfg, path: str, length: int, concrete: bool, device=None):
+    """The jitted forward + backward and its arguments (shapes only unless `concrete`: nothing allocated;
+    placed on `device` when given)."""
     if path == "dense":
         cfg = config.from_dict({**cfg.to_dict(), "index_topk": length})
-    layer = MLA(cfg, has_indexer=True, stack=None, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(layer)
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: MLA(cfg, has_indexer=True, stack=None, rngs=nnx.Rngs(0))))
     dt = jnp.dtype(cfg.dtype)
-    positions = jnp.arange(length, dtype=jnp.int32)[None]
-    cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), dt)
-    rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, length, cfg.hidden_size)), dt)
-    probe = jnp.asarray(rng.standard_normal((1, length, cfg.hidden_size)), jnp.float32)
-    segments = jnp.ones((1, length), jnp.int32)
+
+    def arguments():
+        positions = jnp.arange(length, dtype=jnp.int32)[None]
+        cos, sin = rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), dt)
+        kx, kp = jax.random.split(jax.random.key(0))
+        x = jax.random.normal(kx, (1, length, cfg.hidden_size), dt)
+        probe = jax.random.normal(kp, (1, length, cfg.hidden_size), jnp.float32)
+        params = nnx.state(MLA(cfg, has_indexer=True, stack=None, rngs=nnx.Rngs(0)))
+        return params, x, cos, sin, jnp.ones((1, length), jnp.int32), probe
+
     grads = jax.value_and_grad(objective(cfg, path), argnums=(0, 1))
     step = jax.jit(lambda state, x, *rest: grads(state, x, graphdef, *rest))
-    return step, (state, x, cos, sin, segments, probe)
+    if concrete:
+        return step, arguments()
+    args = jax.eval_shape(arguments)
+    if device is not None:
+        placed = SingleDeviceSharding(device)
+        args = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=placed), args)
+    return step, args
+
+
+def target_device(target: str):
+    """None for this machine's CPU; else the first chip of TPU topology `tpu:NAME` (compile-only)."""
+    if target == "cpu":
+        return None
+    if not target.startswith("tpu:"):
+        raise SystemExit(f"--target: expected cpu or tpu:TOPOLOGY (e.g. tpu:v5p:2x2x1); got {target!r}")
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=target[4:]).devices[0]
 
 
 def analytic_flops(cfg, path: str, L: int) -> float:
@@ -90,8 +117,8 @@ def analytic_flops(cfg, path: str, L: int) -> float:
     return fwd + 2 * (proj + index_proj + attn) + attn + (2 * index if path == "warmup" else 0)
 
 
-def measure(cfg, path: str, length: int, run: bool):
-    step, args = build(cfg, path, length)
+def measure(cfg, path: str, length: int, run: bool, device=None):
+    step, args = build(cfg, path, length, concrete=run, device=device)
     t0 = time.perf_counter()
     compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
@@ -105,6 +132,12 @@ def measure(cfg, path: str, length: int, run: bool):
     return temps, compile_s, wall
 
 
+def _libtpu_version() -> str:
+    from importlib.metadata import version
+
+    return version("libtpu")
+
+
 def exponent(points):
     """Least-squares slope of log(value) against log(L)."""
     xs, ys = np.log([p[0] for p in points]), np.log([p[1] for p in points])
@@ -115,27 +148,36 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lengths", default="4096,8192,16384,32768,65536")
     ap.add_argument("--compile-only", default="131072,202752", help="lengths compiled, never run")
-    ap.add_argument("--run-up-to", type=int, default=16384, help="run (time) lengths up to this; 0: none")
+    ap.add_argument("--run-up-to", type=int, default=4096, help="run (time) lengths up to this; 0: none")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--paths", default=",".join(PATHS))
     ap.add_argument("--dense-up-to", type=int, default=32768, help="dense [L, L] beyond this is not compiled")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="model config override, e.g. attention_query_block=128 (repeatable)")
+    ap.add_argument("--target", default="cpu", help="cpu (this machine), or tpu:TOPOLOGY (e.g. tpu:v5p:2x2x1): "
+                    "compile only, with the TPU compiler of the installed libtpu on one chip of that topology")
     args = ap.parse_args()
-    cfg = layer_config(args.dtype)
+    cfg = layer_config(args.dtype, args.override)
+    device = target_device(args.target)
+    if device is not None:
+        args.run_up_to = 0
     lengths = [int(n) for n in args.lengths.split(",") if n]
     extra = [int(n) for n in args.compile_only.split(",") if n]
     paths = [p for p in args.paths.split(",") if p]
     for p in paths:
         if p not in PATHS:
             raise SystemExit(f"--paths: {p!r} is not one of {', '.join(PATHS)}")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}; one "
-          f"GLM-5 attention layer, batch 1, {args.dtype}, forward + backward")
+    where = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores" if device is None else
+             f"{args.target} ({device.device_kind}), compile only, libtpu {_libtpu_version()}")
+    print(f"{where}, jax {jax.__version__}; one GLM-5 attention layer, batch 1, {args.dtype}, forward + backward")
     print(f"{'path':8} {'length':>8} {'temporaries':>13} {'FLOPs':>10} {'compile':>9} {'wall':>9}")
     results = {p: [] for p in paths}
     for path in paths:
         for length in lengths + extra:
             if path == "dense" and length > args.dense_up_to:
                 continue
-            temps, compile_s, wall = measure(cfg, path, length, length in lengths and length <= args.run_up_to)
+            temps, compile_s, wall = measure(cfg, path, length, length in lengths and length <= args.run_up_to,
+                                             device)
             flops = analytic_flops(cfg, path, length)
             results[path].append((length, temps, flops, wall))
             wall_s = "-" if wall is None else f"{wall:.2f} s"

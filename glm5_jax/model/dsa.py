@@ -41,13 +41,17 @@ class Indexer(nnx.Module):
     def project(self, x, c_q, cos, sin):
         """Indexer queries [B, L, Hi, Di], keys [B, L, Di] (the model dtype: stored, as large as x) and head
         weights [B, L, Hi] (float32)."""
-        q = jnp.einsum("blr,rhd->blhd", c_q, self.wq_b[...].astype(self.dtype))
         k = self.k_norm(x @ self.wk[...].astype(self.dtype))
         r = self.rope_dim
-        q = jnp.concatenate([apply_rope(q[..., :r], cos, sin), q[..., r:]], axis=-1)
         k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
         w = (x.astype(jnp.float32) @ self.weights_proj[...]) * self.n_heads ** -0.5
-        return q, k, w
+        return self.queries(c_q, cos, sin), k, w
+
+    def queries(self, c_q, cos, sin):
+        """Indexer queries [B, L, Hi, Di] of the attention's query latents c_q [B, L, q_lora_rank]."""
+        q = jnp.einsum("blr,rhd->blhd", c_q, self.wq_b[...].astype(self.dtype))
+        r = self.rope_dim
+        return jnp.concatenate([apply_rope(q[..., :r], cos, sin), q[..., r:]], axis=-1)
 
     def scores(self, q, k, w):
         """Index scores [B, Q, L] of query block q [B, Q, Hi, Di] against all keys k [B, L, Di]."""

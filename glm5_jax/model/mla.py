@@ -66,15 +66,22 @@ class MLA(nnx.Module):
 
     def project(self, x, cos, sin):
         """The query side and the latent KV of tokens x [B, L, D]: (c_q, q_nope, q_rope, c_kv, k_rope)."""
+        c_q, c_kv, k_rope = self.latents(x, cos, sin)
+        return (c_q, *self.queries(c_q, cos, sin), c_kv, k_rope)
+
+    def latents(self, x, cos, sin):
+        """The query latent c_q [B, L, q_lora_rank] and the KV latent c_kv [B, L, kv_lora_rank], k_rope."""
         cfg = self.cfg
-        nope = cfg.qk_nope_head_dim
         c_q = self.q_a_layernorm(x @ self.w(self.q_a_proj))
-        q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
-        q_nope, q_rope = q[..., :nope], apply_rope(q[..., nope:], cos, sin)
         kv_a = x @ self.w(self.kv_a_proj_with_mqa)
         c_kv = self.kv_a_layernorm(kv_a[..., : cfg.kv_lora_rank])
-        k_rope = apply_rope(kv_a[..., cfg.kv_lora_rank:], cos, sin)
-        return c_q, q_nope, q_rope, c_kv, k_rope
+        return c_q, c_kv, apply_rope(kv_a[..., cfg.kv_lora_rank:], cos, sin)
+
+    def queries(self, c_q, cos, sin):
+        """Per-head queries (q_nope [B, L, H, qk_nope_head_dim], q_rope [B, L, H, qk_rope_head_dim]) of c_q."""
+        q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
+        nope = self.cfg.qk_nope_head_dim
+        return q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
     def forward(self, x, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse", *, with_cache: bool = False):
         """`__call__`'s results plus, with `with_cache`, what a decode cache keeps of these tokens: (latent
@@ -83,12 +90,11 @@ class MLA(nnx.Module):
         cfg = self.cfg
         if dsa_mode not in DSA_MODES:
             raise ValueError(f"dsa_mode must be one of {', '.join(DSA_MODES)}; got {dsa_mode!r}")
-        c_q, q_nope, q_rope, c_kv, k_rope = self.project(x, cos, sin)
+        c_q, c_kv, k_rope = self.latents(x, cos, sin)
         # Context parallelism: queries stay in their sequence shard; the latent KV (576 numbers a token) is
         # gathered whole, which is what makes MLA cheap to split by sequence.
         c_kv, k_rope = (constrain(a, ("batch", None, None)) for a in (c_kv, k_rope))
         key_segments = constrain(segment_ids, ("batch", None))
-        scale = cfg.qk_head_dim ** -0.5
         length = x.shape[1]
         train_indexer = dsa_mode != "sparse" and self.indexer is not None
         sparse = length > cfg.index_topk and dsa_mode != "warmup"
@@ -97,28 +103,22 @@ class MLA(nnx.Module):
             index = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), cos, sin)
         elif self.indexer is not None and (sparse or with_cache):
             index = self.indexer.project(x, c_q, cos, sin)
-        kl_index = index if train_indexer else None
         kl = None
-        if sparse:
-            if self.indexer is not None:
-                qi, ki, wi = index
-                topk_idx = select_topk(self.indexer, qi, ki, wi, segment_ids, cfg.index_topk,
-                                       cfg.attention_query_block)
-            out, kl = self._sparse(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale,
-                                   kl_index)
-        elif train_indexer or length > cfg.index_topk:
-            out, kl = self._dense_blocked(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale,
-                                          kl_index)
-            topk_idx = None
+        if sparse or train_indexer or length > cfg.index_topk:
+            if sparse and self.indexer is not None:
+                topk_idx = select_topk(self.indexer, *index, segment_ids, cfg.index_topk, cfg.attention_query_block)
+            out, kl = self._blocks(c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments,
+                                   topk_idx if sparse else None, index if train_indexer else None)
         else:
-            out = self._dense(q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale)
+            out = self._dense(*self.queries(c_q, cos, sin), c_kv, k_rope, segment_ids, key_segments)
+        if not sparse:
             topk_idx = None
         if kl is not None:
             kl = jnp.sum(jnp.where(segment_ids > 0, kl, 0.0))
         cache = None
         if with_cache:
             cache = (jnp.concatenate([c_kv, k_rope], axis=-1), None if index is None else index[1])
-        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj)), topk_idx, kl, cache
+        return out, topk_idx, kl, cache
 
     def decode(self, x, cos, sin, positions, latent, index_keys, topk_idx):
         """Attention of new tokens x [B, Q, D] at `positions` [B, Q] over a decode cache, in absorbed form.
@@ -173,7 +173,9 @@ class MLA(nnx.Module):
         o_lat = jnp.einsum(f"bqhk,{keys}c->bqhc", p32.astype(self.dtype), c_kv)
         return jnp.einsum("bqhc,chv->bqhv", o_lat, w_uv), p32
 
-    def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale):
+    def _dense(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments):
+        """Dense causal attention over [L, L] with the keys and values expanded per head (short sequences)."""
+        scale = self.cfg.qk_head_dim ** -0.5
         kv = jnp.einsum("blc,chd->blhd", c_kv, self.w(self.kv_b_proj))
         k_nope, v = kv[..., : self.cfg.qk_nope_head_dim], kv[..., self.cfg.qk_nope_head_dim:]
         s = jnp.einsum("bqhd,bkhd->bhqk", q_nope, k_nope) + jnp.einsum("bqhd,bkd->bhqk", q_rope, k_rope)
@@ -181,47 +183,45 @@ class MLA(nnx.Module):
         ok = visible(index[:, None], index[None, :], segment_ids[:, :, None], key_segments[:, None, :])
         s = jnp.where(ok[:, None], s.astype(jnp.float32) * scale, MASKED)
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
-        return jnp.einsum("bhqk,bkhd->bqhd", p, v)
+        return jnp.einsum("bqhv,hvd->bqd", jnp.einsum("bhqk,bkhd->bqhd", p, v), self.w(self.o_proj))
 
-    def _dense_blocked(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, scale, index):
-        """Dense attention over every visible key in absorbed form, one query block at a time (DSA warm-up
-        at any length, and shared-indexer layers then). With `index` = the indexer's (q, k, w), also the
-        per-query indexer KL over all visible keys."""
-        w_uk, w_uv = self._absorbed()
-        k_index = jnp.arange(q_nope.shape[1])
+    def _blocks(self, c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments, topk_idx, index):
+        """Attention output [B, L, D] of queries c_q over keys in absorbed form, one query block at a time.
+
+        topk_idx [B, L, K]: each query's selected keys (sparse); None: every visible key (dense in blocks:
+        DSA warm-up, and long sequences without an indexer). With `index` = the indexer's (q, k, w) (DSA
+        training), also the per-query indexer KL [B, L] over the same keys; else None. A block goes from its
+        query latents to its output projection and is rematerialised, so the backward keeps per token only
+        what the block reads (c_q, RoPE, key indices) and returns (the output), never per-head queries,
+        gathered keys, scores or probabilities.
+        """
+        scale = self.cfg.qk_head_dim ** -0.5
+        gather = jax.vmap(lambda a, i: a[i])  # per batch row: [L, ...][Q, K] -> [Q, K, ...]
+        k_index = jnp.arange(c_kv.shape[1])
         ki = None if index is None else constrain(index[1], ("batch", None, None))
 
-        def block(qn, qr, q_index, q_segment, *qw):
-            ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
-            out, p32 = self._attend(qn, qr, c_kv, k_rope, ok, scale, w_uk, w_uv)
-            if not qw:
-                return out, None
-            return out, indexer_kl(p32, self.indexer.scores(qw[0], ki, qw[1]), ok)
+        def block(cq, cos_b, sin_b, q_index, q_segment, *extra):
+            qn, qr = self.queries(cq, cos_b, sin_b)
+            if topk_idx is None:
+                ok = visible(q_index[..., None], k_index, q_segment[..., None], key_segments[:, None, :])
+                keys = (c_kv, k_rope)
+            else:
+                idx, *extra = extra
+                ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
+                keys = (gather(c_kv, idx), gather(k_rope, idx))
+            out, p32 = self._attend(qn, qr, *keys, ok, scale, *self._absorbed())
+            y = jnp.einsum("bqhv,hvd->bqd", out, self.w(self.o_proj))
+            if index is None:
+                return y, None
+            qi = self.indexer.queries(jax.lax.stop_gradient(cq), cos_b, sin_b)
+            scores = (self.indexer.scores(qi, ki, extra[0]) if topk_idx is None
+                      else self.indexer.scores_at(qi, gather(ki, idx), extra[0]))
+            return y, indexer_kl(p32, scores, ok)
 
         q_index = jnp.broadcast_to(k_index, segment_ids.shape)
-        extra = () if index is None else (index[0], index[2])
-        return map_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, q_index, segment_ids, *extra,
-                          remat=True)
-
-    def _sparse(self, q_nope, q_rope, c_kv, k_rope, segment_ids, key_segments, topk_idx, scale, index=None):
-        """Attention over each query's top-k keys; with `index` (sparse adaptation) also the per-query
-        indexer KL restricted to those keys."""
-        w_uk, w_uv = self._absorbed()
-        gather = jax.vmap(lambda a, i: a[i])  # per batch row: [L, ...][Q, K] -> [Q, K, ...]
-        ki = None if index is None else constrain(index[1], ("batch", None, None))
-
-        def block(qn, qr, idx, q_index, q_segment, *qw):
-            ok = visible(q_index[..., None], idx, q_segment[..., None], gather(key_segments, idx))
-            out, p32 = self._attend(qn, qr, gather(c_kv, idx), gather(k_rope, idx), ok, scale, w_uk,
-                                             w_uv)
-            if not qw:
-                return out, None
-            return out, indexer_kl(p32, self.indexer.scores_at(qw[0], gather(ki, idx), qw[1]), ok)
-
-        q_index = jnp.broadcast_to(jnp.arange(q_nope.shape[1]), segment_ids.shape)
-        extra = () if index is None else (index[0], index[2])
-        return map_blocks(block, self.cfg.attention_query_block, q_nope, q_rope, topk_idx, q_index, segment_ids,
-                          *extra, remat=True)
+        inputs = (c_q, cos, sin, q_index, segment_ids) + (() if topk_idx is None else (topk_idx,)) \
+            + (() if index is None else (index[2],))
+        return map_blocks(block, self.cfg.attention_query_block, *inputs, remat=True)
 
 
 def write_slots(cache, positions, values):
