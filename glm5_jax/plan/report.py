@@ -174,6 +174,7 @@ def print_stage_row(row, out=None):
     else:
         out.print(f"stage {row.name}: {row.seq_len:,} x {row.rows:,} rows ({row.accumulate} x {row.micro_rows}), "
                   f"peak {_gib(row.result.memory.peak)}: {verdict(row.result)}; {row.seconds:.0f} s", highlight=False)
+    sys.stdout.flush()
 
 
 def print_stages(rows, target_line: str, out=None):
