@@ -13,11 +13,35 @@ needed), so nothing of the model is allocated: the 744B configuration plans on a
 Training never imports this package: the plan builds on `glm5_jax.train.step` / `glm5_jax.train.setup`.
 """
 
-from glm5_jax.plan.devices import (CHILD_ENV, GIB, TPU_MEMORY, Target, cpu_devices_ready, device_memory,
-                                   parse_bytes, parse_target, product_topology, reexec_with_devices, tpu_devices,
-                                   versions)
-from glm5_jax.plan.measure import (Memory, PlanInputs, PlanResult, abstract_inputs, batch_shards, check_batch,
-                                   compile_step, full_bytes, measure, run, shard_bytes, step_flops, xla_flops)
+from glm5_jax.plan.devices import (
+    CHILD_ENV,
+    GIB,
+    TPU_MEMORY,
+    Target,
+    cpu_devices_ready,
+    device_memory,
+    parse_bytes,
+    parse_target,
+    product_topology,
+    reexec_with_devices,
+    tpu_devices,
+    versions,
+)
+from glm5_jax.plan.measure import (
+    Memory,
+    PlanInputs,
+    PlanResult,
+    abstract_inputs,
+    batch_shards,
+    check_batch,
+    compile_step,
+    full_bytes,
+    measure,
+    run,
+    shard_bytes,
+    step_flops,
+    xla_flops,
+)
 from glm5_jax.plan.report import loops_once, per_device_total, print_report, print_stages, stage_table, verdict
 from glm5_jax.plan.stages import StagePlan, devices_needed, plan_recipe, plan_stage
 
