@@ -172,8 +172,10 @@ def print_stage_row(row, out=None):
     if row.result is None:
         out.print(f"stage {row.name}: no plan: {row.error}", highlight=False)
     else:
+        tpu = f"; {versions()}" if row.result.target.is_tpu else ""
         out.print(f"stage {row.name}: {row.seq_len:,} x {row.rows:,} rows ({row.accumulate} x {row.micro_rows}), "
-                  f"peak {_gib(row.result.memory.peak)}: {verdict(row.result)}; {row.seconds:.0f} s", highlight=False)
+                  f"peak {_gib(row.result.memory.peak)}: {verdict(row.result)}; {row.seconds:.0f} s{tpu}",
+                  highlight=False)
     sys.stdout.flush()
 
 
