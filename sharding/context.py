@@ -44,6 +44,12 @@ class Parallelism:
     def axis_size(self, logical: str) -> int:
         return math.prod(self.mesh.shape[a] for a in self.mesh_axes(logical))
 
+    @property
+    def platform(self) -> str:
+        """The platform of the mesh's devices ("cpu", "gpu", "tpu"): what the program is compiled for, which
+        need not be the process's default backend (`glm5 plan --target tpu:...` compiles on a CPU host)."""
+        return self.mesh.devices.flat[0].platform
+
 
 _active: contextvars.ContextVar[Parallelism | None] = contextvars.ContextVar("glm5_parallelism", default=None)
 
@@ -69,6 +75,12 @@ def constrain(x, axes):
     if par is None or par.mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, par.sharding(axes, x.shape))
+
+
+def platform() -> str:
+    """The platform the traced program is for: the active layout's devices, else JAX's default backend."""
+    par = current()
+    return jax.default_backend() if par is None else par.platform
 
 
 def axis_size(logical: str) -> int:

@@ -42,11 +42,34 @@ def _axes(par: Parallelism, weight_shape) -> Axes:
     return Axes(tokens, *(as_tuple(s) for s in spec))
 
 
+def dispatch_kind(setting: str, platform: str) -> str:
+    """The exchange for the layout's `expert_dispatch` setting on devices of `platform`: `auto` is capacity
+    on CPU (XLA:CPU lacks ragged_all_to_all), ragged elsewhere. Pure (no JAX): the FLOP count asks it too."""
+    if setting == "auto":
+        return "capacity" if platform == "cpu" else "ragged"
+    return setting
+
+
 def dispatch_mode(par: Parallelism) -> str:
-    mode = par.config.expert_dispatch
-    if mode == "auto":
-        return "capacity" if jax.default_backend() == "cpu" else "ragged"
-    return mode
+    return dispatch_kind(par.config.expert_dispatch, par.platform)
+
+
+def capacity_rows(copies: int, n_shards: int, factor: float | None) -> int:
+    """Rows per (source, destination) buffer of the capacity exchange: every local copy (dropless), or
+    `factor` times an even share."""
+    return copies if factor is None else max(1, math.ceil(factor * copies / n_shards))
+
+
+def ragged_buffer(copies: int, n_shards: int, factor: float | None) -> int:
+    """Receive-buffer rows of the ragged exchange: the worst case (dropless) or `factor` times an even share."""
+    return copies * n_shards if factor is None else max(1, math.ceil(factor * copies))
+
+
+def received_rows(mode: str, copies: int, n_shards: int, factor: float | None) -> int:
+    """Rows one device runs through its local experts when each of `n_shards` devices routes `copies`
+    (token, expert) copies: the whole receive buffer, filled or not."""
+    return n_shards * capacity_rows(copies, n_shards, factor) if mode == "capacity" else \
+        ragged_buffer(copies, n_shards, factor)
 
 
 # The ragged exchange; tests swap in `emulated_ragged_all_to_all` to run the ragged path on XLA:CPU.
@@ -96,7 +119,7 @@ def _capacity_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_expert
     t, k = idx.shape
     n_local = n_experts // n_shards
     copies = t * k
-    capacity = copies if factor is None else max(1, math.ceil(factor * copies / n_shards))
+    capacity = capacity_rows(copies, n_shards, factor)
     flat = idx.reshape(-1)
     dest = flat // n_local
     # Slot of each copy in its destination's buffer: its rank among the copies going there.
@@ -124,7 +147,7 @@ def _ragged_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts,
     t, k = idx.shape
     n_local = n_experts // n_shards
     copies = t * k
-    buffer = copies * n_shards if factor is None else max(1, math.ceil(factor * copies))
+    buffer = ragged_buffer(copies, n_shards, factor)
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # by expert, hence by destination shard
     rows = x[order // k]

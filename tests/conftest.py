@@ -13,6 +13,9 @@ _FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimizatio
 for _flag in _FLAGS:
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+# The suite runs on CPU. With the tpu extra installed (libtpu, for `glm5 plan --target tpu:...`) JAX would
+# otherwise try to open a TPU at start-up in every process (and its children), querying a metadata server.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

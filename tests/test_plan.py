@@ -119,3 +119,35 @@ def test_device_memory_sizes():
     assert plan.parse_bytes("1.5TB") == 1.5e12 and plan.parse_bytes("512") == 512
     with pytest.raises(config.ConfigError, match="^--device-memory: "):
         plan.parse_bytes("lots")
+
+
+def test_tpu_product_names_map_to_topologies():
+    """v5p-N counts TensorCores (2 per chip), v5e-N / v6e-N chips; GEN:TOPOLOGY passes through."""
+    cases = {"tpu:v5p-8": "v5p:2x2x1", "tpu:v5p-16": "v5p:2x2x2", "tpu:v5p-128": "v5p:4x4x4",
+             "tpu:v5p-512": "v5p:4x8x8", "tpu:v5p-1024": "v5p:8x8x8", "tpu:v5e-8": "v5e:2x4",
+             "tpu:v6e-1": "v6e:1x1", "tpu:v6e-256": "v6e:16x16", "tpu:tpu7x:2x2x1": "tpu7x:2x2x1",
+             "tpu:v5p:4x8x8": "v5p:4x8x8"}
+    for name, topology in cases.items():
+        target = plan.parse_target(name)
+        assert (target.platform, target.topology) == ("tpu", topology), name
+    assert plan.parse_target("cpu").platform == "cpu"
+
+
+@pytest.mark.parametrize("target,message", [
+    ("gpu", "--target: expected one of cpu, tpu:v5p-N (N TensorCores, 2 per chip), tpu:v5e-N / tpu:v6e-N (N chips), "
+            "tpu:GEN:AxB[xC] (a topology libtpu knows, in chips: v5p:4x8x8, v6e:16x16, tpu7x:2x2x1); got 'gpu'"),
+    ("tpu:v5p-6", "--target: v5p-N counts TensorCores (2 per chip), at least 8; expected one of cpu, "),
+    ("tpu:v6e-12", "--target: v6e-N counts chips, a power of two; expected one of cpu, "),
+])
+def test_bad_target_is_one_line(capsys, target, message):
+    assert run_cli("plan", "--config", "tiny", "--target", target) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"glm5: error: {message}") and "\n" not in err, err
+
+
+def test_tpu_target_takes_its_devices_and_memory_from_the_topology(capsys):
+    assert run_cli("plan", "--config", "tiny", "--target", "tpu:v5p-8", "--devices", 4) == 2
+    assert capsys.readouterr().err.strip() == ("glm5: error: --devices: the topology of --target tpu:v5p-8 gives "
+                                               "the devices")
+    with pytest.raises(config.ConfigError, match="^--device-memory: only for --target cpu"):
+        plan.device_memory([], plan.parse_target("tpu:v5p-8"), "80GB")

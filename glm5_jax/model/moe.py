@@ -8,7 +8,7 @@ from flax import nnx
 
 from glm5_jax.config import ConfigError
 from glm5_jax.model.params import RouterBias, make_param, stacked
-from glm5_jax.sharding.context import axis_size
+from glm5_jax.sharding.context import axis_size, platform
 
 
 class SwiGLU(nnx.Module):
@@ -64,20 +64,28 @@ def sequence_balance(scores, idx, mask, n_experts: int):
     return jnp.sum(f * P)
 
 
-def expert_matmul(cfg) -> str:
-    """The grouped matmul to use: "ragged_dot" or "tiled" (`auto`: tiled on CPU, ragged_dot elsewhere).
+def expert_matmul_kind(setting: str, platform: str, stages: int = 1, experts: int = 1) -> str:
+    """The grouped matmul the MoE runs: "ragged_dot" or "tiled", for the config's `expert_matmul` setting on
+    devices of `platform` ("cpu", "gpu", "tpu") with `stages` pipeline stages and `experts` expert shards.
 
+    `auto` is tiled on CPU (XLA:CPU computes ragged_dot densely, E times the work), ragged_dot elsewhere.
     Under pipeline x expert parallelism `auto` takes ragged_dot on CPU too: jax 0.10 cannot differentiate
     the tiled loop inside the expert shard_map under the pipeline's vmap (a varying-axes mismatch in the
-    scan's cotangents), and an explicit "tiled" there is refused.
+    scan's cotangents), and an explicit "tiled" there is refused. A pure function (no JAX): the analytic
+    FLOP count (glm5_jax/model/flops.py) asks it too.
     """
-    piped_experts = axis_size("stages") > 1 and axis_size("experts") > 1
-    if cfg.expert_matmul == "tiled" and piped_experts:
+    piped_experts = stages > 1 and experts > 1
+    if setting == "tiled" and piped_experts:
         raise ConfigError("expert_matmul: 'tiled' does not run under pipeline x expert parallelism on this jax; "
                           "use ragged_dot or auto")
-    if cfg.expert_matmul != "auto":
-        return cfg.expert_matmul
-    return "tiled" if jax.default_backend() == "cpu" and not piped_experts else "ragged_dot"
+    if setting != "auto":
+        return setting
+    return "tiled" if platform == "cpu" and not piped_experts else "ragged_dot"
+
+
+def expert_matmul(cfg) -> str:
+    """`expert_matmul_kind` for the active layout's devices (the default backend without a layout)."""
+    return expert_matmul_kind(cfg.expert_matmul, platform(), axis_size("stages"), axis_size("experts"))
 
 
 class TiledGroups:

@@ -1,6 +1,6 @@
 """Training metrics: JSONL log, TensorBoard event files, console lines / progress bar, MFU.
 
-MFU = model FLOPs per step (the analytic count of `glm5_jax.plan.analytic_flops`, model parts only:
+MFU = model FLOPs per step (the analytic count of `glm5_jax.model.flops.analytic_flops`, model parts only:
 6 N T for the weights plus the attention core; no optimizer or rematerialisation work) divided by
 (step time x devices x peak FLOP/s of one device). Peak FLOP/s come from `PEAK_FLOPS` by device kind
 (dense bf16 matmul peaks from the vendors' data sheets) or `metrics.peak_flops`; CPU gets a nominal
@@ -32,11 +32,10 @@ def peak_flops(device_kind: str, platform: str) -> float:
 
 
 def model_flops_per_step(cfg, par, batch: int, seq: int, mtp_depths: int = 0) -> float:
-    """Analytic model FLOPs of one train step (all devices): `plan.analytic_flops`' model parts."""
-    from glm5_jax.plan import analytic_flops
+    """Analytic model FLOPs of one train step (all devices): the model parts of `flops.analytic_flops`."""
+    from glm5_jax.model.flops import model_flops, work_of
 
-    return float(sum(f.flops for f in analytic_flops(cfg, par, batch, seq, {}, None, mtp_depths=mtp_depths)
-                     if f.model))
+    return model_flops(cfg, work_of(cfg, par), batch, seq, mtp_depths=mtp_depths)
 
 
 def _finite(x):

@@ -66,6 +66,9 @@ class StageRecipe:
     losses: dict = dataclasses.field(default_factory=dict)  # overrides of the recipe's `losses` for this stage
     model_overrides: dict = dataclasses.field(default_factory=dict)  # model config settings for this stage
     accumulate: int | str | None = None  # microbatches per step: N, or "auto"; None: the recipe's `accumulate`
+    layout: str | None = None  # layout preset or YAML file of this stage (None: the recipe's `layout`)
+    layout_overrides: dict = dataclasses.field(default_factory=dict)  # on this stage's layout (with no `layout`:
+    # after the recipe's layout_overrides)
 
 
 @dataclasses.dataclass
@@ -204,7 +207,9 @@ def validate(r: Recipe) -> Recipe:
                               "a microbatch, in tokens)")
         if s.trainable not in TRAINABLE:
             raise ConfigError(f"{key}.trainable: must be one of {', '.join(TRAINABLE)}; got {s.trainable!r}")
-        for sub in ("schedule", "losses", "model_overrides"):
+        if s.layout is not None and (not isinstance(s.layout, str) or not s.layout):
+            raise ConfigError(f"{key}.layout: must be a layout preset name or YAML file, or null; got {s.layout!r}")
+        for sub in ("schedule", "losses", "model_overrides", "layout_overrides"):
             if not isinstance(getattr(s, sub), dict):
                 raise ConfigError(f"{key}.{sub}: must be a mapping; got {getattr(s, sub)!r}")
         for k in s.schedule:

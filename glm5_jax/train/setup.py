@@ -1,8 +1,9 @@
 """A recipe resolved into what each stage runs, validated against the layout once, before anything is traced.
 
 `resolve(recipe, devices)` loads the model, layout and data configs the recipe names (applying its
-overrides as data), chooses every stage's gradient accumulation, builds the data schedule with it, and
-checks each stage's batch against the layout: rows per microbatch over batch shards x pipeline microbatches,
+overrides as data), builds each stage's layout (`stages.N.layout`, default the recipe's), chooses every
+stage's gradient accumulation in that layout, builds the data schedule with it, and checks each stage's
+batch against its layout: rows per microbatch over batch shards x pipeline microbatches,
 sequence over context shards. Every problem is one `ConfigError` line naming the key.
 """
 
@@ -20,7 +21,7 @@ from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
 from glm5_jax.data.stages import Schedule
 from glm5_jax.sharding.context import Parallelism
-from glm5_jax.sharding.layout import load_layout
+from glm5_jax.sharding.layout import layout_from_dict, load_layout
 from glm5_jax.train import losses
 from glm5_jax.train.recipe import SCHEDULE_KEYS, Recipe
 from glm5_jax.train.step import StepConfig
@@ -32,6 +33,7 @@ class StageSettings:
 
     index: int
     name: str
+    par: Parallelism  # the stage's layout (`stages.N.layout`, default the recipe's)
     data: object  # glm5_jax.data.stages.Stage: steps, rows, microbatches, ramp
     step: StepConfig  # model config (the stage's RoPE), loss config, microbatch shape, trainable set
     opt_cfg: optim.OptimizerConfig  # the stage's schedule settings
@@ -51,7 +53,7 @@ class Run:
     recipe: Recipe
     model_cfg: config_lib.ModelConfig  # the model before any stage's changes (the initialisation's)
     data_cfg: object
-    par: Parallelism
+    par: Parallelism  # the first stage's layout (the trainer runs every stage in it)
     opt_base: optim.OptimizerConfig  # the optimizer at learning rate 1 (each step scales its update)
     stages: list[StageSettings]
 
@@ -95,17 +97,39 @@ def base_model(recipe: Recipe) -> config_lib.ModelConfig:
     return config_lib.load(recipe.model, recipe.model_overrides)
 
 
-def layout_of(recipe: Recipe, devices=None) -> Parallelism:
+def stage_layout(recipe: Recipe, index: int):
+    """The layout (`ParallelConfig`) stage `index` runs in: its own `layout` with its `layout_overrides`, or
+    the recipe's `layout` with the recipe's `layout_overrides` and then the stage's."""
+    st = recipe.stages[index]
+    if st.layout:
+        return _keyed(f"stages.{index}.layout", load_layout, st.layout, st.layout_overrides)
     layout = _keyed("layout", load_layout, recipe.layout, recipe.layout_overrides)
+    if not st.layout_overrides:
+        return layout
+    values = config_lib.apply_overrides(dataclasses.asdict(layout), st.layout_overrides)
+    return _keyed(f"stages.{index}.layout_overrides", layout_from_dict, values)
+
+
+def layout_devices(recipe: Recipe, devices=None) -> list:
     devices = jax.devices() if devices is None else devices
     if recipe.devices is not None:
         if recipe.devices > len(devices):
             raise ConfigError(f"devices: {recipe.devices} requested but only {len(devices)} are available")
         devices = devices[:recipe.devices]
+    return list(devices)
+
+
+def layout_of(recipe: Recipe, devices=None, index: int = 0) -> Parallelism:
+    """Stage `index`'s layout on the recipe's devices."""
+    st = recipe.stages[index] if recipe.stages else None
+    key = ("layout" if st is None or not (st.layout or st.layout_overrides) else
+           f"stages.{index}.layout" if st.layout else f"stages.{index}.layout_overrides")
+    layout = stage_layout(recipe, index) if st is not None else _keyed("layout", load_layout, recipe.layout,
+                                                                       recipe.layout_overrides)
     try:
-        return Parallelism.create(layout, devices)
+        return Parallelism.create(layout, layout_devices(recipe, devices))
     except (ValueError, AssertionError) as e:
-        raise ConfigError(f"layout: {e}") from None
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def choose_accumulation(key: str, want, rows: int, seq_len: int, par: Parallelism, budget: int | None) -> int:
@@ -130,7 +154,16 @@ def choose_accumulation(key: str, want, rows: int, seq_len: int, par: Parallelis
 
 def resolve(recipe: Recipe, devices=None) -> Run:
     model_cfg = base_model(recipe)
-    par = layout_of(recipe, devices)
+    pars, by_layout = [], {}
+    for i in range(len(recipe.stages)):  # stages with equal layouts share one Parallelism (one mesh)
+        layout = repr(stage_layout(recipe, i))
+        if layout not in by_layout:
+            by_layout[layout] = layout_of(recipe, devices, i)
+        pars.append(by_layout[layout])
+        if pars[i] is not pars[0]:  # (Run.par is what the trainer runs every stage in)
+            raise ConfigError(f"stages.{i}.layout: stage {recipe.stages[i].name!r} runs in another layout than "
+                              f"stage {recipe.stages[0].name!r}; glm5 train does not switch layouts between "
+                              "stages yet (glm5 plan --recipe plans each stage in its own)")
     dcfg = data_config.load(recipe.data, recipe.data_overrides)
     by_name = {s.name: s for s in dcfg.stages}
     stages, accumulate = [], {}
@@ -146,7 +179,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
                               "the steps")
         stages.append(dataclasses.replace(ds, name=st.name, tokens=tokens))
         want = st.accumulate if st.accumulate is not None else recipe.accumulate
-        accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, par,
+        accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, pars[i],
                                                   recipe.max_tokens_per_device)
     dcfg = dataclasses.replace(dcfg, stages=stages)
     schedule = Schedule(dcfg.stages, jax.process_count(), accumulate)
@@ -164,6 +197,6 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         cfg = _keyed(f"{key}.model_overrides", config_lib.from_dict, {**model_cfg.to_dict(), **over})
         loss_cfg = _keyed(f"{key}.losses", losses.loss_config_from_dict, {**recipe.losses, **st.losses})
         step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable)
-        settings.append(StageSettings(i, st.name, ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
+        settings.append(StageSettings(i, st.name, pars[i], ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
                                       float(loss_cfg.bias_update_rate)))
-    return Run(recipe, model_cfg, dcfg, par, opt_base, settings)
+    return Run(recipe, model_cfg, dcfg, pars[0], opt_base, settings)
