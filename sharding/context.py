@@ -113,6 +113,10 @@ def per_shard(fn, in_axes, out_axes):
         shapes = jax.eval_shape(local, *args)  # global result shapes: fn is written for any length
         out_specs = jax.tree.map(lambda axes, s: par.spec(axes, s.shape), out_axes, shapes,
                                  is_leaf=lambda a: isinstance(a, tuple))
-        return jax.shard_map(local, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
+        # check_vma off: inside a pipeline's vmap over stages (spmd_axis_name) the arguments vary over the
+        # stage axis unevenly (positions do not, scores do), which the check rejects; fn communicates with
+        # no device, so results are replicated over every axis out_specs leaves out.
+        return jax.shard_map(local, mesh=par.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
 
     return run
