@@ -15,7 +15,6 @@ keeps the count it was saved with. The iterator states of all shards are saved a
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 
@@ -76,15 +75,11 @@ class ShardedIterator:
 
     def __init__(self, pipe: DataPipeline, shards: int, indices: list[int], start_step: int = 0,
                  states: dict | None = None):
-        if pipe.process_count != shards:
-            raise ValueError(f"the pipeline is cut into {pipe.process_count} shards, not {shards}")
-        self.pipe, self.shards, self.indices = pipe, shards, list(indices)
+        self.shards, self.indices = shards, list(indices)
         self.iterators: dict[int, PipelineIterator] = {}
         try:
             for k in self.indices:
-                shard = copy.copy(pipe)  # the same opened sources and schedule; only the shard index differs
-                shard.process_index = k
-                it = shard.iterator(start_step if states is None else 0)
+                it = pipe.sharded(shards, k).iterator(start_step if states is None else 0)
                 self.iterators[k] = it
                 if states is not None:
                     if str(k) not in states:

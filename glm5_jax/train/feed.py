@@ -40,11 +40,8 @@ def choose_shards(run, saved: int | None = None, warn=print) -> int:
 class Feed:
     """The data shards this process reads and the global batch of each step; `state()` is a collective."""
 
-    def __init__(self, run, accumulate: dict, holdout, shards: int, start_step: int = 0, states=None):
+    def __init__(self, run, pipe: DataPipeline, shards: int, start_step: int = 0, states=None):
         self.run, self.shards = run, shards
-        pipe = DataPipeline(run.data_cfg, process_index=0, process_count=shards, accumulate=accumulate,
-                            holdout=holdout)
-        self.vocab_size = pipe.vocab_size
         me = jax.process_index()
         needed = sorted({k for st in run.stages
                          for k in shards_lib.needed_shards(_spans(run, st)[me], st.step.rows, shards)})
