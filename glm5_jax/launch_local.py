@@ -24,7 +24,7 @@ import time
 
 from glm5_jax.config import ConfigError
 
-_NOISE = re.compile(r"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+_NOISE = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks|^\d+ is connected to \d+ peer ranks")
 
 
 def free_port() -> int:
@@ -45,7 +45,7 @@ def child_env(base: dict, index: int, processes: int, devices: int, port: int) -
 
 def _pump(index: int, stream, lock: threading.Lock):
     for line in stream:
-        if _NOISE.match(line):
+        if _NOISE.search(line):
             continue
         with lock:
             sys.stdout.write(f"[{index}] {line}" if line.endswith("\n") else f"[{index}] {line}\n")
