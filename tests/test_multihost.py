@@ -8,6 +8,7 @@ The runs are few and short (the 2-layer test model, 32-token rows, 6 steps) and 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -95,9 +96,10 @@ def test_2x4_trains_like_1x8_on_pipeline_and_expert_axes(pp_runs):
 
 def test_4x2_trains_like_1x8_on_data_and_tensor_axes(recipe, tmp_path):
     one, four = tmp_path / "one", tmp_path / "four"
-    code, out = u.run(recipe, one, *BASE, *_overrides(DT), "max_steps=3", timeout=420)
+    small = ["max_steps=3", "model_overrides.num_hidden_layers=1", "model_overrides.first_k_dense_replace=1"]
+    code, out = u.run(recipe, one, *BASE, *_overrides(DT), *small, timeout=420)
     assert code == 0, out
-    code, out = launch(4, 2, recipe, four, DT, "max_steps=3")
+    code, out = launch(4, 2, recipe, four, DT, *small)
     assert code == 0, out
     # Each process reads its own one of the four shards (disjoint records, data/shards.py).
     assert "data in 4 shards, this process reads [0]" in out, out
@@ -132,7 +134,7 @@ def test_checkpoint_of_2_processes_restores_in_1_and_in_4_and_exports(pp_runs, r
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32)
     params = u.params(two, STEPS)
     np.testing.assert_array_equal(model.model.embed_tokens.weight.detach().numpy(), params["embed_tokens"])
 
@@ -204,3 +206,62 @@ def test_bad_coordinator_and_wrong_process_count_are_one_line(recipe, tmp_path):
     outs = [p.communicate(timeout=120)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
     assert all("process count: the processes disagree (process 0: 2, process 1: 3" in o for o in outs), outs
+
+
+# ----- process discovery and the local launcher (no training) -----
+
+from glm5_jax.train.distributed import DistributedError, discover, first_host  # noqa: E402
+
+
+@pytest.mark.parametrize("env, want", [
+    ({}, None),
+    ({"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"},
+     ("h0:1234", 4, 3, "JAX_* variables")),
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "gpu[07-10],cpu1"},
+     ("gpu07:8476", 4, 2, "SLURM")),
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_NODELIST": "gpu07"}, None),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1", "JAX_COORDINATOR_PORT": "9000",
+      "OMPI_MCA_orte_hnp_uri": "4014080000.0;tcp://node3,10.0.0.3:41507"}, ("node3:9000", 2, 1, "Open MPI")),
+    ({"JOB_COMPLETION_INDEX": "5", "JAX_NUM_PROCESSES": "8", "JAX_COORDINATOR_ADDRESS": "glm5-workers-0-0.glm5:8476"},
+     ("glm5-workers-0-0.glm5:8476", 8, 5, "Kubernetes indexed job")),
+    ({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3", "TPU_WORKER_ID": "1"}, ("t0:8476", 4, 1, "Cloud TPU VM")),
+    ({"SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_NODELIST": "n1",
+      "JAX_PROCESS_ID": "0"}, ("n1:8476", 4, 0, "SLURM")),  # an explicit variable wins
+])
+def test_discover(env, want):
+    launch = discover(env)
+    got = None if launch is None else (launch.coordinator, launch.num_processes, launch.process_id, launch.source)
+    assert got == want
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES: not set"),
+    ({"JAX_COORDINATOR_ADDRESS": "h0:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"},
+     "process id 2 / process count 2"),
+    ({"JAX_COORDINATOR_ADDRESS": "h0", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "must be HOST:PORT"),
+    ({"JAX_COORDINATOR_ADDRESS": "h0:1", "JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"},
+     "JAX_NUM_PROCESSES='two'"),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}, "set JAX_COORDINATOR_ADDRESS"),
+    ({"GLM5_DISTRIBUTED": "yes"}, "GLM5_DISTRIBUTED='yes': the only value is auto"),
+])
+def test_discover_errors_name_the_variable(env, message):
+    with pytest.raises(DistributedError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        discover(env)
+
+
+def test_first_host_of_slurm_node_lists():
+    assert [first_host(x) for x in ("a1", "gpu[03-06,09]", "gpu[3],b", "x-[10-12]")] == ["a1", "gpu03", "gpu3", "x-10"]
+
+
+def test_launch_local_prefixes_output_and_fails_when_a_process_fails(tmp_path):
+    cmd = [sys.executable, "-m", "glm5_jax.cli", "launch", "local", "--processes", "2", "--", "train", "--config",
+           str(tmp_path / "missing.yaml")]
+    proc = subprocess.run(cmd, env=u.child_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stdout
+    assert "[0] glm5: error:" in proc.stdout and "[1] glm5: error:" in proc.stdout, proc.stdout
+    assert re.search(r"glm5 launch: process [01] of 2 exited with status 2", proc.stdout), proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "glm5_jax.cli", "launch", "local", "--processes", "0", "--", "train"],
+                         env=u.child_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stdout.strip().splitlines() == [
+        "glm5: error: --processes: must be a positive integer; got 0"], bad.stdout

@@ -27,6 +27,16 @@ def _client():
     return getattr(distributed.global_state, "client", None)
 
 
+def barrier(name: str, timeout: float) -> None:
+    """Wait until every process reaches `name` (the coordination service's barrier, not a collective): XLA's
+    CPU collectives give a peer only 30 s to join a first collective, less than a compile can take."""
+    import jax
+
+    client = _client()
+    if jax.process_count() > 1 and client is not None:
+        client.wait_at_barrier(f"glm5/{name}", int(timeout * 1000))
+
+
 class PeerMonitor:
     def __init__(self, timeout: float, last_saved=lambda: None):
         import jax

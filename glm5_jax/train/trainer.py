@@ -38,7 +38,7 @@ from glm5_jax.train.distributed import maybe_initialize_distributed
 from glm5_jax.train.evaluate import Evaluator
 from glm5_jax.train.feed import Feed, choose_shards
 from glm5_jax.train.metrics import MetricsLog, model_flops_per_step, peak_flops
-from glm5_jax.train.peers import PeerMonitor
+from glm5_jax.train.peers import PeerMonitor, barrier
 from glm5_jax.train.recipe import Recipe
 from glm5_jax.train.setup import Run, StageSettings, check_vocab, resolve
 
@@ -63,8 +63,8 @@ class CompileInterrupted(Exception):
 class Programs:
     """The compiled train step of each distinct stage shape (stages that share one share the program)."""
 
-    def __init__(self, run: Run, tx, abstract, out, stop=lambda: False):
-        self.run, self.tx, self.abstract, self.out, self.stop = run, tx, abstract, out, stop
+    def __init__(self, run: Run, tx, abstract, out, stop=lambda: False, sync=lambda name: None):
+        self.run, self.tx, self.abstract, self.out, self.stop, self.sync = run, tx, abstract, out, stop, sync
         self._built: dict = {}
 
     def __len__(self) -> int:
@@ -79,6 +79,7 @@ class Programs:
             program = S.TrainStep(stage.step, self.tx, self.run.par, self.abstract)
             a, r, L = stage.step.batch_shape
             self._compile(program, f"compiling the {L}-token step ({a} x {r} rows) of stage {stage.name}")
+            self.sync(f"compiled-{len(self._built)}")  # every process runs its first step together
             self._built[key] = program
         return self._built[key]
 
@@ -276,6 +277,7 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
     multi = jax.process_count() > 1
     # Several processes: a SIGTERM during a compile waits for the compile (the stop is agreed after the step).
     programs.stop = (lambda: False) if multi else (lambda: ckpt.sigterm)
+    programs.sync = lambda name: barrier(name, recipe.distributed.init_timeout)
     start, stopped = state.step, None
     out(f"training from step {start} to {end} of {total} on {run.par.mesh.devices.size} "
         f"{run.par.mesh.devices.flat[0].platform} devices, mesh {dict(run.par.mesh.shape)}; run dir {run_dir}"
