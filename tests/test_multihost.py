@@ -265,3 +265,51 @@ def test_launch_local_prefixes_output_and_fails_when_a_process_fails(tmp_path):
                          env=u.child_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stdout.strip().splitlines() == [
         "glm5: error: --processes: must be a positive integer; got 0"], bad.stdout
+
+
+# ----- data shards (in this process: no training) -----
+
+def test_data_shards_are_disjoint_cover_the_data_and_resume_exactly_per_process(tmp_path):
+    import json as json_lib
+
+    import jax
+
+    from glm5_jax.data import shards as S
+    from glm5_jax.data.pipeline import DataPipeline
+    from tests.test_data_pipeline import make_docs, stream_docs, two_stage_config, write_jsonl
+
+    docs = make_docs(60)
+    cfg = two_stage_config([write_jsonl(tmp_path / "a.jsonl", docs)])
+    pipe = DataPipeline(cfg, 0, 1)
+    # Two "processes" reading one shard each, and one process reading both: the same blocks.
+    alone = [S.ShardedIterator(pipe, 2, [k]) for k in range(2)]
+    both = S.ShardedIterator(pipe, 2, [0, 1])
+    steps = [[next(it) for _ in range(18)] for it in alone]
+    together = [next(both) for _ in range(18)]
+    for s in range(18):
+        for k in range(2):
+            for key, v in together[s][k].items():
+                np.testing.assert_array_equal(v, steps[k][s][k][key])
+    # The shards' documents are disjoint and together cover the data (the first epoch of each).
+    seen = [set(stream_docs([b[k] for b in steps[k]])[:len(docs) // 2]) for k in range(2)]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(docs)
+    # Resume: the saved document of every shard's state restores each process (or one for both) exactly.
+    doc = json_lib.loads(json_lib.dumps(S.state_document(2, {**alone[0].local_state(), **alone[1].local_state()})))
+    assert doc["shards"] == 2 and set(doc["states"]) == {"0", "1"}
+    later = [[next(it) for _ in range(3)] for it in alone]
+    for k in range(2):
+        resumed = S.ShardedIterator(pipe, 2, [k], states=doc["states"])
+        for a, b in zip([next(resumed) for _ in range(3)], later[k]):
+            np.testing.assert_array_equal(a[k]["input_ids"], b[k]["input_ids"])
+        resumed.close()
+    one = S.ShardedIterator(pipe, 2, [0, 1], states=doc["states"])
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("d",))
+    batch, count = S.place(next(one), ["input_ids"], jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(None, "d")), 1, 4, 32, 2)
+    assert count == 1
+    np.testing.assert_array_equal(np.asarray(batch["input_ids"])[0],
+                                  np.concatenate([later[0][0][0]["input_ids"], later[1][0][1]["input_ids"]]))
+    for it in (*alone, both, one):
+        it.close()
+    with pytest.raises(Exception, match="no shard 1"):
+        S.ShardedIterator(pipe, 2, [1], states={"0": doc["states"]["0"]})

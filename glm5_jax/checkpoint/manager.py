@@ -169,9 +169,12 @@ class CheckpointManager:
         warn(f"checkpoint step {step} in {self.directory} is {reason}; moved to {dst}; "
              f"resuming from the previous committed step {using}")
         self.mngr.close()
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(src):
-            shutil.move(src, dst)
+        import jax
+
+        if jax.process_index() == 0:  # (the run directory is shared: one process moves it)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.exists(src):
+                shutil.move(src, dst)
         self.mngr = self._open()
 
 
