@@ -53,6 +53,12 @@ class PeerMonitor:
             self._thread.start()
         return self
 
+    def explain(self):
+        """After a failed collective: give the monitor up to the peer timeout to find the lost peer (it then
+        ends the process with its line); returns if every peer is still alive."""
+        if self._thread is not None:
+            self._thread.join(self.timeout + 2 * max(min(self.timeout / 5, 2.0), 0.2) + 1.0)
+
     def done(self):
         """This process ends normally: peers no longer expect its heartbeat."""
         if self._thread is None:

@@ -240,7 +240,11 @@ def train(recipe: Recipe, out=print) -> dict:
             monitor = PeerMonitor(recipe.distributed.peer_timeout, lambda: (ckpt.committed_steps() or [None])[-1])
             stack.callback(monitor.done)  # (runs before ckpt.close: a peer still saving does not count it lost)
             monitor.start()
-            return _run(run, open_feed, programs, abstract, ckpt, evaluator, run_dir, stack, progress, out)
+            try:
+                return _run(run, open_feed, programs, abstract, ckpt, evaluator, run_dir, stack, progress, out)
+            except jax.errors.JaxRuntimeError:
+                monitor.explain()  # a collective failed: a lost peer is the likely cause, and gets its line
+                raise
     except BaseException:
         if created and not progress["trained"] and jax.process_index() == 0:
             shutil.rmtree(run_dir, ignore_errors=True)  # a start that failed before its first step leaves nothing
