@@ -18,6 +18,7 @@ starts, so a stage switch needs no state from the stage before.
 
 from __future__ import annotations
 
+import copy
 import logging
 import zlib
 
@@ -75,6 +76,7 @@ class DataPipeline:
         self.holdout = None if holdout is None or not holdout[1] else holdout
         self.tokenizer = build_tokenizer(self.cfg.tokenizer)
         self.policy = ErrorPolicy(self.cfg.on_error)
+        self._accumulate = accumulate
         self.schedule = Schedule(self.cfg.stages, self.process_count, accumulate)
         used = dict.fromkeys(name for s in self.cfg.stages for name in s.mixture)
         self.sources = {name: open_source(self.cfg.sources[name], self.policy) for name in used}
@@ -82,6 +84,17 @@ class DataPipeline:
             if len(source) < self.process_count:
                 raise DataError(f"source {name}: {len(source)} records cannot be sharded over "
                                 f"{self.process_count} processes")
+
+    def sharded(self, count: int, index: int = 0) -> DataPipeline:
+        """This pipeline as data shard `index` of `count` (data/shards.py): the same opened sources."""
+        shard = copy.copy(self)
+        shard.process_index, shard.process_count = index, count
+        if count != self.process_count:
+            shard.schedule = Schedule(self.cfg.stages, count, self._accumulate)
+            for name, source in self.sources.items():
+                if len(source) < count:
+                    raise DataError(f"source {name}: {len(source)} records cannot be read as {count} data shards")
+        return shard
 
     @property
     def vocab_size(self) -> int:

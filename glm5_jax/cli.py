@@ -395,6 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan_parser(sub)
     _add_train_parsers(sub)
     _add_generate_parser(sub)
+    from glm5_jax.launch_local import add_parser as add_launch_parser
+
+    add_launch_parser(sub)
     return p
 
 

@@ -9,9 +9,11 @@ One `ocp.CheckpointManager` directory (`RUN_DIR/checkpoints`); each step holds t
 | `config` | the model config as JSON (of the step's stage: RoPE as trained) |
 | `opt_state` | the optimizer state (sharded like the parameters) |
 | `train` | JSON: step, stage, RNG key, non-finite counters, tokens seen |
-| `data` | the Grain data iterator state (one file per process) |
+| `data` | JSON: the data shard count and every shard's iterator state (`glm5_jax.data.shards`), written by process 0 |
 | `recipe` | the resolved recipe as JSON |
 
+Every process takes part in every save and restore (Orbax's saves are collectives: each process writes its
+shards, process 0 commits); the trainer makes sure all processes decide to save at the same steps.
 Restores take targets with the *current* layout's shardings, so a run saved on one mesh goes on on another.
 A latest step that cannot be read (never committed, missing files, an unreadable array or config) is skipped
 with a warning, moved aside to `RUN_DIR/checkpoints-bad/`, and the newest readable committed step is used; when
@@ -34,6 +36,7 @@ import orbax.checkpoint as ocp
 
 from glm5_jax.checkpoint.naming import nest, unnest
 from glm5_jax.checkpoint.store import CheckpointError, CheckpointReader
+from glm5_jax.data.shards import read_state
 
 log = logging.getLogger("glm5.train")
 
@@ -91,12 +94,13 @@ class CheckpointManager:
 
     # -- save -------------------------------------------------------------------------------------------
 
-    def save(self, step: int, *, variables: dict, opt_state, train: dict, data_args, model_config: dict,
+    def save(self, step: int, *, variables: dict, opt_state, train: dict, data: dict, model_config: dict,
              recipe: dict):
-        """Save step `step` (`variables`: {dotted name: array}); asynchronous unless the policy says not."""
+        """Save step `step` (`variables`: {dotted name: array}, `data`: the data state document); asynchronous
+        unless the policy says not."""
         self.mngr.save(step, args=ocp.args.Composite(
             params=ocp.args.PyTreeSave(nest(variables)), opt_state=ocp.args.PyTreeSave(opt_state),
-            train=ocp.args.JsonSave(train), data=data_args, config=ocp.args.JsonSave(model_config),
+            train=ocp.args.JsonSave(train), data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(model_config),
             recipe=ocp.args.JsonSave(recipe)), force=True)
         if not self.policy.async_save:
             self.mngr.wait_until_finished()
@@ -115,25 +119,27 @@ class CheckpointManager:
         steps = ocp.utils.checkpoint_steps(self.directory) if os.path.isdir(self.directory) else []
         return sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(self.directory, str(s))))
 
-    def restore_or_init(self, variables: dict, opt_state, data_args_factory, init, init_from: str | None = None,
+    def restore_or_init(self, variables: dict, opt_state, open_data, init, init_from: str | None = None,
                         warn=log.warning):
-        """(step, variables, opt_state, train dict) of the newest readable step; with none, `init()`'s
-        (variables, opt_state) at step None (from `init_from`'s model variables when given, optimizer fresh).
+        """(step, variables, opt_state, train dict, data) of the newest readable step; with none, `init()`'s
+        (variables, opt_state) at step None with data None (from `init_from`'s model variables when given,
+        optimizer fresh).
 
-        variables / opt_state: targets (ShapeDtypeStructs with this run's shardings); `data_args_factory()`:
-        fresh Grain restore args (they restore into the iterator in place); `init(variables or None)`: the
-        optimizer state (and, without `init_from`, freshly initialised variables) as `(variables, opt_state)`.
+        variables / opt_state: targets (ShapeDtypeStructs with this run's shardings); `open_data(shards,
+        states)`: the data iterator at the saved data state (a failure makes the step unreadable);
+        `init(variables or None)`: the optimizer state (and, without `init_from`, freshly initialised
+        variables) as `(variables, opt_state)`.
         """
-        restored = self._restore_latest(nest(variables), opt_state, data_args_factory, warn)
+        restored = self._restore_latest(nest(variables), opt_state, open_data, warn)
         if restored is not None:
-            step, params, opt, train = restored
+            step, params, opt, train, data = restored
             self.last_saved = step
-            return step, unnest(params), opt, train
+            return step, unnest(params), opt, train, data
         loaded = load_variables(init_from, variables) if init_from else None
         params, opt = init(loaded)
-        return None, params, opt, {}
+        return None, params, opt, {}, None
 
-    def _restore_latest(self, params_target, opt_target, data_args_factory, warn):
+    def _restore_latest(self, params_target, opt_target, open_data, warn):
         failures = []
         for step in reversed(self.committed_steps()):
             missing = [i for i in ITEMS if not os.path.isdir(os.path.join(self.directory, str(step), i))]
@@ -143,13 +149,14 @@ class CheckpointManager:
                 out = self.mngr.restore(step, args=ocp.args.Composite(
                     params=ocp.args.PyTreeRestore(params_target, restore_args=_restore_args(params_target)),
                     opt_state=ocp.args.PyTreeRestore(opt_target, restore_args=_restore_args(opt_target)),
-                    train=ocp.args.JsonRestore(), config=ocp.args.JsonRestore(), data=data_args_factory()))
+                    train=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+                data = open_data(*read_state(os.path.join(self.directory, str(step), "data")))
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
                 failures.append((step, _reason(e)))
                 continue
             for bad, reason in failures:
                 self._set_aside(bad, f"unreadable ({reason})", step, warn)
-            return step, out["params"], out["opt_state"], dict(out["train"])
+            return step, out["params"], out["opt_state"], dict(out["train"]), data
         if failures:
             step, reason = failures[0]
             raise CheckpointReadError(f"{self.directory}: no checkpoint step could be restored (nothing was "
@@ -162,9 +169,12 @@ class CheckpointManager:
         warn(f"checkpoint step {step} in {self.directory} is {reason}; moved to {dst}; "
              f"resuming from the previous committed step {using}")
         self.mngr.close()
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.exists(src):
-            shutil.move(src, dst)
+        import jax
+
+        if jax.process_index() == 0:  # (the run directory is shared: one process moves it)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if os.path.exists(src):
+                shutil.move(src, dst)
         self.mngr = self._open()
 
 

@@ -14,33 +14,52 @@ import math
 import numpy as np
 
 from glm5_jax.data import config as data_config
+from glm5_jax.data import shards as shards_lib
 from glm5_jax.data.pipeline import DataPipeline
 from glm5_jax.data.tokenizer import build_tokenizer
 from glm5_jax.train.setup import check_vocab, choose_accumulation
-from glm5_jax.train.step import place_batch
+from glm5_jax.train.step import BATCH_KEYS
 
 
-def eval_data(data_cfg, stage_name: str, seq_len: int, rows: int, holdout: float = 0.0):
-    """A one-stage pipeline of `rows` x `seq_len` microbatches: `data_cfg`'s stage `stage_name` (or its
-    first), restricted to the held-out documents when `holdout` > 0."""
+def eval_data(data_cfg, stage_name: str, seq_len: int, rows: int, holdout: float = 0.0, shards: int = 1):
+    """A one-stage pipeline of `rows` x `seq_len` microbatches read as `shards` data shards (data/shards.py):
+    `data_cfg`'s stage `stage_name` (or its first), restricted to the held-out documents when `holdout` > 0."""
     by_name = {s.name: s for s in data_cfg.stages}
     base = by_name.get(stage_name, data_cfg.stages[0])
     one = dataclasses.replace(base, name=stage_name, seq_len=seq_len, tokens_per_step=rows * seq_len,
                               tokens=rows * seq_len, batch_ramp=None)
-    return DataPipeline(dataclasses.replace(data_cfg, stages=[one]), holdout=("eval", holdout) if holdout else None)
+    return DataPipeline(dataclasses.replace(data_cfg, stages=[one]), process_index=0, process_count=shards,
+                        holdout=("eval", holdout) if holdout else None)
 
 
 def device_batches(pipe: DataPipeline, program, microbatches: int) -> list:
-    """`microbatches` microbatches of the pipeline's stage as (device batch [accumulate, rows, L], count)."""
-    a = program.spec.accumulate
-    it = iter(pipe.dataset(0))
-    try:
-        micro = [next(it) for _ in range(microbatches)]
-    finally:
-        it.close()
-    rows = len(micro[0]["input_ids"])
-    return [place_batch(program.par, program.spec, rows, {k: np.concatenate([m[k] for m in micro[i:i + a]])
-                                                          for k in micro[0]}) for i in range(0, len(micro), a)]
+    """`microbatches` microbatches of the pipeline's stage as (device batch [accumulate, rows, L], count); this
+    process reads only the data shards its devices hold rows of."""
+    import copy
+
+    import jax
+
+    spec, shards = program.spec, pipe.process_count
+    span = shards_lib.process_rows(program.batch_sharding, spec.batch_shape)[jax.process_index()]
+    micro = {}
+    for k in shards_lib.needed_shards(span, spec.rows, shards):
+        shard = copy.copy(pipe)
+        shard.process_index = k
+        it = iter(shard.dataset(0))
+        try:
+            micro[k] = [next(it) for _ in range(microbatches)]
+        finally:
+            it.close()
+    a = spec.accumulate
+    return [shards_lib.place({k: {key: np.concatenate([m[key] for m in ms[i:i + a]]) for key in BATCH_KEYS}
+                              for k, ms in micro.items()}, BATCH_KEYS, program.batch_sharding, a, spec.rows,
+                             spec.seq_len, shards) for i in range(0, microbatches, a)]
+
+
+def auto_shards(program) -> int:
+    """One data shard per distinct row block the processes hold (1 on one process)."""
+    spec = program.spec
+    return shards_lib.auto_shards(shards_lib.process_rows(program.batch_sharding, spec.batch_shape), spec.rows)
 
 
 def run_eval(program, params, rest, batches) -> dict:
@@ -57,8 +76,8 @@ def run_eval(program, params, rest, batches) -> dict:
 class Evaluator:
     """The recipe's `eval` section during training: when to evaluate, and on which held-out microbatches."""
 
-    def __init__(self, run):
-        self.run, self.cfg = run, run.recipe.eval
+    def __init__(self, run, shards: int = 1):
+        self.run, self.cfg, self.shards = run, run.recipe.eval, shards
         self.source = run.data_cfg if self.cfg.data is None else data_config.load(self.cfg.data)
         check_vocab("eval.data", build_tokenizer(self.source.tokenizer).vocab_size, run.model_cfg)
         self._batches: dict = {}
@@ -71,7 +90,7 @@ class Evaluator:
         """{"loss", "lm", "ppl", "tokens"} of the stage's held-out microbatches (the same ones every time)."""
         if stage.name not in self._batches:
             d = stage.data
-            pipe = eval_data(self.source, stage.name, d.seq_len, d.micro_rows, self.cfg.holdout)
+            pipe = eval_data(self.source, stage.name, d.seq_len, d.micro_rows, self.cfg.holdout, self.shards)
             self._batches[stage.name] = device_batches(pipe, program, self.cfg.batches)
         return run_eval(program, params, rest, self._batches[stage.name])
 
@@ -105,8 +124,8 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     rows = st.global_batch
     choose_accumulation(f"--data stage {st.name}", 1, rows, st.seq_len, par, None)
     check_vocab("--data", build_tokenizer(dcfg.tokenizer).vocab_size, cfg)
-    pipe = eval_data(dcfg, st.name, st.seq_len, rows, holdout)
     program = S.EvalStep(S.StepConfig(cfg, losses.LossConfig(), rows, st.seq_len), par, S.abstract_state(cfg))
+    pipe = eval_data(dcfg, st.name, st.seq_len, rows, holdout, auto_shards(program))
     variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint")
     params = {k: variables[k] for k in program.param_shardings}
     rest = {k: variables[k] for k in program.rest_shardings}

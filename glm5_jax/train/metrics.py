@@ -54,9 +54,17 @@ def read_record(line: bytes) -> dict | None:
 
 
 class MetricsLog:
-    """`RUN_DIR/metrics.jsonl` (one record per logged step), TensorBoard events, console lines."""
+    """`RUN_DIR/metrics.jsonl` (one record per logged step), TensorBoard events, console lines.
 
-    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool, progress: bool, total_steps: int):
+    Only the primary process (process 0 of a multi-process run) writes: the others' log is silent, since every
+    value it would log is a global one, the same on every process."""
+
+    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool, progress: bool, total_steps: int,
+                 primary: bool = True):
+        self.primary = primary
+        self.tb = self.progress = self.file = self.eval_file = None
+        if not primary:
+            return
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.eval_path = os.path.join(run_dir, "eval.jsonl")
         os.makedirs(run_dir, exist_ok=True)
@@ -82,11 +90,13 @@ class MetricsLog:
             self.progress.start()
 
     def advance(self, step: int, stage: str, loss: float | None = None):
-        if self.progress is not None:
+        if self.primary and self.progress is not None:
             info = f"{stage}" + (f"  loss {loss:.4f}" if loss is not None else "")
             self.progress.update(self.task, completed=step, info=info)
 
     def write(self, record: dict):
+        if not self.primary:
+            return
         self.file.write(json.dumps({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}) + "\n")
         self.file.flush()
         if self.tb is not None:
@@ -98,6 +108,8 @@ class MetricsLog:
     def write_eval(self, record: dict):
         """An evaluation `{"step", "stage", "loss", "lm", "ppl", "tokens"}`: a line of `RUN_DIR/eval.jsonl` and
         `eval/...` scalars in TensorBoard."""
+        if not self.primary:
+            return
         row = {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}
         self.eval_file.write(json.dumps(row) + "\n")
         self.eval_file.flush()
@@ -109,6 +121,8 @@ class MetricsLog:
                   f"lm {record['lm']:.4f}  ppl {record['ppl']:.2f}  ({record['tokens']:,} tokens)")
 
     def line(self, text: str):
+        if not self.primary:
+            return
         if self.progress is not None:
             self.progress.console.print(text)
         else:
@@ -119,8 +133,9 @@ class MetricsLog:
             self.progress.stop()
         if self.tb is not None:
             self.tb.close()
-        self.file.close()
-        self.eval_file.close()
+        for f in (self.file, self.eval_file):
+            if f is not None:
+                f.close()
 
 
 def _truncate(path: str, step: int):

@@ -57,6 +57,14 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class DistributedConfig:
+    """Multi-process runs (docs/multihost.md); ignored by a single process."""
+
+    init_timeout: float = 300.0  # seconds for every process to join the job before it fails with one line
+    peer_timeout: float = 60.0  # seconds without a sign of life from a process before the others stop
+
+
+@dataclasses.dataclass
 class StageRecipe:
     name: str = ""
     data_stage: str | None = None  # data stage it reads (default: the stage's own name)
@@ -92,6 +100,9 @@ class Recipe:
     accumulate: int | str = 1  # default microbatches per step of every stage: N, or "auto" (the fewest whose
     # microbatch puts at most max_tokens_per_device tokens on a device)
     max_tokens_per_device: int | None = None  # the budget `accumulate: auto` sizes microbatches by
+    data_shards: int | None = None  # blocks each microbatch's rows are read in (docs/multihost.md); None: one
+    # per distinct row block the processes hold (1 on one process); a resumed run keeps its checkpoint's
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointPolicy = dataclasses.field(default_factory=CheckpointPolicy)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
@@ -114,6 +125,8 @@ def _build(cls, values, prefix: str):
             kwargs["checkpoint"] = _build(CheckpointPolicy, kwargs["checkpoint"] or {}, "checkpoint.")
         if "metrics" in kwargs:
             kwargs["metrics"] = _build(MetricsConfig, kwargs["metrics"] or {}, "metrics.")
+        if "distributed" in kwargs:
+            kwargs["distributed"] = _build(DistributedConfig, kwargs["distributed"] or {}, "distributed.")
         if "eval" in kwargs:
             kwargs["eval"] = _build(EvalConfig, kwargs["eval"] or {}, "eval.")
         if "stages" in kwargs:
@@ -178,6 +191,11 @@ def validate(r: Recipe) -> Recipe:
     if m.peak_flops is not None and (not _is_number(m.peak_flops) or m.peak_flops <= 0):
         raise ConfigError(f"metrics.peak_flops: must be a positive number or null; got {m.peak_flops!r}")
     _accumulate("accumulate", r.accumulate, allow_none=False)
+    _positive_int("data_shards", r.data_shards, allow_none=True)
+    for key in ("init_timeout", "peer_timeout"):
+        v = getattr(r.distributed, key)
+        if not _is_number(v) or v <= 0:
+            raise ConfigError(f"distributed.{key}: must be a positive number of seconds; got {v!r}")
     _positive_int("max_tokens_per_device", r.max_tokens_per_device, allow_none=True)
     e = r.eval
     if e.data is not None and not isinstance(e.data, str):

@@ -182,7 +182,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, pars[i],
                                                   recipe.max_tokens_per_device)
     dcfg = dataclasses.replace(dcfg, stages=stages)
-    schedule = Schedule(dcfg.stages, jax.process_count(), accumulate)
+    schedule = Schedule(dcfg.stages, 1, accumulate)  # global rows: data shards split them (train/feed.py)
     opt_base = unit_rate_optimizer(recipe.optimizer)
     settings = []
     for i, (st, ds) in enumerate(zip(recipe.stages, schedule.stages, strict=True)):

@@ -7,14 +7,21 @@ is the compiled program, one per stage shape. The loop below only moves data and
 The host runs one step ahead of the device: it dispatches step s, reads step s-1's metrics (computed by
 then), and puts step s+1's batch on the devices while step s computes, so input loading overlaps compute and
 the non-finite guard still stops the run within one step.
+
+Several processes (docs/multihost.md) run this same loop: each reads its own data shards (train/feed.py), the
+step's values are global arrays, process 0 alone prints and writes metrics, every process takes part in
+every save and restore, and the decisions taken from host state (SIGTERM, time-based saves) are agreed once
+per step (train/agree.py); a lost peer ends the others within `distributed.peer_timeout` (train/peers.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import shutil
+import sys
 import threading
 import time
 
@@ -24,11 +31,14 @@ import numpy as np
 from glm5_jax import optim
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.naming import flatten
-from glm5_jax.data.pipeline import DataPipeline, restore_args, save_args
+from glm5_jax.data.pipeline import DataPipeline
 from glm5_jax.train import step as S
+from glm5_jax.train.agree import agree
 from glm5_jax.train.distributed import maybe_initialize_distributed
 from glm5_jax.train.evaluate import Evaluator
+from glm5_jax.train.feed import Feed, choose_shards
 from glm5_jax.train.metrics import MetricsLog, model_flops_per_step, peak_flops
+from glm5_jax.train.peers import PeerMonitor, barrier
 from glm5_jax.train.recipe import Recipe
 from glm5_jax.train.setup import Run, StageSettings, check_vocab, resolve
 
@@ -53,8 +63,8 @@ class CompileInterrupted(Exception):
 class Programs:
     """The compiled train step of each distinct stage shape (stages that share one share the program)."""
 
-    def __init__(self, run: Run, tx, abstract, out, stop=lambda: False):
-        self.run, self.tx, self.abstract, self.out, self.stop = run, tx, abstract, out, stop
+    def __init__(self, run: Run, tx, abstract, out, stop=lambda: False, sync=lambda name: None):
+        self.run, self.tx, self.abstract, self.out, self.stop, self.sync = run, tx, abstract, out, stop, sync
         self._built: dict = {}
 
     def __len__(self) -> int:
@@ -69,6 +79,7 @@ class Programs:
             program = S.TrainStep(stage.step, self.tx, self.run.par, self.abstract)
             a, r, L = stage.step.batch_shape
             self._compile(program, f"compiling the {L}-token step ({a} x {r} rows) of stage {stage.name}")
+            self.sync(f"compiled-{len(self._built)}")  # every process runs its first step together
             self._built[key] = program
         return self._built[key]
 
@@ -105,12 +116,12 @@ def _setup_cache(recipe: Recipe):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, pipe: DataPipeline, out):
-    """The run's state and data iterator: from its newest readable checkpoint, else initialised (from
-    `init_from` when set), at `start_stage` when that lies ahead."""
+def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, open_feed, out):
+    """The run's state and data feed: from its newest readable checkpoint, else initialised (from
+    `init_from` when set), at `start_stage` when that lies ahead. `open_feed(shards or None, states or None,
+    start_step)`: the data feed."""
     recipe = run.recipe
     params_abs, rest_abs, opt_abs, *_ = program.abstract_args()
-    it = pipe.iterator(0)
 
     def init(loaded):
         if loaded is None:
@@ -119,13 +130,11 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, pip
         params = {k: loaded[k] for k in params_abs}
         return loaded, program.init_optimizer(params)
 
-    try:
-        step, variables, opt_state, saved = ckpt.restore_or_init(
-            {**params_abs, **rest_abs}, opt_abs, lambda: restore_args(it), init, recipe.init_from,
-            warn=lambda m: out(f"WARNING: {m}"))
-    except BaseException:
-        it.close()
-        raise
+    step, variables, opt_state, saved, it = ckpt.restore_or_init(
+        {**params_abs, **rest_abs}, opt_abs, lambda shards, states: open_feed(shards, states, 0), init,
+        recipe.init_from, warn=lambda m: out(f"WARNING: {m}"))
+    if it is None:
+        it = open_feed(None, None, 0)
     counters = {"nonfinite_in_a_row": 0, "skipped_total": 0, "tokens_seen": 0,
                 "rng": np.asarray(jax.random.key_data(jax.random.key(recipe.seed))).tolist()}
     counters.update({k: saved[k] for k in counters if k in saved})
@@ -136,8 +145,9 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, pip
         out(f"initialised from {os.path.abspath(recipe.init_from)}")
     if start > (step or 0):
         out(f"start_stage {recipe.start_stage}: from step {step or 0} to the stage's first step {start}")
+        shards = it.shards
         it.close()
-        it, step = pipe.iterator(start), start
+        it, step = open_feed(shards, None, start), start
     state = TrainState(step or 0, {k: variables[k] for k in params_abs}, {k: variables[k] for k in rest_abs},
                        opt_state, counters)
     return state, it
@@ -206,11 +216,16 @@ class Reporter:
 def train(recipe: Recipe, out=print) -> dict:
     """Run `recipe` to its end (or max_steps / SIGTERM). Returns a summary dict (final step, losses, ...)."""
     _setup_cache(recipe)
-    maybe_initialize_distributed()
+    launch = maybe_initialize_distributed(recipe.distributed.init_timeout, recipe.distributed.peer_timeout)
+    out = _process_output(out)
+    if launch is not None:
+        out(f"{jax.process_count()} processes ({launch.source}), {jax.local_device_count()} devices each")
     run = resolve(recipe)
-    pipe = DataPipeline(run.data_cfg, accumulate={s.name: s.data.accumulate for s in run.stages},
+    pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
+                        accumulate={s.name: s.data.accumulate for s in run.stages},
                         holdout=("train", recipe.eval.holdout))
     check_vocab("data", pipe.vocab_size, run.model_cfg)
+    open_feed = lambda shards, states, start: Feed(run, pipe, choose_shards(run, shards, out), start, states)
     evaluator = Evaluator(run) if recipe.eval.enabled else None
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params), abstract, out)
@@ -222,35 +237,61 @@ def train(recipe: Recipe, out=print) -> dict:
         with contextlib.ExitStack() as stack:
             ckpt = CheckpointManager(os.path.join(run_dir, "checkpoints"), recipe.checkpoint)
             stack.callback(ckpt.close)
-            return _run(run, pipe, programs, abstract, ckpt, evaluator, run_dir, stack, progress, out)
+            monitor = PeerMonitor(recipe.distributed.peer_timeout, lambda: (ckpt.committed_steps() or [None])[-1])
+            stack.callback(monitor.done)  # (runs before ckpt.close: a peer still saving does not count it lost)
+            monitor.start()
+            try:
+                return _run(run, open_feed, programs, abstract, ckpt, evaluator, run_dir, stack, progress, out)
+            except jax.errors.JaxRuntimeError:
+                monitor.explain()  # a collective failed: a lost peer is the likely cause, and gets its line
+                raise
     except BaseException:
         if created and not progress["trained"] and jax.process_index() == 0:
             shutil.rmtree(run_dir, ignore_errors=True)  # a start that failed before its first step leaves nothing
         raise
 
 
-def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: CheckpointManager, evaluator,
+def _process_output(out):
+    """Process 0 prints as asked; the others print only warnings, and every log line names its process."""
+    if jax.process_count() == 1:
+        return out
+    tag = f"[process {jax.process_index()}/{jax.process_count()}] "
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter(tag + "%(levelname)s %(message)s"))
+    if jax.process_index() == 0:
+        return out
+    return lambda line: print(tag + line, file=sys.stderr, flush=True) if line.startswith("WARNING") else None
+
+
+def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointManager, evaluator,
          run_dir: str, stack: contextlib.ExitStack, progress: dict, out) -> dict:
     """The loop of `train`, from restore-or-init to the last save; `stack` closes what it opens."""
     recipe = run.recipe
     total = run.total_steps
     end = total if recipe.max_steps is None else min(total, recipe.max_steps)
-    state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract), pipe,
-                                out)
+    state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract),
+                                open_feed, out)
     stack.callback(it.close)
-    log = MetricsLog(run_dir, state.step, recipe.metrics.tensorboard, recipe.metrics.progress, end)
+    if evaluator is not None:
+        evaluator.shards = it.shards
+    primary = jax.process_index() == 0
+    log = MetricsLog(run_dir, state.step, recipe.metrics.tensorboard, recipe.metrics.progress, end, primary)
     stack.callback(log.close)
     reporter = Reporter(run, log, state.counters, end, lambda: ckpt.last_saved, programs)
-    programs.stop = lambda: ckpt.sigterm
+    multi = jax.process_count() > 1
+    # Several processes: a SIGTERM during a compile waits for the compile (the stop is agreed after the step).
+    programs.stop = (lambda: False) if multi else (lambda: ckpt.sigterm)
+    programs.sync = lambda name: barrier(name, recipe.distributed.init_timeout)
     start, stopped = state.step, None
     out(f"training from step {start} to {end} of {total} on {run.par.mesh.devices.size} "
-        f"{run.par.mesh.devices.flat[0].platform} devices, mesh {dict(run.par.mesh.shape)}; run dir {run_dir}")
+        f"{run.par.mesh.devices.flat[0].platform} devices, mesh {dict(run.par.mesh.shape)}; run dir {run_dir}"
+        + (f"; data in {it.shards} shards, this process reads {it.indices}" if multi or it.shards > 1 else ""))
 
     def save():
         reporter.flush()  # the counters saved are this step's
         trained = run.stage_at(max(state.step - 1, 0))  # the stage of the last step trained (its RoPE)
         ckpt.save(state.step, variables={**state.params, **state.rest}, opt_state=state.opt_state,
-                  train={**state.counters, "step": state.step, "stage": trained.name}, data_args=save_args(it),
+                  train={**state.counters, "step": state.step, "stage": trained.name}, data=it.state(),
                   model_config=trained.step.model_cfg.to_dict(), recipe=recipe.to_dict())
 
     with ckpt.watch_sigterm():
@@ -268,7 +309,7 @@ def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: Check
                     save()
                 stopped = "sigterm-compiling"  # (the compile thread still runs: `glm5 train` exits without teardown)
                 break
-            data, count = batch or S.place_batch(run.par, stage.step, stage.data.local_micro_rows, next(it))
+            data, count = batch or it.next_batch(stage)
             lr = float(stage.schedule(state.step - stage.data.start_step))
             dispatched = time.perf_counter()
             state.params, state.rest, state.opt_state, metrics = program(
@@ -281,18 +322,18 @@ def _run(run: Run, pipe: DataPipeline, programs: Programs, abstract, ckpt: Check
                 reporter.flush()
                 log.write_eval({"step": state.step, "stage": stage.name,
                                 **evaluator.run_at(stage, program, state.params, state.rest)})
-            if ckpt.sigterm:
-                out(f"SIGTERM: saving step {state.step} and exiting")
+            sigterm, due = agree(ckpt.sigterm, ckpt.due(state.step, stage_end and state.step < end))
+            if sigterm:
+                out(f"SIGTERM{' (on some process)' if multi else ''}: saving step {state.step} and exiting")
                 save()
                 stopped = "sigterm"
                 break
-            if ckpt.due(state.step, stage_end and state.step < end):
+            if due:
                 save()
             # The next step's batch goes to the devices while this step computes (unless its program is yet to
             # compile: then it is read after the compile, so a SIGTERM during the compile saves this step exactly).
             following = run.stage_at(state.step)
-            batch = S.place_batch(run.par, following.step, following.data.local_micro_rows, next(it)) \
-                if state.step < end and programs.built(following) else None
+            batch = it.next_batch(following) if state.step < end and programs.built(following) else None
         reporter.flush()
         if recipe.checkpoint.save_on_exit and ckpt.last_saved != state.step:
             save()

@@ -1,0 +1,69 @@
+"""This process's part of every step's global batch: which data shards it reads, the global arrays it
+builds from them, and the data state a checkpoint keeps (data/shards.py explains the shards)."""
+
+from __future__ import annotations
+
+import jax
+
+from glm5_jax.config import ConfigError
+from glm5_jax.data import shards as shards_lib
+from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.train.agree import gather_json
+from glm5_jax.train.step import BATCH_AXES, BATCH_KEYS
+
+
+def _spans(run, stage):
+    shape = stage.step.batch_shape
+    return shards_lib.process_rows(run.par.sharding(BATCH_AXES, shape), shape)
+
+
+def choose_shards(run, saved: int | None = None, warn=print) -> int:
+    """The run's data shard count: the checkpoint's when resuming, else `data_shards`, else one per distinct
+    row block the processes hold; it must divide every stage's microbatch rows."""
+    first = run.stages[0]
+    auto = shards_lib.auto_shards(_spans(run, first), first.step.rows)
+    want = run.recipe.data_shards
+    if saved is not None:
+        if want is not None and want != saved:
+            warn(f"WARNING: data_shards={want} ignored: the checkpoint's data is read as {saved} shards (a resumed "
+                 "run keeps its data order)")
+        shards = saved
+    else:
+        shards = auto if want is None else want
+    for i, st in enumerate(run.stages):
+        if st.step.rows % shards:
+            raise ConfigError(f"data_shards: {shards} shards do not divide the {st.step.rows} rows of a microbatch "
+                              f"of stage {i} ({st.name}); use a divisor of every stage's microbatch rows")
+    return shards
+
+
+class Feed:
+    """The data shards this process reads and the global batch of each step; `state()` is a collective."""
+
+    def __init__(self, run, pipe: DataPipeline, shards: int, start_step: int = 0, states=None):
+        self.run, self.shards = run, shards
+        me = jax.process_index()
+        needed = sorted({k for st in run.stages
+                         for k in shards_lib.needed_shards(_spans(run, st)[me], st.step.rows, shards)})
+        self.it = shards_lib.ShardedIterator(pipe, shards, needed, start_step, states)
+
+    @property
+    def indices(self) -> list[int]:
+        return self.it.indices
+
+    def next_batch(self, stage):
+        """(global batch {key: [accumulate, rows, L]}, microbatches it takes) of the next step, in `stage`."""
+        spec = stage.step
+        return shards_lib.place(next(self.it), BATCH_KEYS, self.run.par.sharding(BATCH_AXES, spec.batch_shape),
+                                spec.accumulate, spec.rows, spec.seq_len, self.shards)
+
+    def state(self) -> dict:
+        """The JSON document of every shard's iterator state (gathered from all processes)."""
+        merged = {}
+        for part in gather_json(self.it.local_state()):
+            for k, v in part.items():
+                merged.setdefault(k, v)
+        return shards_lib.state_document(self.shards, merged)
+
+    def close(self):
+        self.it.close()
