@@ -177,3 +177,26 @@ def test_no_restorable_step_is_one_line_and_moves_nothing(reference, tmp_path):
     assert last.startswith(f"glm5: error: {run_dir / 'checkpoints'}: no checkpoint step could be restored "
                            f"(nothing was moved); newest step {steps[-1]}: "), out
     assert u.committed(run_dir) == steps and not (run_dir / "checkpoints-bad").exists()
+
+
+def test_a_stage_in_another_layout_continues_after_a_restart(tmp_path):
+    """A recipe whose second stage names another layout trains to that stage, saves and stops; the same
+    command again continues there in the stage's layout, with the losses of a run in one layout throughout."""
+    schedule = {"schedule": "constant", "learning_rate": 3e-3}
+    stages = [{"name": "a", "data_stage": "short", "steps": 2, "schedule": schedule},
+              {"name": "b", "data_stage": "short", "steps": 2, "schedule": schedule}]
+    one = u.write_recipe(tmp_path / "one.yaml", stages=stages)
+    two = u.write_recipe(tmp_path / "two.yaml", stages=[stages[0], {**stages[1], "layout": "fsdp4-tp2"}])
+    code, out = u.run(one, tmp_path / "one")
+    assert code == 0, out
+    code, out = u.run(two, tmp_path / "two")
+    assert code == 0, out
+    assert "stage b runs in another layout: this run trains to step 2, saves and stops" in out
+    assert u.committed(tmp_path / "two")[-1] == 2 and max(u.losses(tmp_path / "two")) == 2
+    code, out = u.run(two, tmp_path / "two")
+    assert code == 0, out
+    assert "resumed from" in out and "'fsdp': 4" in out and "'expert': 1" in out, out
+    want, got = u.losses(tmp_path / "one"), u.losses(tmp_path / "two")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), (step, got[step], want[step])

@@ -116,8 +116,13 @@ class CheckpointManager:
     # -- restore ----------------------------------------------------------------------------------------
 
     def committed_steps(self) -> list[int]:
-        steps = ocp.utils.checkpoint_steps(self.directory) if os.path.isdir(self.directory) else []
-        return sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(self.directory, str(s))))
+        return self.committed_in(self.directory)
+
+    @staticmethod
+    def committed_in(directory: str) -> list[int]:
+        """The committed (finalised) checkpoint steps in `directory`, oldest first ([] when there is none)."""
+        steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
+        return sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(directory, str(s))))
 
     def restore_or_init(self, variables: dict, opt_state, open_data, init, init_from: str | None = None,
                         warn=log.warning):

@@ -160,10 +160,6 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         if layout not in by_layout:
             by_layout[layout] = layout_of(recipe, devices, i)
         pars.append(by_layout[layout])
-        if pars[i] is not pars[0]:  # (Run.par is what the trainer runs every stage in)
-            raise ConfigError(f"stages.{i}.layout: stage {recipe.stages[i].name!r} runs in another layout than "
-                              f"stage {recipe.stages[0].name!r}; glm5 train does not switch layouts between "
-                              "stages yet (glm5 plan --recipe plans each stage in its own)")
     dcfg = data_config.load(recipe.data, recipe.data_overrides)
     by_name = {s.name: s for s in dcfg.stages}
     stages, accumulate = [], {}

@@ -213,6 +213,21 @@ class Reporter:
                                   f"checkpoint {last}is intact")
 
 
+def in_starting_layout(run: Run, checkpoints: str) -> Run:
+    """`run` in the layout of the stage it starts in: that of its newest committed checkpoint's step, or of
+    `start_stage` when that lies ahead. One `glm5 train` trains in one layout; it saves and stops at the
+    first stage of another, and the same command run again continues there in that stage's layout."""
+    steps = CheckpointManager.committed_in(checkpoints)
+    start = next((s.data.start_step for s in run.stages if s.name == run.recipe.start_stage), 0)
+    return dataclasses.replace(run, par=run.stage_at(max(steps[-1] if steps else 0, start)).par)
+
+
+def layout_end(run: Run, step: int) -> int:
+    """The first step at or after `step` whose stage runs in another layout than the run (else its end)."""
+    later = [s for s in run.stages if s.data.end_step > step and s.par is not run.par]
+    return later[0].data.start_step if later else run.total_steps
+
+
 def train(recipe: Recipe, out=print) -> dict:
     """Run `recipe` to its end (or max_steps / SIGTERM). Returns a summary dict (final step, losses, ...)."""
     _setup_cache(recipe)
@@ -220,7 +235,7 @@ def train(recipe: Recipe, out=print) -> dict:
     out = _process_output(out)
     if launch is not None:
         out(f"{jax.process_count()} processes ({launch.source}), {jax.local_device_count()} devices each")
-    run = resolve(recipe)
+    run = in_starting_layout(resolve(recipe), os.path.join(os.path.abspath(recipe.run_dir), "checkpoints"))
     pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
                         accumulate={s.name: s.data.accumulate for s in run.stages},
                         holdout=("train", recipe.eval.holdout))
@@ -272,6 +287,15 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
     state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract),
                                 open_feed, out)
     stack.callback(it.close)
+    if run.stage_at(state.step).par is not run.par:  # (an older checkpoint than the newest was restored)
+        raise TrainingStopped(f"step {state.step} (stage {run.stage_at(state.step).name}) runs in another layout "
+                              f"than this run's {dict(run.par.mesh.shape)}: run the same command again (the newer, unreadable "
+                              "checkpoint was set aside)")
+    switch = layout_end(run, state.step)
+    if switch < end:
+        end = switch
+        out(f"stage {run.stage_at(end).name} runs in another layout: this run trains to step {end}, saves and "
+            "stops; run the same command again to continue in that layout")
     if evaluator is not None:
         evaluator.shards = it.shards
     primary = jax.process_index() == 0
@@ -335,7 +359,7 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
             following = run.stage_at(state.step)
             batch = it.next_batch(following) if state.step < end and programs.built(following) else None
         reporter.flush()
-        if recipe.checkpoint.save_on_exit and ckpt.last_saved != state.step:
+        if (recipe.checkpoint.save_on_exit or state.step == switch) and ckpt.last_saved != state.step:
             save()
     first, last = reporter.first_loss, reporter.last_loss
     out(f"done: step {state.step}" + (f", loss {first:.4f} -> {last:.4f}" if first is not None else "")
