@@ -289,8 +289,8 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
     stack.callback(it.close)
     if run.stage_at(state.step).par is not run.par:  # (an older checkpoint than the newest was restored)
         raise TrainingStopped(f"step {state.step} (stage {run.stage_at(state.step).name}) runs in another layout "
-                              f"than this run's {dict(run.par.mesh.shape)}: run the same command again (the newer, unreadable "
-                              "checkpoint was set aside)")
+                              f"than this run's {dict(run.par.mesh.shape)}: run the same command again (the "
+                              "newer, unreadable checkpoint was set aside)")
     switch = layout_end(run, state.step)
     if switch < end:
         end = switch
