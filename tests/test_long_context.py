@@ -127,7 +127,8 @@ def test_blocked_cross_entropy_equals_one_block(cfg):
     loss_cfg = LS.LossConfig(z_loss=1e-3, mtp_weight=0.3, balance_weight=0.0, bias_update_rate=0.0)
     batch = two_document_batch(cfg.vocab_size, 4, 40)
     results = []
-    for block in (40, 12):  # one block; four blocks, the last padded
+    heads = 1 + cfg.mtp_depths  # the main head and the MTP depths share each block's logits rows
+    for block in (40 * heads, 12 * heads):  # one block; four blocks, the last padded
         c = config.from_dict({**cfg.to_dict(), "logits_block": block})
         state = S.split(GLM5(c, rngs=nnx.Rngs(0)))
         results.append(loss_and_grads(state, batch, loss_cfg=loss_cfg))

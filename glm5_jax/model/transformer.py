@@ -215,9 +215,10 @@ class GLM5(nnx.Module):
         return rope_angles(positions, inverse_frequencies(cfg.qk_rope_head_dim, cfg.rope_parameters), self.dtype)
 
     def head(self, h):
-        logits = jnp.einsum("bld,dv->blv", h, self.lm_head[...].astype(self.dtype),
+        """float32 logits [B, L, ..., V] of hidden states [B, L, ..., D] (any axes between L and D)."""
+        logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
                             preferred_element_type=jnp.float32)
-        return constrain(logits, ("batch", "length", "act_vocab"))
+        return constrain(logits, ("batch", "length") + (None,) * (logits.ndim - 3) + ("act_vocab",))
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None,
                  dsa_mode: str = "sparse", logits: bool = True):
@@ -237,7 +238,19 @@ class GLM5(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((B, L), jnp.int32)
         cos, sin = self.rope(positions)
-        h, stats = constrain(self.embed(input_ids), HIDDEN), []
+        depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
+        depths = depths if self.mtp is not None else 0
+        if depths:
+            # One lookup for the main model and every MTP depth (the table is gathered, and its gradient
+            # summed, once): depth k reads token t + k at position t; past the end it reads padding (id 0),
+            # never scored.
+            padded = jnp.pad(input_ids, ((0, 0), (0, depths)))
+            ids = jnp.stack([padded[:, k:k + L] for k in range(depths + 1)])
+            embeds = constrain(self.embed(ids), (None,) + HIDDEN)
+            h, mtp_embeds = embeds[0], embeds[1:]
+        else:
+            h = constrain(self.embed(input_ids), HIDDEN)
+        stats = []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         sparse = cfg.index_topk < L and dsa_mode != "warmup"
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if sparse else None
@@ -254,22 +267,18 @@ class GLM5(nnx.Module):
         stats = LayerStats(*(_concat([getattr(s, f) for s in stats]) for f in LayerStats._fields))
         h = self.norm(h)
         head = self.head if logits else (lambda normed: normed)
-        depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
         mtp_logits = mtp_stats = None
-        if self.mtp is not None and depths > 0:
-            # Depth k reads token t + k at position t; positions past the end read padding, never scored.
-            padded = jnp.pad(input_ids, ((0, 0), (0, depths)))
-            ids = jnp.stack([padded[:, k:k + L] for k in range(1, depths + 1)])
+        if depths:
             graphdef, mtp_state = nnx.split(self.mtp)
 
-            def depth(h, ids_k):  # one shared parameter set, scanned over depths: compiled once
-                h, normed, layer_stats = nnx.merge(graphdef, mtp_state).step(h, self.embed(ids_k), cos, sin,
-                                                                             segment_ids, dsa_mode)
+            def depth(h, embeds_k):  # one shared parameter set, scanned over depths: compiled once
+                h, normed, layer_stats = nnx.merge(graphdef, mtp_state).step(h, embeds_k, cos, sin, segment_ids,
+                                                                             dsa_mode)
                 return h, (head(normed), layer_stats)
 
             if cfg.remat_policy != "none":  # like the main layers: the backward recomputes a depth's insides
                 depth = jax.checkpoint(depth, policy=REMAT[cfg.remat_policy], prevent_cse=False)
-            _, (mtp_logits, mtp_stats) = jax.lax.scan(depth, h, ids)
+            _, (mtp_logits, mtp_stats) = jax.lax.scan(depth, h, mtp_embeds)
         if logits:
             return ModelOutput(self.head(h), mtp_logits, stats.load, stats, mtp_stats)
         return ModelOutput(None, None, stats.load, stats, mtp_stats, h, mtp_logits)

@@ -63,17 +63,20 @@ def _is_static_zero(x) -> bool:
 
 
 def _head_terms(model, hidden, targets, mask):
-    """(summed cross-entropy, summed logsumexp ** 2, count) over `mask` of the head's logits on `hidden`
-    [B, L, D] against `targets`, one block of `model.cfg.logits_block` positions at a time and each block
-    rematerialised: the backward recomputes a block's logits, so no [L, vocab] array is ever held."""
+    """Per head: (summed cross-entropy, summed logsumexp ** 2, count) over `mask` [B, L, heads] of the logits
+    of `hidden` [B, L, heads, D] (the main head and the MTP depths side by side: the output head is gathered,
+    and its gradient summed, once for all) against `targets` [B, L, heads]. One block of positions at a time,
+    `model.cfg.logits_block` logits rows in all, each block rematerialised: the backward recomputes a block's
+    logits, so no [L, vocab] array is ever held."""
     def block(h, t):
-        logits = model.head(h)  # [B, block, V] float32
+        logits = model.head(h)  # [B, block, heads, V] float32
         logz = jax.nn.logsumexp(logits, axis=-1)
         return logz, jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
 
-    logz, picked = map_blocks(block, model.cfg.logits_block, hidden, targets, remat=True)
-    return (jnp.sum(jnp.where(mask, logz - picked, 0.0)), jnp.sum(jnp.where(mask, logz * logz, 0.0)),
-            jnp.sum(mask))
+    positions = max(1, model.cfg.logits_block // hidden.shape[2])
+    logz, picked = map_blocks(block, positions, hidden, targets, remat=True)
+    total = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=(0, 1))
+    return total(logz - picked), total(logz * logz), jnp.sum(mask, axis=(0, 1))
 
 
 def mtp_targets(targets, segment_ids, depths: int):
@@ -129,16 +132,18 @@ def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=N
     out = model(ids, batch["positions"], segments, mtp_depths=depths, dsa_mode=loss_cfg.dsa, logits=False)
     f32 = lambda x: jnp.asarray(x, jnp.float32)
 
-    ce, zz, count = _head_terms(model, out.hidden, targets, targets >= 0)
-    lm = ce / norms["tokens"]
-    z = zz / norms["tokens"]
+    hidden, all_targets = out.hidden[None], targets[None]  # [heads, B, L, D]: the main head, then MTP's
+    if depths:
+        hidden = jnp.concatenate([hidden, out.mtp_hidden])
+        all_targets = jnp.concatenate([all_targets, mtp_targets(targets, segments, depths)])
+    all_targets = jnp.moveaxis(all_targets, 0, 2)
+    ce, zz, counts = _head_terms(model, jnp.moveaxis(hidden, 0, 2), all_targets, all_targets >= 0)
+    lm, z, count = ce[0] / norms["tokens"], zz[0] / norms["tokens"], counts[0]
     stats = [out.stats] + ([out.mtp_stats] if depths else [])
 
     mtp = jnp.float32(0.0)
     if depths:
-        mtp_t = mtp_targets(targets, segments, depths)
-        per_depth = [_head_terms(model, out.mtp_hidden[k], mtp_t[k], mtp_t[k] >= 0)[0] for k in range(depths)]
-        mtp = sum(c / norms["mtp"][k] for k, c in enumerate(per_depth)) / depths
+        mtp = jnp.sum(ce[1:] / norms["mtp"]) / depths
 
     balances = [s.balance for s in stats if s.balance is not None]
     balance = jnp.float32(0.0)
