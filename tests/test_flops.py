@@ -95,3 +95,6 @@ def test_the_module_is_pure_and_the_trainer_uses_it():
     cfg = config.load("tiny")
     par = Parallelism.create(load_layout("ep4-dp2"), jax.devices()[:8])
     assert model_flops_per_step(cfg, par, 16, 32, 3) == F.model_flops(cfg, F.work_of(cfg, par), 16, 32, 3)
+    # The MFU of a DSA stage counts its own attention (the warm-up attends densely above index_topk).
+    assert model_flops_per_step(cfg, par, 16, 64, 3, "warmup") == F.model_flops(
+        cfg, F.work_of(cfg, par), 16, 64, 3, dsa_mode="warmup") != model_flops_per_step(cfg, par, 16, 64, 3)

@@ -31,11 +31,12 @@ def peak_flops(device_kind: str, platform: str) -> float:
     return CPU_NOMINAL if platform == "cpu" else float("nan")
 
 
-def model_flops_per_step(cfg, par, batch: int, seq: int, mtp_depths: int = 0) -> float:
-    """Analytic model FLOPs of one train step (all devices): the model parts of `flops.analytic_flops`."""
+def model_flops_per_step(cfg, par, batch: int, seq: int, mtp_depths: int = 0, dsa_mode: str = "sparse") -> float:
+    """Analytic model FLOPs of one train step (all devices): the model parts of `flops.analytic_flops`, in the
+    stage's DSA mode (the warm-up attends densely at every length and differentiates the indexer's KL)."""
     from glm5_jax.model.flops import model_flops, work_of
 
-    return model_flops(cfg, work_of(cfg, par), batch, seq, mtp_depths=mtp_depths)
+    return model_flops(cfg, work_of(cfg, par), batch, seq, mtp_depths=mtp_depths, dsa_mode=dsa_mode)
 
 
 def _finite(x):

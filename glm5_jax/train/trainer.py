@@ -197,7 +197,7 @@ class Reporter:
         self.log.advance(step, stage.name, loss)
         if step % recipe.metrics.interval == 0 or step in (self.first_step, stage.data.start_step + 1, self.end):
             flops = model_flops_per_step(stage.step.model_cfg, self.run.par, rows, stage.data.seq_len,
-                                         self.programs.get(stage).depths)
+                                         self.programs.get(stage).depths, stage.step.loss_cfg.dsa)
             self.log.write({"step": step, "stage": stage.name, "loss": loss, "grad_norm": float(m["grad_norm"]),
                             "lr": lr, "tokens": int(m["tokens"]), "rows": rows, "tokens_per_s": tokens / dt,
                             "mfu": flops / dt / (self.peak * self.devices), "step_time": dt,
