@@ -188,10 +188,28 @@ def main():
         print(f"{path}: temporaries grow as L^{exponent([(r[0], r[1]) for r in rows]):.2f}, "
               f"FLOPs as L^{exponent([(r[0], r[2]) for r in rows]):.2f}")
     if "sparse" in results and "dense" in results:
-        timed = {r[0]: r[3] for r in results["dense"] if r[3] is not None}
-        faster = [r[0] for r in results["sparse"] if r[3] is not None and r[0] in timed and r[3] < timed[r[0]]]
-        print("sparse is faster than dense from L = " + (f"{min(faster)}" if faster else
-                                                          "(not within the timed lengths)"))
+        sparse = [(r[0], r[3]) for r in results["sparse"] if r[3] is not None]
+        dense = [(r[0], r[3]) for r in results["dense"] if r[3] is not None]
+        print(crossover(sparse, dense))
+
+
+def crossover(sparse, dense) -> str:
+    """Where sparse gets faster than dense, from (length, wall seconds) points: the shortest timed length, or
+    else extrapolated from fits to the timed points (sparse linear in L, dense a power of L)."""
+    timed = dict(dense)
+    faster = [n for n, t in sparse if n in timed and t < timed[n]]
+    if faster:
+        return f"sparse is faster than dense from L = {min(faster)} (timed)"
+    if len(sparse) < 2 or len(dense) < 2:
+        return "sparse is faster than dense: not within the timed lengths (time two or more lengths to extrapolate)"
+    b, a = np.polyfit([n for n, _ in sparse], [t for _, t in sparse], 1)
+    p = exponent(dense)
+    n0, t0 = dense[-1]
+    for n in range(max(n for n, _ in sparse), 1 << 22, 256):
+        if a + b * n < t0 * (n / n0) ** p:
+            return (f"sparse is faster than dense from about L = {n} (extrapolated: dense wall time grows as "
+                    f"L^{p:.2f}, sparse as {b * 1024:.2f} s per 1K tokens; timed up to {max(timed)})")
+    return "sparse is faster than dense: no crossover below 4M tokens in the extrapolation"
 
 
 if __name__ == "__main__":

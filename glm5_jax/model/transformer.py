@@ -240,17 +240,12 @@ class GLM5(nnx.Module):
         cos, sin = self.rope(positions)
         depths = cfg.mtp_depths if mtp_depths is None else mtp_depths
         depths = depths if self.mtp is not None else 0
-        if depths:
-            # One lookup for the main model and every MTP depth (the table is gathered, and its gradient
-            # summed, once): depth k reads token t + k at position t; past the end it reads padding (id 0),
-            # never scored.
-            padded = jnp.pad(input_ids, ((0, 0), (0, depths)))
-            ids = jnp.stack([padded[:, k:k + L] for k in range(depths + 1)])
-            embeds = constrain(self.embed(ids), (None,) + HIDDEN)
-            h, mtp_embeds = embeds[0], embeds[1:]
-        else:
-            h = constrain(self.embed(input_ids), HIDDEN)
-        stats = []
+        # One lookup for the main model and every MTP depth (the table is gathered, and its gradient summed,
+        # once): depth k reads token t + k at position t; past the end it reads padding (id 0), never scored.
+        padded = jnp.pad(input_ids, ((0, 0), (0, depths)))
+        ids = jnp.stack([padded[:, k:k + L] for k in range(depths + 1)])
+        embeds = constrain(self.embed(ids), (None,) + HIDDEN)
+        h, mtp_embeds, stats = embeds[0], embeds[1:], []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         sparse = cfg.index_topk < L and dsa_mode != "warmup"
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if sparse else None
