@@ -9,8 +9,9 @@ The layer has the released model's dimensions (64 heads of 192 + 64 / 256, kv_lo
 
 For each length it prints XLA's compiled temporaries (the activation memory of the step), the analytic
 FLOPs (XLA's cost analysis counts a loop body once), and, up to `--run-up-to`, the measured wall time of a
-forward + backward. Then the fitted growth exponent of temporaries and FLOPs in L per path, and the
-shortest measured length from which sparse is faster than dense.
+forward + backward. Then the fitted growth exponent of temporaries and FLOPs in L per path, and the length
+from which sparse is faster than dense: the shortest timed one, or else extrapolated from fits to the timed
+points (sparse linear in L, dense a power of L).
 
     .venv/bin/python benchmarks/long_context.py [--lengths 4096,8192,16384,32768,65536]
         [--compile-only 131072,202752] [--run-up-to 4096] [--dtype float32|bfloat16] [--paths sparse,dense,warmup]
