@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from glm5_jax.model.moe import grouped_experts
 from glm5_jax.sharding.context import Parallelism, current
 
 
@@ -76,11 +75,12 @@ def received_rows(mode: str, copies: int, n_shards: int, factor: float | None) -
 ragged_exchange = jax.lax.ragged_all_to_all
 
 
-def expert_parallel_ffn(x, idx, weights, gate, up, down, *, tile: int):
+def expert_parallel_ffn(x, idx, weights, gate, up, down, *, experts):
     """Routed expert output [T, D] and tokens processed per expert [E] with experts sharded over devices.
 
     x [T, D] (T = batch * length, token-major), idx / weights [T, k] from the router, gate / up [E, D, F],
-    down [E, F, D].
+    down [E, F, D]. experts(rows, idx, weights, gate, up, down, n_experts) -> (output, load): the grouped
+    matmul of one device's local experts (the model's `grouped_experts`).
     """
     par = current()
     axes = _axes(par, gate.shape)
@@ -97,7 +97,7 @@ def expert_parallel_ffn(x, idx, weights, gate, up, down, *, tile: int):
             gate, up = (jax.lax.all_gather(w, axes.embed, axis=1, tiled=True) for w in (gate, up))
             down = jax.lax.all_gather(down, axes.embed, axis=2, tiled=True)
         y, load = local(x, idx, weights, gate, up, down, axes=axes, n_shards=n_shards, n_experts=n_experts,
-                        factor=factor, tile=tile)
+                        factor=factor, experts=experts)
         if axes.mlp:  # each shard computed a slice of the hidden units: sum the partial outputs
             y = jax.lax.psum(y, axes.mlp)
         return y, jax.lax.psum(load, axes.tokens) if axes.tokens else load
@@ -107,15 +107,15 @@ def expert_parallel_ffn(x, idx, weights, gate, up, down, *, tile: int):
     return fn(x, idx, weights, gate, up, down)
 
 
-def _local_experts(rows, expert_ids, gate, up, down, tile):
+def _local_experts(rows, expert_ids, gate, up, down, experts):
     """Run rows [N, D] through local expert `expert_ids` [N]; id == number of local experts marks an empty
-    slot, which `grouped_experts` counts in no group (its output is 0)."""
+    slot, which `experts` counts in no group (its output is 0)."""
     valid = (expert_ids < gate.shape[0]).astype(rows.dtype)
-    y, _ = grouped_experts(rows, expert_ids[:, None], valid[:, None], gate, up, down, gate.shape[0], tile)
+    y, _ = experts(rows, expert_ids[:, None], valid[:, None], gate, up, down, gate.shape[0])
     return y
 
 
-def _capacity_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts, factor, tile):
+def _capacity_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts, factor, experts):
     t, k = idx.shape
     n_local = n_experts // n_shards
     copies = t * k
@@ -134,7 +134,7 @@ def _capacity_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_expert
     send_ids = jnp.full((n_shards, capacity), n_local, jnp.int32).at[dest, slot].set(flat % n_local, mode="drop")
     recv = jax.lax.all_to_all(send, axes.experts, 0, 0)
     recv_ids = jax.lax.all_to_all(send_ids, axes.experts, 0, 0)
-    y = _local_experts(recv.reshape(-1, x.shape[1]), recv_ids.reshape(-1), gate, up, down, tile)
+    y = _local_experts(recv.reshape(-1, x.shape[1]), recv_ids.reshape(-1), gate, up, down, experts)
     back = jax.lax.all_to_all(y.reshape(n_shards, capacity, -1), axes.experts, 0, 0)
     out = back.at[dest, slot].get(mode="fill", fill_value=0)  # [copies, D]; dropped copies read 0
     out = (out * weights.reshape(-1, 1).astype(out.dtype)).reshape(t, k, -1).sum(1)
@@ -142,7 +142,7 @@ def _capacity_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_expert
     return out, load.astype(jnp.int32)
 
 
-def _ragged_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts, factor, tile):
+def _ragged_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts, factor, experts):
     exchange = ragged_exchange
     t, k = idx.shape
     n_local = n_experts // n_shards
@@ -167,7 +167,7 @@ def _ragged_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts,
     local_ids = (flat[order] % n_local).astype(jnp.int32)
     recv_ids = exchange(local_ids, jnp.full((buffer,), n_local, jnp.int32), in_offsets, sent[me], out_offsets,
                         recv_sizes, axis_name=axes.experts)
-    y = _local_experts(recv, recv_ids, gate, up, down, tile)
+    y = _local_experts(recv, recv_ids, gate, up, down, experts)
     # Return trip: each destination sends the rows it got from a source back to where they came from.
     back_offsets = (jnp.cumsum(matrix, axis=1) - matrix)[:, me].astype(jnp.int32)  # source's in_offsets for me
     back = exchange(y, jnp.zeros((copies, y.shape[1]), y.dtype), recv_offsets, recv_sizes, back_offsets,

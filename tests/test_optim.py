@@ -23,12 +23,12 @@ from glm5_jax.optim import (
     make_optimizer,
     param_routes,
     route,
-    routing_table,
     scale_by_muon_split,
     state_shardings,
     summary,
 )
 from glm5_jax.optim.optimizer import lookup, path_name
+from glm5_jax.train.setup import routing_table
 from tests.conftest import run_cli
 
 # 5 quintic Newton-Schulz steps map a matrix's singular values (after Frobenius normalisation, for

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -181,7 +183,8 @@ class MoE(nnx.Module):
             from glm5_jax.sharding.expert import expert_parallel_ffn
 
             routed, load = expert_parallel_ffn(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
-                                               w(self.experts_down), tile=tile)
+                                               w(self.experts_down),
+                                               experts=functools.partial(grouped_experts, tile=tile))
         else:
             routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
                                            w(self.experts_down), cfg.n_routed_experts, tile)

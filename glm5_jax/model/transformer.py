@@ -54,6 +54,15 @@ def layer_groups(cfg) -> list[LayerGroup]:
     return groups
 
 
+def layer_range_name(name: str, cfg) -> str:
+    """`layers.1.mlp.gate` -> `layers[3-77].mlp.gate`: a stack's index replaced by the layers it holds."""
+    parts = name.split(".")
+    if parts[0] == "layers":
+        g = layer_groups(cfg)[int(parts[1])]
+        parts[:2] = [f"layers[{g.start}]" if g.count == 1 else f"layers[{g.start}-{g.start + g.count - 1}]"]
+    return ".".join(parts)
+
+
 class LayerStats(NamedTuple):
     """Per-layer training statistics, stacked over layers by the layer scan; None where a layer has none.
 

@@ -8,11 +8,11 @@ from glm5_jax.optim.muon import (
     scale_by_muon_split,
 )
 from glm5_jax.optim.optimizer import make_optimizer, param_routes, state_shardings
-from glm5_jax.optim.routing import Route, print_table, route, routing_table, summary
+from glm5_jax.optim.routing import Route, print_table, route, route_variables, summary
 from glm5_jax.optim.schedules import learning_rate_schedule
 
 __all__ = [
     "MatrixSpec", "MuonSplitState", "OptimizerConfig", "Route", "from_dict", "learning_rate_schedule",
-    "make_optimizer", "orthogonalize", "param_routes", "print_table", "route", "routing_table",
+    "make_optimizer", "orthogonalize", "param_routes", "print_table", "route", "route_variables",
     "scale_by_muon_split", "state_shardings", "summary",
 ]

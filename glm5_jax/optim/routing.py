@@ -100,17 +100,6 @@ def route_variables(variables: dict, cfg, opt: OptimizerConfig) -> dict[str, Rou
     return {name: route(name, v.shape, v.get_metadata()["logical_axes"], cfg, opt) for name, v in variables.items()}
 
 
-def routing_table(cfg, opt: OptimizerConfig | None = None) -> list[Route]:
-    """Every model variable's route, from abstract shapes (nothing is allocated, so the 744B model is fine)."""
-    from flax import nnx
-
-    from glm5_jax.checkpoint.store import named_variables
-    from glm5_jax.model import GLM5
-
-    model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
-    return list(route_variables(named_variables(model), cfg, opt or OptimizerConfig()).values())
-
-
 def summary(routes: list[Route]) -> dict[str, dict[str, int]]:
     """Per optimizer: `arrays` (stored tensors, a layer stack counts once), `matrices` (Newton-Schulz
     matrices per step), `params` (numbers)."""
@@ -123,17 +112,6 @@ def summary(routes: list[Route]) -> dict[str, dict[str, int]]:
     return {k: out[k] for k in (MUON, ADAMW, FROZEN) if k in out}
 
 
-def _display_name(name: str, cfg) -> str:
-    """`layers.1.mlp.gate` -> `layers[3-77].mlp.gate`: a stack's index replaced by the layers it holds."""
-    from glm5_jax.model import layer_groups
-
-    parts = name.split(".")
-    if parts[0] == "layers":
-        g = layer_groups(cfg)[int(parts[1])]
-        parts[:2] = [f"layers[{g.start}]" if g.count == 1 else f"layers[{g.start}-{g.start + g.count - 1}]"]
-    return ".".join(parts)
-
-
 def _ns_text(r: Route) -> tuple[str, str]:
     if not r.spec:
         return "", ""
@@ -142,8 +120,9 @@ def _ns_text(r: Route) -> tuple[str, str]:
     return shapes, " + ".join(str(c) for c, _, _ in kinds)
 
 
-def print_table(routes: list[Route], cfg, console=None):
-    """Print the per-parameter routing and the per-optimizer summary with rich."""
+def print_table(routes: list[Route], name_of=lambda name: name, console=None):
+    """Print the per-parameter routing and the per-optimizer summary with rich; `name_of(dotted name)` is
+    the name shown (e.g. a layer stack's index as the layers it holds)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -154,7 +133,7 @@ def print_table(routes: list[Route], cfg, console=None):
         table.add_column(col, justify=justify, no_wrap=True)
     for r in routes:
         shapes, counts = _ns_text(r)
-        table.add_row(_display_name(r.name, cfg), "x".join(map(str, r.shape)), r.optimizer, shapes, counts,
+        table.add_row(name_of(r.name), "x".join(map(str, r.shape)), r.optimizer, shapes, counts,
                       f"{r.size:,}")
     console.print(table)
     totals = summary(routes)

@@ -196,3 +196,15 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         settings.append(StageSettings(i, st.name, pars[i], ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
                                       float(loss_cfg.bias_update_rate)))
     return Run(recipe, model_cfg, dcfg, pars[0], opt_base, settings)
+
+
+def routing_table(cfg, opt: optim.OptimizerConfig | None = None) -> list[optim.Route]:
+    """Every model variable's optimizer route, from abstract shapes (nothing is allocated, so the 744B model
+    is fine): what `glm5 optimizer` prints."""
+    from flax import nnx
+
+    from glm5_jax.checkpoint.store import named_variables
+    from glm5_jax.model import GLM5
+
+    model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
+    return list(optim.route_variables(named_variables(model), cfg, opt or optim.OptimizerConfig()).values())
