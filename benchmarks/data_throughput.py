@@ -21,7 +21,7 @@ import jax
 
 from glm5_jax.data import config as data_config
 from glm5_jax.data.corpus import stdlib_files
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
 from glm5_jax.data.tokenizer import train_bpe
 
 ROWS = {4096: 8, 131072: 1}  # rows per batch: 32K and 128K tokens per batch

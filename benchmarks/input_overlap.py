@@ -20,7 +20,7 @@ import numpy as np
 
 from glm5_jax import optim
 from glm5_jax.checkpoint.naming import flatten
-from glm5_jax.data.pipeline import DataPipeline, global_batch
+from glm5_jax.data.loader import DataPipeline, global_batch
 from glm5_jax.train import recipe as recipe_lib
 from glm5_jax.train import step as S
 from glm5_jax.train.setup import resolve
@@ -46,18 +46,18 @@ def main():
     program.compile()
     print(f"compiled {stage.step.batch_shape} step of stage {stage.name} in {time.perf_counter() - t:.1f} s")
     state = S.init_sharded(run.model_cfg, run.par)
-    params, rest = flatten(state.params), flatten(state.rest)
+    params, buffers = flatten(state.params), flatten(state.buffers)
     opt = program.init_optimizer(params)
     pipe = DataPipeline(run.data_cfg, accumulate={s.name: s.data.accumulate for s in run.stages})
     it = pipe.iterator(0)
     count = stage.data.accumulate
 
     def loop(fetch):
-        nonlocal params, rest, opt
+        nonlocal params, buffers, opt
         times, batch, pending = [], fetch(), None
         last = time.perf_counter()
         for _ in range(args.steps):
-            params, rest, opt, m = program(params, rest, opt, batch, count, 1e-4, 0.0)
+            params, buffers, opt, m = program(params, buffers, opt, batch, count, 1e-4, 0.0)
             batch = fetch()
             if pending is not None:
                 jax.device_get(pending)

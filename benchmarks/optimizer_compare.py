@@ -44,12 +44,12 @@ def sample(probs, batch: int, length: int, rng):
 
 
 def train(name, opt: OptimizerConfig, cfg, batches, eval_ids, eval_every):
-    graphdef, params, rest = nnx.split(GLM5(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(GLM5(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)
     tx = make_optimizer(opt, cfg, params)
     state = tx.init(params)
 
     def loss_fn(params, ids):
-        logits = nnx.merge(graphdef, params, rest)(ids[:, :-1], mtp_depths=0).logits
+        logits = nnx.merge(graphdef, params, buffers)(ids[:, :-1], mtp_depths=0).logits
         return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
 
     @jax.jit

@@ -1,15 +1,16 @@
 """Typed data configuration (tokenizer, named sources, context-extension stages) loaded from YAML.
 
-Every problem is one :class:`~glm5_jax.config.ConfigError` line naming the key (``stages[1].seq_len``) and
+Every problem is one :class:`~glm5_jax.errors.ConfigError` line naming the key (``stages.1.seq_len``) and
 what is allowed, raised before any file is read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
-from glm5_jax.config import ROPE_TYPES, ConfigError, apply_overrides, read_yaml_mapping
+from glm5_jax.config import ROPE_TYPES
+from glm5_jax.errors import ConfigError
+from glm5_jax.values import apply_overrides, build, check_keys, choice, fail, read_yaml_mapping
 
 from .errors import ON_ERROR
 
@@ -76,44 +77,21 @@ class DataConfig:
         raise ConfigError(f"stage: no stage named {name!r}; stages: {', '.join(s.name for s in self.stages)}")
 
 
-def _fail(key: str, message: str):
-    raise ConfigError(f"{key}: {message}")
-
-
-def _keys(key: str, values, cls, skip=()):
-    """Reject unknown keys of a mapping with a did-you-mean hint."""
-    if not isinstance(values, dict):
-        _fail(key, f"must be a mapping; got {values!r}")
-    known = [f.name for f in dataclasses.fields(cls) if f.name not in skip]
-    for k in values:
-        if k not in known:
-            close = difflib.get_close_matches(str(k), known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            _fail(f"{key}.{k}" if key else str(k), f"unknown data config key{hint}; allowed: {', '.join(known)}")
-
-
 def _int(key: str, value, minimum: int = 1) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)  # YAML reads 1.8e13 as a float
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(key, f"must be an integer >= {minimum}; got {value!r}")
-    return value
-
-
-def _choice(key: str, value, allowed):
-    if value not in allowed:
-        _fail(key, f"must be one of {', '.join(allowed)}; got {value!r}")
+        fail(key, f"must be an integer >= {minimum}; got {value!r}")
     return value
 
 
 def _tokenizer(values) -> TokenizerConfig:
-    _keys("tokenizer", values, TokenizerConfig)
-    cfg = TokenizerConfig(**values)
-    _choice("tokenizer.kind", cfg.kind, TOKENIZER_KINDS)
+    cfg = build(TokenizerConfig, values, "tokenizer.", "data config")
+    choice("tokenizer.kind", cfg.kind, TOKENIZER_KINDS)
     if cfg.kind == "hf" and not cfg.path:
-        _fail("tokenizer.path", "kind hf needs the path of a tokenizer.json")
+        fail("tokenizer.path", "kind hf needs the path of a tokenizer.json")
     if cfg.kind == "bytes" and (cfg.path or cfg.eos_id is not None or cfg.eos_token or cfg.pad_id is not None):
-        _fail("tokenizer", "kind bytes takes no path / eos_id / eos_token / pad_id (its ids are fixed)")
+        fail("tokenizer", "kind bytes takes no path / eos_id / eos_token / pad_id (its ids are fixed)")
     for k in ("eos_id", "pad_id"):
         if getattr(cfg, k) is not None:
             _int(f"tokenizer.{k}", getattr(cfg, k), 0)
@@ -122,21 +100,21 @@ def _tokenizer(values) -> TokenizerConfig:
 
 def _source(name, values) -> SourceConfig:
     key = f"sources.{name}"
-    _keys(key, values, SourceConfig, skip=("name",))
-    cfg = SourceConfig(name=str(name), **values)
-    _choice(f"{key}.kind", cfg.kind, SOURCE_KINDS)
+    cfg = build(SourceConfig, values, f"{key}.", "data config", skip=("name",))
+    cfg.name = str(name)
+    choice(f"{key}.kind", cfg.kind, SOURCE_KINDS)
     if isinstance(cfg.paths, str):
         cfg.paths = [cfg.paths]
     if not isinstance(cfg.paths, list) or not all(isinstance(p, str) for p in cfg.paths):
-        _fail(f"{key}.paths", f"must be a list of file paths or globs; got {cfg.paths!r}")
+        fail(f"{key}.paths", f"must be a list of file paths or globs; got {cfg.paths!r}")
     if cfg.kind == "stdlib" and cfg.paths:
-        _fail(f"{key}.paths", "kind stdlib reads the running Python's standard library; it takes no paths")
+        fail(f"{key}.paths", "kind stdlib reads the running Python's standard library; it takes no paths")
     if cfg.kind != "stdlib" and not cfg.paths:
-        _fail(f"{key}.paths", f"kind {cfg.kind} needs at least one file or glob")
+        fail(f"{key}.paths", f"kind {cfg.kind} needs at least one file or glob")
     if not isinstance(cfg.text_field, str) or not cfg.text_field:
-        _fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
+        fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
     if not isinstance(cfg.append_eos, bool):
-        _fail(f"{key}.append_eos", f"must be true or false; got {cfg.append_eos!r}")
+        fail(f"{key}.append_eos", f"must be true or false; got {cfg.append_eos!r}")
     return cfg
 
 
@@ -144,44 +122,43 @@ def _rope(key: str, rope):
     if rope is None:
         return None
     if not isinstance(rope, dict):
-        _fail(key, f"must be a mapping like {{rope_theta: 1000000.0}}; got {rope!r}")
+        fail(key, f"must be a mapping like {{rope_theta: 1000000.0}}; got {rope!r}")
     rope = dict(rope)
     for k in rope:
         if k not in ("rope_type", "rope_theta", "factor"):
-            _fail(f"{key}.{k}", "unknown key; allowed: rope_type, rope_theta, factor")
-    _choice(f"{key}.rope_type", rope.setdefault("rope_type", "default"), ROPE_TYPES)
+            fail(f"{key}.{k}", "unknown key; allowed: rope_type, rope_theta, factor")
+    choice(f"{key}.rope_type", rope.setdefault("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")
     if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0):
-        _fail(f"{key}.rope_theta", f"must be a positive number; got {theta!r}")
+        fail(f"{key}.rope_theta", f"must be a positive number; got {theta!r}")
     if rope["rope_type"] == "linear":
         factor = rope.get("factor")
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
-            _fail(f"{key}.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
+            fail(f"{key}.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
     return rope
 
 
 def _stage(i, values, sources) -> StageConfig:
-    key = f"stages[{i}]"
-    _keys(key, values, StageConfig)
-    cfg = StageConfig(**values)
+    key = f"stages.{i}"
+    cfg = build(StageConfig, values, f"{key}.", "data config")
     if not isinstance(cfg.name, str) or not cfg.name:
-        _fail(f"{key}.name", f"must be a non-empty string; got {cfg.name!r}")
+        fail(f"{key}.name", f"must be a non-empty string; got {cfg.name!r}")
     cfg.seq_len = _int(f"{key}.seq_len", cfg.seq_len)
     cfg.tokens_per_step = _int(f"{key}.tokens_per_step", cfg.tokens_per_step)
     cfg.tokens = _int(f"{key}.tokens", cfg.tokens)
     if cfg.tokens_per_step % cfg.seq_len:
-        _fail(f"{key}.tokens_per_step", f"must be a multiple of seq_len ({cfg.seq_len}) so the global batch "
+        fail(f"{key}.tokens_per_step", f"must be a multiple of seq_len ({cfg.seq_len}) so the global batch "
               f"(tokens_per_step / seq_len rows) is whole; got {cfg.tokens_per_step}")
     if cfg.tokens < cfg.tokens_per_step:
-        _fail(f"{key}.tokens", f"the budget must cover at least one step ({cfg.tokens_per_step} tokens); "
+        fail(f"{key}.tokens", f"the budget must cover at least one step ({cfg.tokens_per_step} tokens); "
               f"got {cfg.tokens}")
     if not isinstance(cfg.mixture, dict) or not cfg.mixture:
-        _fail(f"{key}.mixture", f"must map source names to weights; sources: {', '.join(sources)}")
+        fail(f"{key}.mixture", f"must map source names to weights; sources: {', '.join(sources)}")
     for name, weight in cfg.mixture.items():
         if name not in sources:
-            _fail(f"{key}.mixture.{name}", f"no such source; sources: {', '.join(sources)}")
+            fail(f"{key}.mixture.{name}", f"no such source; sources: {', '.join(sources)}")
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            _fail(f"{key}.mixture.{name}", f"weight must be a positive number; got {weight!r}")
+            fail(f"{key}.mixture.{name}", f"weight must be a positive number; got {weight!r}")
     cfg.rope = _rope(f"{key}.rope", cfg.rope)
     cfg.batch_ramp = _ramp(f"{key}.batch_ramp", cfg.batch_ramp, cfg)
     return cfg
@@ -194,38 +171,38 @@ def _ramp(key: str, ramp, stage: StageConfig):
     if ramp is None:
         return None
     if not isinstance(ramp, dict) or set(ramp) != set(RAMP_KEYS):
-        _fail(key, f"must be null or a mapping with exactly {', '.join(RAMP_KEYS)}; got {ramp!r}")
+        fail(key, f"must be null or a mapping with exactly {', '.join(RAMP_KEYS)}; got {ramp!r}")
     start = _int(f"{key}.start_tokens_per_step", ramp["start_tokens_per_step"])
     if start % stage.seq_len or start > stage.tokens_per_step:
-        _fail(f"{key}.start_tokens_per_step", f"must be a multiple of seq_len ({stage.seq_len}) and at most "
+        fail(f"{key}.start_tokens_per_step", f"must be a multiple of seq_len ({stage.seq_len}) and at most "
               f"tokens_per_step ({stage.tokens_per_step}); got {start}")
     return {"start_tokens_per_step": start, "tokens": _int(f"{key}.tokens", ramp["tokens"])}
 
 
 def from_dict(values: dict) -> DataConfig:
     """Build and validate a :class:`DataConfig` from plain data (e.g. parsed YAML)."""
-    _keys("", values, DataConfig)
+    check_keys(DataConfig, values, "", "data config")
     values = dict(values)
     tokenizer = _tokenizer(values.pop("tokenizer", None) or {})
     raw_sources = values.pop("sources", None)
     if not isinstance(raw_sources, dict) or not raw_sources:
-        _fail("sources", "must map at least one source name to its settings")
+        fail("sources", "must map at least one source name to its settings")
     sources = {str(name): _source(name, s or {}) for name, s in raw_sources.items()}
     raw_stages = values.pop("stages", None)
     if not isinstance(raw_stages, list) or not raw_stages:
-        _fail("stages", "must be a list of at least one stage")
+        fail("stages", "must be a list of at least one stage")
     stages = [_stage(i, s or {}, sources) for i, s in enumerate(raw_stages)]
     names = [s.name for s in stages]
     for i, name in enumerate(names):
         if name in names[:i]:
-            _fail(f"stages[{i}].name", f"stage names must be unique; {name!r} repeats")
+            fail(f"stages.{i}.name", f"stage names must be unique; {name!r} repeats")
     cfg = DataConfig(tokenizer=tokenizer, sources=sources, stages=stages, **values)
     cfg.seed = _int("seed", cfg.seed, 0)
     if cfg.seed >= 2**31:
-        _fail("seed", f"must be < 2**31; got {cfg.seed}")
+        fail("seed", f"must be < 2**31; got {cfg.seed}")
     if not isinstance(cfg.shuffle, bool):
-        _fail("shuffle", f"must be true or false; got {cfg.shuffle!r}")
-    _choice("on_error", cfg.on_error, ON_ERROR)
+        fail("shuffle", f"must be true or false; got {cfg.shuffle!r}")
+    choice("on_error", cfg.on_error, ON_ERROR)
     cfg.num_workers = _int("num_workers", cfg.num_workers, 0)
     cfg.worker_buffer_size = _int("worker_buffer_size", cfg.worker_buffer_size)
     cfg.read_threads = _int("read_threads", cfg.read_threads, 0)

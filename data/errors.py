@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+from glm5_jax.errors import DataError
+
 log = logging.getLogger(__name__)
 
 ON_ERROR = ("skip", "raise")
@@ -16,9 +18,6 @@ MAX_CONSECUTIVE_SKIPS = 10_000
 _LOG_FIRST = 5  # skip warnings logged one by one per source; after that at most one per _LOG_EVERY_S seconds
 _LOG_EVERY_S = 10.0
 
-
-class DataError(ValueError):
-    """Unusable input data: the message is one line naming the file and the record or line."""
 
 
 class Bad:

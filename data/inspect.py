@@ -12,8 +12,8 @@ from rich.text import Text
 
 from . import config as data_config
 from .errors import skipped_counts
+from .loader import DataPipeline
 from .packing import packing_stats
-from .pipeline import DataPipeline
 
 _COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
 

@@ -22,7 +22,9 @@ import threading
 
 import numpy as np
 
-from .errors import MAX_CONSECUTIVE_SKIPS, Bad, DataError, ErrorPolicy
+from glm5_jax.errors import DataError
+
+from .errors import MAX_CONSECUTIVE_SKIPS, Bad, ErrorPolicy
 
 IGNORE = -1  # target of tokens that predict nothing (end of a piece, padding)
 KEYS = ("input_ids", "targets", "segment_ids", "positions")

@@ -21,8 +21,9 @@ import os
 import jax
 import numpy as np
 
-from .errors import DataError
-from .pipeline import DataPipeline, PipelineIterator
+from glm5_jax.errors import DataError
+
+from .loader import DataPipeline, PipelineIterator
 
 STATE_FILE = "metadata"  # the JSON file Orbax's JsonSave writes in the checkpoint's `data` item
 

@@ -19,8 +19,10 @@ import threading
 
 import numpy as np
 
+from glm5_jax.errors import DataError
+
 from .corpus import stdlib_files
-from .errors import Bad, DataError, ErrorPolicy
+from .errors import Bad, ErrorPolicy
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import bisect
 import dataclasses
 import math
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,12 @@ class Stage:
 
     def model_overrides(self) -> dict:
         """Model config fields this stage changes (``dataclasses.replace(model_cfg, **overrides)``)."""
-        return {} if self.rope is None else {"rope_parameters": dict(self.rope)}
+        return model_overrides(self.rope)
+
+
+def model_overrides(rope: dict | None) -> dict:
+    """Model config fields a data stage with RoPE settings `rope` (or None) changes."""
+    return {} if rope is None else {"rope_parameters": dict(rope)}
 
 
 class Schedule:

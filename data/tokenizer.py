@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
 
 class ByteTokenizer:

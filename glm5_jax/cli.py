@@ -12,7 +12,8 @@ import signal
 import sys
 import threading
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError, Glm5Error, InputError
+from glm5_jax.values import apply_overrides
 
 
 def _convert_hf_to_orbax(args):
@@ -114,45 +115,34 @@ def _optimizer(args):
     from glm5_jax.train.setup import routing_table
 
     cfg = config.load(args.config, args.override)
-    opt = from_dict(config.apply_overrides({}, args.opt))
+    opt = from_dict(apply_overrides({}, args.opt))
     print_table(routing_table(cfg, opt), lambda name: layer_range_name(name, cfg))
 
 
 def _data_inspect(args):
-    from glm5_jax.data.errors import DataError
     from glm5_jax.data.inspect import inspect
 
     for flag, value, minimum in (("--rows", args.rows, 0), ("--batches", args.batches, 1),
                                  ("--chars", args.chars, 1)):
         if value < minimum:
             raise InputError(f"{flag}: must be an integer >= {minimum}; got {value}")
-    try:
-        inspect(args.config, rows=args.rows, stage=args.stage, batches=args.batches, chars=args.chars,
-                overrides=args.override)
-    except DataError as e:  # unusable data files: one line, like other bad input
-        raise InputError(str(e)) from None
+    inspect(args.config, rows=args.rows, stage=args.stage, batches=args.batches, chars=args.chars,
+            overrides=args.override)
 
 
 # ----- glm5 train / glm5 plot -----
 
 
 def _train(args):
-    from glm5_jax.data.errors import DataError
     from glm5_jax.train import recipe as recipe_lib
 
     overrides = list(args.overrides)
     if args.stage:
         overrides.append(f"start_stage={args.stage}")
     recipe = recipe_lib.load(args.config, overrides)  # every config error surfaces here, before JAX starts
-    from glm5_jax.train.trainer import TrainingStopped, train
+    from glm5_jax.train.trainer import train
 
-    try:
-        summary = train(recipe)
-    except DataError as e:
-        raise InputError(str(e)) from None
-    except TrainingStopped as e:
-        print(f"glm5: stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+    summary = train(recipe)  # TrainingStopped (exit 3) reaches _run like every Glm5Error
     if summary["stopped"] == "sigterm-compiling":  # everything is saved and closed; the abandoned compile thread
         sys.stdout.flush()                          # would abort the interpreter's teardown: leave without one
         sys.stderr.flush()
@@ -160,16 +150,12 @@ def _train(args):
 
 
 def _eval(args):
-    from glm5_jax.data.errors import DataError
     from glm5_jax.train.evaluate import evaluate_checkpoint
 
     if args.batches < 1:
         raise ConfigError(f"--batches: must be a positive integer; got {args.batches}")
-    try:
-        r = evaluate_checkpoint(args.checkpoint, args.data, args.stage, args.batches, args.step, args.layout,
-                                args.data_override, args.holdout)
-    except DataError as e:
-        raise InputError(str(e)) from None
+    r = evaluate_checkpoint(args.checkpoint, args.data, args.stage, args.batches, args.step, args.layout,
+                            args.data_override, args.holdout)
     print(f"{r['checkpoint']} step {r['step']} on {args.data} stage {r['stage']} ({r['batches']} x {r['rows']} rows "
           f"x {r['seq_len']} tokens, {r['tokens']:,} scored): loss {r['loss']:.4f}, LM loss {r['lm']:.4f}, "
           f"perplexity {r['ppl']:.2f}")
@@ -208,12 +194,9 @@ def _add_train_parsers(sub):
 
 
 def _generate(args):
-    from glm5_jax.generate.command import PromptError, run
+    from glm5_jax.generate.command import run
 
-    try:
-        run(args)
-    except PromptError as e:
-        raise InputError(str(e)) from None
+    run(args)
 
 
 def _add_generate_parser(sub):
@@ -239,9 +222,6 @@ def _add_generate_parser(sub):
     g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     g.set_defaults(run=_generate)
 
-
-class InputError(ValueError):
-    """A user input file that cannot be used."""
 
 
 def _key_values(parser, flag: str, help: str):
@@ -358,15 +338,11 @@ def _stop(signum, frame):
 
 
 def _run(args) -> int:
-    from glm5_jax.checkpoint import CheckpointError
-    from glm5_jax.convert.hf import ConversionError
-    from glm5_jax.data.errors import DataError
-
     try:
         args.run(args)
-    except (ConfigError, ConversionError, CheckpointError, InputError, DataError) as e:
-        print(f"glm5: error: {e}", file=sys.stderr)
-        return 2
+    except Glm5Error as e:  # the one family of errors a user can fix (glm5_jax/errors.py)
+        print(f"glm5: {e.kind}: {e}", file=sys.stderr)
+        return e.exit_status
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Typed model configuration: YAML presets, HF ``config.json`` in and out, ``key=value`` overrides.
+"""Typed model configuration: YAML presets, HF ``config.json`` in and out, ``key=value`` overrides
+(`glm5_jax.values`, the mechanism every config shares).
 
 Field names mirror transformers' ``GlmMoeDsaConfig`` so a config moves between the two ecosystems
 unchanged; the fields after ``num_nextn_predict_layers`` are this stack's own (compute settings).
@@ -8,15 +9,13 @@ Every problem is reported as one :class:`ConfigError` line naming the key, befor
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import importlib.resources
 import json
 import logging
 import os
-import re
 from typing import Any
 
-import yaml
+from glm5_jax.errors import ConfigError
+from glm5_jax.values import apply_overrides, build, choice, fail, read_json, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +24,6 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 EXPERT_MATMULS = ("auto", "ragged_dot", "tiled")
 ROPE_TYPES = ("default", "linear")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration: the message is one line naming the key and what is allowed."""
 
 
 @dataclasses.dataclass
@@ -132,20 +127,11 @@ _HF_IGNORED = {
 }
 
 
-def _fail(key: str, message: str):
-    raise ConfigError(f"{key}: {message}")
-
-
 def _check_positive(cfg: ModelConfig, *keys: str):
     for key in keys:
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            _fail(key, f"must be a positive integer, got {value!r}")
-
-
-def _check_choice(key: str, value, allowed):
-    if value not in allowed:
-        _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+            fail(key, f"must be a positive integer, got {value!r}")
 
 
 def _validate(cfg: ModelConfig):
@@ -157,141 +143,65 @@ def _validate(cfg: ModelConfig):
         "mtp_depths", "attention_query_block", "logits_block", "expert_tile",
     )
     if cfg.num_key_value_heads != cfg.num_attention_heads:
-        _fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
+        fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
               f"got {cfg.num_key_value_heads}")
     if cfg.qk_rope_head_dim % 2:
-        _fail("qk_rope_head_dim", f"RoPE rotates pairs, so it must be even; got {cfg.qk_rope_head_dim}")
+        fail("qk_rope_head_dim", f"RoPE rotates pairs, so it must be even; got {cfg.qk_rope_head_dim}")
     if cfg.index_head_dim < cfg.qk_rope_head_dim:
-        _fail("index_head_dim", f"must be >= qk_rope_head_dim ({cfg.qk_rope_head_dim}) since RoPE covers its "
+        fail("index_head_dim", f"must be >= qk_rope_head_dim ({cfg.qk_rope_head_dim}) since RoPE covers its "
               f"first qk_rope_head_dim dims; got {cfg.index_head_dim}")
     if cfg.n_routed_experts % cfg.n_group:
-        _fail("n_group", f"must divide n_routed_experts ({cfg.n_routed_experts}); got {cfg.n_group}")
+        fail("n_group", f"must divide n_routed_experts ({cfg.n_routed_experts}); got {cfg.n_group}")
     if cfg.n_group > 1 and cfg.n_routed_experts // cfg.n_group < 2:
-        _fail("n_group", "group scores sum the top-2 experts of a group, so groups need >= 2 experts")
+        fail("n_group", "group scores sum the top-2 experts of a group, so groups need >= 2 experts")
     if cfg.topk_group > cfg.n_group:
-        _fail("topk_group", f"must be <= n_group ({cfg.n_group}); got {cfg.topk_group}")
+        fail("topk_group", f"must be <= n_group ({cfg.n_group}); got {cfg.topk_group}")
     selectable = cfg.topk_group * (cfg.n_routed_experts // cfg.n_group)
     if cfg.num_experts_per_tok > selectable:
-        _fail("num_experts_per_tok", f"must be <= topk_group * experts per group ({selectable}); "
+        fail("num_experts_per_tok", f"must be <= topk_group * experts per group ({selectable}); "
               f"got {cfg.num_experts_per_tok}")
-    _check_choice("hidden_act", cfg.hidden_act, ("silu",))
+    choice("hidden_act", cfg.hidden_act, ("silu",))
     for key in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
         if getattr(cfg, key):
-            _fail(key, "GLM-5 has none; only false is supported")
+            fail(key, "GLM-5 has none; only false is supported")
     if not 0 <= cfg.first_k_dense_replace <= cfg.num_hidden_layers:
-        _fail("first_k_dense_replace", f"must be in [0, num_hidden_layers={cfg.num_hidden_layers}]; "
+        fail("first_k_dense_replace", f"must be in [0, num_hidden_layers={cfg.num_hidden_layers}]; "
               f"got {cfg.first_k_dense_replace}")
     for key, allowed in (("mlp_layer_types", ("dense", "sparse")), ("indexer_types", ("full", "shared"))):
         types = getattr(cfg, key)
         if len(types) != cfg.num_hidden_layers:
-            _fail(key, f"needs one entry per layer ({cfg.num_hidden_layers}); got {len(types)}")
+            fail(key, f"needs one entry per layer ({cfg.num_hidden_layers}); got {len(types)}")
         for i, t in enumerate(types):
             if t not in allowed:
-                _fail(f"{key}[{i}]", f"must be one of {', '.join(allowed)}; got {t!r}")
+                fail(f"{key}[{i}]", f"must be one of {', '.join(allowed)}; got {t!r}")
     if cfg.indexer_types[0] != "full":
-        _fail("indexer_types[0]", "a 'shared' layer reuses the previous full layer's top-k, so layer 0 must be 'full'")
+        fail("indexer_types[0]", "a 'shared' layer reuses the previous full layer's top-k, so layer 0 must be 'full'")
     if cfg.num_nextn_predict_layers not in (0, 1):
-        _fail("num_nextn_predict_layers", f"must be 0 or 1 (depths share one parameter set); "
+        fail("num_nextn_predict_layers", f"must be 0 or 1 (depths share one parameter set); "
               f"got {cfg.num_nextn_predict_layers}")
-    _check_choice("dtype", cfg.dtype, DTYPES)
-    _check_choice("param_dtype", cfg.param_dtype, DTYPES)
-    _check_choice("remat_policy", cfg.remat_policy, REMAT_POLICIES)
-    _check_choice("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
+    choice("dtype", cfg.dtype, DTYPES)
+    choice("param_dtype", cfg.param_dtype, DTYPES)
+    choice("remat_policy", cfg.remat_policy, REMAT_POLICIES)
+    choice("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
     rope = cfg.rope_parameters
-    _check_choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
+    choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
-        _fail("rope_parameters.rope_theta", f"must be a positive number; got {theta!r}")
+        fail("rope_parameters.rope_theta", f"must be a positive number; got {theta!r}")
     if rope.get("rope_type", "default") == "linear":
         factor = rope.get("factor")
         if not isinstance(factor, (int, float)) or factor < 1:
-            _fail("rope_parameters.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
+            fail("rope_parameters.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
     if not 0 <= cfg.attention_dropout < 1:
-        _fail("attention_dropout", f"must be in [0, 1); got {cfg.attention_dropout}")
+        fail("attention_dropout", f"must be in [0, 1); got {cfg.attention_dropout}")
     if cfg.rms_norm_eps <= 0:
-        _fail("rms_norm_eps", f"must be positive; got {cfg.rms_norm_eps}")
-
-
-def unknown_key(key: str, known, what: str = "model config") -> ConfigError:
-    """The error for a key that is not a field, suggesting the closest known one."""
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ConfigError(f"{key}: unknown {what} key{hint}")
+        fail("rms_norm_eps", f"must be positive; got {cfg.rms_norm_eps}")
 
 
 def from_dict(values: dict) -> ModelConfig:
     """Build and validate a config from a plain dict; unknown keys are errors."""
-    for key in values:
-        if key not in _FIELDS:
-            raise unknown_key(key, _FIELDS)
-    try:
-        cfg = ModelConfig(**values)
-    except TypeError as e:  # e.g. a list where a dict belongs
-        raise ConfigError(f"model config: {e}") from None
-    return cfg.validate()
+    return build(ModelConfig, values, what="model config").validate()
 
-
-def preset_path(name: str, folder: str = "models", what: str = "model preset", skip=()) -> str:
-    """Path of a shipped preset, ``configs/FOLDER/NAME.yaml``; an unknown name lists the presets."""
-    root = importlib.resources.files("glm5_jax.configs") / folder
-    path = root / f"{name}.yaml"
-    if not path.is_file() or name in skip:
-        names = sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml") and p.name[:-5] not in skip)
-        raise ConfigError(f"{what} {name!r} does not exist; presets: {', '.join(names)}")
-    return str(path)
-
-
-def _config_path(source: str, folder: str, what: str, skip=()) -> str:
-    """The file a config source names: an existing path, else the shipped preset of that name."""
-    if os.path.isfile(source):
-        return source
-    looks_like_path = "/" in source or source.endswith((".yaml", ".yml"))
-    if os.path.isdir(source) and (looks_like_path or not os.path.isfile(os.path.join(
-            str(importlib.resources.files("glm5_jax.configs") / folder), f"{source}.yaml"))):
-        raise ConfigError(f"{source}: is a directory, not a {what} config file")
-    if looks_like_path:
-        raise ConfigError(f"{source}: no such file")
-    return preset_path(source, folder, f"{what} preset", skip)
-
-
-_JSON_SCALARS = (str, int, float, bool, type(None))
-
-
-def check_plain(value, key: str = "") -> None:
-    """Raise ConfigError naming the key of the first value JSON cannot hold (a YAML date, set, binary...)."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if not isinstance(k, (str, int)) or isinstance(k, bool):
-                raise ConfigError(f"{key or 'config'}: key {k!r} must be a string")
-            check_plain(v, f"{key}.{k}" if key else str(k))
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            check_plain(v, f"{key}.{i}")
-    elif not isinstance(value, _JSON_SCALARS):
-        hint = " (quote it to make it a string)" if type(value).__name__ in ("date", "datetime") else ""
-        raise ConfigError(f"{key}: a {type(value).__name__} value is not allowed, only strings, numbers, "
-                          f"booleans, null, lists and mappings; got {value!s}{hint}")
-
-
-def read_yaml_mapping(source: str, folder: str, what: str, skip=()) -> dict:
-    """The mapping in a YAML file, or in the shipped preset of that name (``configs/FOLDER/``).
-
-    `what` ("model", "data", "recipe", "layout") names the kind of config in error messages.
-    """
-    path = _config_path(source, folder, what, skip)
-    try:
-        with open(path, encoding="utf-8") as f:
-            values = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a {what} config is a YAML file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: a {what} config must be a mapping of keys to values")
-    check_plain(values)
-    return values
 
 
 def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
@@ -305,78 +215,6 @@ def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfi
         values = values.get("model", values)
     return from_dict(apply_overrides(values, overrides))
 
-
-def _list_index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"{key}: {part!r} is not an index of a list of {len(node)}")
-    return int(part)
-
-
-def _set(node, leaf: str, value, key: str, merge: bool = False):
-    """node[leaf] = value; a mapping set on a list sets the items it indexes (merged into mapping items)."""
-    if isinstance(node, list):
-        i = _list_index(node, leaf, key)
-        merge = merge and isinstance(node[i], dict) and isinstance(value, dict)
-        node[i] = {**node[i], **value} if merge else value
-    elif isinstance(node.get(leaf), list) and isinstance(value, dict):
-        for k, v in value.items():  # {"0": {...}}: how nested dotted keys (data_overrides.stages.0.x) arrive
-            _set(node[leaf], str(k), v, f"{key}.{k}", merge=True)
-    else:
-        node[leaf] = value
-
-
-def apply_overrides(values: dict, overrides) -> dict:
-    """Apply overrides: ``key=value`` strings (values parsed as YAML) or a mapping of dotted keys to values.
-
-    ``a.b=v`` sets a nested key; a number indexes a list (``stages.0.seq_len=256``); a mapping set on a list
-    (``stages={0: {seq_len: 256}}``, how nested dotted overrides arrive) sets the items it indexes.
-    """
-    check_plain(values)
-    values = json.loads(json.dumps(values))  # deep copy of plain data
-    for key, value in override_items(overrides):
-        *parents, leaf = key.split(".")
-        node = values
-        for p in parents:
-            node = node[_list_index(node, p, key)] if isinstance(node, list) else node.setdefault(p, {})
-            if not isinstance(node, (dict, list)):
-                raise ConfigError(f"{key}: {p} is not a mapping")
-        _set(node, leaf, value, key)
-    return values
-
-
-def override_items(overrides):
-    """(dotted key, value) pairs of `key=value` strings (YAML values) or of a mapping (values as they are)."""
-    if isinstance(overrides, dict):
-        for key, value in overrides.items():
-            check_plain(value, key)
-        return list(overrides.items())
-    items = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw else None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{key}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
-        if isinstance(value, str) and _FLOAT.fullmatch(value):  # YAML 1.1 reads 1e-4 (no dot) as text
-            value = float(value)
-        check_plain(value, key)
-        items.append((key, value))
-    return items
-
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
 
 def hf_to_dict(hf: dict) -> dict:

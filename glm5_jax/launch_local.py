@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
 _NOISE = re.compile(r"\[Gloo\] Rank \d+ is connected to \d+ peer ranks|^\d+ is connected to \d+ peer ranks")
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
 _ONE_STEP_FLAGS = (("--layout", "layout", None), ("--seq-len", "seq_len", None), ("--global-batch", "global_batch", None),
                    ("--accumulate", "accumulate", None), ("--override", "override", []),

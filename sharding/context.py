@@ -10,6 +10,7 @@ import contextlib
 import contextvars
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -24,6 +25,9 @@ class Parallelism:
     mesh: Mesh
     rules: Rules
     config: ParallelConfig
+    # The collective the "ragged" expert dispatch moves rows with (same contract as the default);
+    # `sharding.expert.emulated_ragged_all_to_all` runs that path where XLA lacks the op (XLA:CPU).
+    ragged_exchange: Callable = jax.lax.ragged_all_to_all
 
     @classmethod
     def create(cls, config: ParallelConfig, devices=None) -> Parallelism:

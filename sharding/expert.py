@@ -16,6 +16,7 @@ the layout rules decide everything and the model code stays logical.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from glm5_jax.sharding.context import Parallelism, current
+from glm5_jax.sharding.context import Parallelism
 
 
 class Axes(NamedTuple):
@@ -71,18 +72,15 @@ def received_rows(mode: str, copies: int, n_shards: int, factor: float | None) -
         ragged_buffer(copies, n_shards, factor)
 
 
-# The ragged exchange; tests swap in `emulated_ragged_all_to_all` to run the ragged path on XLA:CPU.
-ragged_exchange = jax.lax.ragged_all_to_all
-
-
-def expert_parallel_ffn(x, idx, weights, gate, up, down, *, experts):
-    """Routed expert output [T, D] and tokens processed per expert [E] with experts sharded over devices.
+def expert_parallel_ffn(x, idx, weights, gate, up, down, *, par: Parallelism, experts):
+    """Routed expert output [T, D] and tokens processed per expert [E] with experts sharded over the devices
+    of layout `par`.
 
     x [T, D] (T = batch * length, token-major), idx / weights [T, k] from the router, gate / up [E, D, F],
     down [E, F, D]. experts(rows, idx, weights, gate, up, down, n_experts) -> (output, load): the grouped
-    matmul of one device's local experts (the model's `grouped_experts`).
+    matmul of one device's local experts (the model's `grouped_experts`). The ragged exchange is
+    `par.ragged_exchange`.
     """
-    par = current()
     axes = _axes(par, gate.shape)
     mode = dispatch_mode(par)
     n_shards = math.prod(par.mesh.shape[a] for a in axes.experts)
@@ -90,7 +88,7 @@ def expert_parallel_ffn(x, idx, weights, gate, up, down, *, experts):
     t_spec, w_in, w_out = P(axes.tokens or None), P(axes.experts or None, axes.embed or None, axes.mlp or None), \
         P(axes.experts or None, axes.mlp or None, axes.embed or None)
     factor = par.config.capacity_factor
-    local = _capacity_local if mode == "capacity" else _ragged_local
+    local = _capacity_local if mode == "capacity" else functools.partial(_ragged_local, exchange=par.ragged_exchange)
 
     def body(x, idx, weights, gate, up, down):
         if axes.embed:  # FSDP: the weights' model dimension is gathered for the local matmuls
@@ -142,8 +140,7 @@ def _capacity_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_expert
     return out, load.astype(jnp.int32)
 
 
-def _ragged_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts, factor, experts):
-    exchange = ragged_exchange
+def _ragged_local(x, idx, weights, gate, up, down, *, axes, n_shards, n_experts, factor, experts, exchange):
     t, k = idx.shape
     n_local = n_experts // n_shards
     copies = t * k

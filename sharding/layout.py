@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from glm5_jax.config import ConfigError, apply_overrides, read_yaml_mapping, unknown_key
+from glm5_jax.errors import ConfigError
 from glm5_jax.sharding import rules as rules_lib
+from glm5_jax.values import apply_overrides, build, read_yaml_mapping
 
 DISPATCHES = ("auto", "capacity", "ragged")
 
@@ -45,14 +46,8 @@ class ParallelConfig:
         return self
 
 
-_FIELDS = {f.name for f in dataclasses.fields(ParallelConfig)}
-
-
 def layout_from_dict(values: dict) -> ParallelConfig:
-    for key in values:
-        if key not in _FIELDS:
-            raise unknown_key(key, _FIELDS, "layout")
-    return ParallelConfig(**values).validate()
+    return build(ParallelConfig, values, "", "layout").validate()
 
 
 def load_layout(source: str | None, overrides=()) -> ParallelConfig:

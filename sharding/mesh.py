@@ -9,9 +9,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
-# Outermost to innermost. Devices adjacent in the innermost axes share the fastest links (same host /
 # NVLink domain / ICI neighbours): tensor parallelism talks every layer, expert all-to-alls every MoE
 # layer, context all-gathers every attention, while pipeline only passes activations between stages.
 AXES = ("pipeline", "data", "fsdp", "context", "expert", "tensor")

@@ -1,6 +1,8 @@
-"""Pipeline parallelism: one stacked layer group split into stages over the mesh axes of logical `stages`.
+"""Pipeline parallelism: one stacked layer group split into stages over the mesh axes of logical
+`pipeline_stages`.
 
-Placement (docs/parallelism.md, "Pipeline parallelism"): only the last MoE group is pipelined. Of its n
+Placement (docs/parallelism.md, "Pipeline parallelism"): the model picks the group (its last MoE group) and
+passes its stacked state with the function that runs consecutive layers of it. Of its n
 layers the first n mod (stages * repeats) run before the pipeline, with the embedding and the other
 groups, replicated on every pipeline rank; the rest split into stages * repeats equal chunks of
 consecutive layers. Chunk c = r * stages + s (model order) lives on stage s as its repeat r, which is a
@@ -35,11 +37,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from glm5_jax.config import ConfigError
 from glm5_jax.sharding.context import Parallelism, constrain, current
 
 
-class Plan(NamedTuple):
+class Chunks(NamedTuple):
+    """How the pipelined group's layers split over stages and repeats."""
+
     stages: int
     repeats: int
     microbatches: int
@@ -47,31 +50,12 @@ class Plan(NamedTuple):
     per_chunk: int  # layers in each of the stages * repeats chunks
 
 
-def pipelined_group(groups) -> int:
-    """Index of the layer group that runs as a pipeline: the last MoE group (the last group if none is)."""
-    moe = [i for i, g in enumerate(groups) if g.moe]
-    index = moe[-1] if moe else len(groups) - 1
-    if groups[index].indexer and any(not g.indexer for g in groups[index + 1:]):
-        raise ConfigError("pipeline: layers after the pipelined group (the last MoE run of layers) use 'shared' "
-                          "indexer top-k from inside the pipeline, which the pipeline does not return; give "
-                          "them a 'full' indexer or run without a pipeline")
-    return index
-
-
-def plan(n_layers: int, batch: int, par: Parallelism | None = None) -> Plan:
-    """Check the pipeline settings against a group of `n_layers` layers and a batch; raise a clear error."""
-    par = par or current()
-    stages, repeats, micro = par.axis_size("stages"), par.config.pipeline_repeats, par.config.microbatches
-    if micro < stages:
-        raise ConfigError(f"microbatches: the pipeline needs at least one microbatch per stage; got microbatches "
-                          f"{micro} for {stages} stages")
-    if batch % micro:
-        raise ConfigError(f"microbatches: the batch of {batch} rows does not split into {micro} microbatches")
-    chunks = stages * repeats
-    if n_layers < chunks:
-        raise ConfigError(f"pipeline_repeats: the pipelined group has {n_layers} layers, fewer than stages x "
-                          f"repeats = {stages} x {repeats} chunks")
-    return Plan(stages, repeats, micro, n_layers % chunks, n_layers // chunks)
+def chunks(n_layers: int, par: Parallelism) -> Chunks:
+    """The chunks of a pipelined group of `n_layers` layers under layout `par` (which
+    `glm5_jax.model.layout_check.check_layout` has checked: n_layers >= stages x repeats, microbatches >=
+    stages and dividing the batch)."""
+    stages, repeats, micro = par.axis_size("pipeline_stages"), par.config.pipeline_repeats, par.config.microbatches
+    return Chunks(stages, repeats, micro, n_layers % (stages * repeats), n_layers // (stages * repeats))
 
 
 def _is_variable(x) -> bool:
@@ -94,7 +78,7 @@ def _microbatches(a, micro: int, axes):
 
 def _ring(x, par: Parallelism, axes):
     """Stage s's slice of x [stages, ...] moves to stage s + 1 (the last one's to stage 0): a ppermute."""
-    n = par.axis_size("stages")
+    n = par.axis_size("pipeline_stages")
     perm = [(i, (i + 1) % n) for i in range(n)]
     return jax.shard_map(lambda a: jax.lax.ppermute(a, axes, perm), mesh=par.mesh, in_specs=P(axes),
                          out_specs=P(axes), axis_names=frozenset(axes))(x)
@@ -109,37 +93,36 @@ def _from_first_stage(x, par: Parallelism, axes):
     return jax.shard_map(first, mesh=par.mesh, in_specs=P(axes), out_specs=P(), axis_names=frozenset(axes))(x)
 
 
-def run_pipelined(stack, h, cos, sin, segment_ids, topk_idx, remat_policy: str, *, scan_layers):
-    """Run a stacked DecoderLayer group as a pipeline; same contract as `transformer.run_stack`.
+def run_pipelined(stage, state, h, cos, sin, segment_ids, topk_idx):
+    """Run a stacked layer group as a pipeline over the active layout's stages.
 
-    scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy) -> (h, topk_idx, stats)
-    runs consecutive stacked layers (stats: a pytree of per-layer arrays [layers, ...], each a sum over
-    batch rows, so microbatch results add up); it runs the remainder layers before the pipeline and each
-    chunk inside it. A group of 'shared' indexer layers reads the incoming top-k per microbatch; a 'full'
-    group returns the incoming top-k unchanged (no later layer reads it; `pipelined_group` checks).
+    stage(state, h, cos, sin, segment_ids, topk_idx) -> (h, topk_idx, stats) runs consecutive layers of the
+    stacked `state` (an nnx State whose variables lead with the layer axis; stats: a pytree of per-layer
+    arrays [layers, ...], each a sum over batch rows, so microbatch results add up). It runs the remainder
+    layers before the pipeline and each chunk inside it. Layers that read an incoming top-k get it per
+    microbatch; the top-k returned is the incoming one (the model pipelines a group no later layer reads
+    the top-k of). Same results as `stage(state, ...)` on one device.
     """
     par = current()
-    graphdef, state = nnx.split(stack)
-    n_layers = jax.tree.leaves(state)[0].shape[0]
-    p = plan(n_layers, h.shape[0], par)
+    p = chunks(jax.tree.leaves(state)[0].shape[0], par)
     body = jax.tree.map(lambda a: a[p.before:], state)
     if p.before:
         head = jax.tree.map(lambda a: a[:p.before], state)
-        h, topk_idx, head_stats = scan_layers(graphdef, head, h, cos, sin, segment_ids, topk_idx, remat_policy)
-    h, stats = _pipeline(graphdef, body, h, (cos, sin, segment_ids, topk_idx), p, par, scan_layers, remat_policy)
+        h, topk_idx, head_stats = stage(head, h, cos, sin, segment_ids, topk_idx)
+    h, stats = _pipeline(stage, body, h, (cos, sin, segment_ids, topk_idx), p, par)
     if p.before:
         stats = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), head_stats, stats)
     return h, topk_idx, stats
 
 
-def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layers, remat_policy):
+def _pipeline(run_chunk, state, h, per_row, p: Chunks, par: Parallelism):
     S, R, M, per_chunk = p.stages, p.repeats, p.microbatches, p.per_chunk
-    axes = par.mesh_axes("stages")
+    axes = par.mesh_axes("pipeline_stages")
 
     def stage_view(a, logical):  # [R * S * per_chunk, ...] -> [S, R, per_chunk, ...], stage axis sharded
         a = a.reshape(R, S, per_chunk, *a.shape[1:]).swapaxes(0, 1)
         rest = tuple(logical[1:]) if logical else (None,) * (a.ndim - 3)
-        return constrain(a, ("stages", None, "layers") + rest)
+        return constrain(a, ("pipeline_stages", None, "layers") + rest)
 
     weights = _map_variables(stage_view, state)
     cos, sin, segment_ids, topk_idx = per_row
@@ -150,13 +133,13 @@ def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layer
         """One stage's work in one iteration: repeat r's chunk of layers on microbatch m."""
         chunk = jax.tree.map(lambda a: a[r], w)
         cos, sin, seg, topk = jax.tree.map(lambda a: a[m], per_mb)
-        x, _, stats = scan_layers(graphdef, chunk, x, cos, sin, seg, topk, remat_policy)
+        x, _, stats = run_chunk(chunk, x, cos, sin, seg, topk)
         return x, jax.tree.map(lambda a: jnp.where(valid, a, jnp.zeros_like(a)), stats)  # fill/drain: no stats
 
     compute = jax.checkpoint(jax.vmap(stage, in_axes=(0, 0, 0, 0, 0, None), spmd_axis_name=axes),
                              policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
     stage_ids = jnp.arange(S)
-    hidden = ("stages", "batch", "length", "act_embed")
+    hidden = ("pipeline_stages", "batch", "length", "act_embed")
 
     def iteration(carry, t):
         store, shifted = carry
@@ -175,7 +158,7 @@ def _pipeline(graphdef, state, h, per_row, p: Plan, par: Parallelism, scan_layer
         return (store, received), stats
 
     x = _microbatches(h, M, ("batch", "length", "act_embed"))
-    store = constrain(jnp.broadcast_to(x, (S,) + x.shape), ("stages", None) + hidden[1:])
+    store = constrain(jnp.broadcast_to(x, (S,) + x.shape), ("pipeline_stages", None) + hidden[1:])
     shifted = constrain(jnp.zeros((S,) + x.shape[1:], x.dtype), hidden)
     steps = M * R + S - 1
     (store, _), stats = jax.lax.scan(iteration, (store, shifted), jnp.arange(steps))  # stats [steps, S, ...]

@@ -8,7 +8,7 @@ import math
 import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.sharding.mesh import AXES
 
 Rules = dict[str, tuple[str, ...]]

@@ -12,7 +12,7 @@ import sys
 import jax.numpy as jnp
 
 from glm5_jax import cli
-from glm5_jax.data import pipeline
+from glm5_jax.data import loader
 from glm5_jax.train import losses
 
 MARK = -7
@@ -20,7 +20,7 @@ MARK = -7
 
 def main():
     steps = {int(s) for s in sys.argv[1].split(",") if s}
-    next_batch, total_loss = pipeline.PipelineIterator.__next__, losses.total_loss
+    next_batch, total_loss = loader.PipelineIterator.__next__, losses.total_loss
 
     def marked(self):
         step = self.step + 1  # the 1-based global step this batch trains
@@ -34,7 +34,7 @@ def main():
         loss, aux = total_loss(*args, **kwargs)
         return jnp.where(jnp.any(args[3]["targets"] == MARK), jnp.nan, loss), aux
 
-    pipeline.PipelineIterator.__next__ = marked
+    loader.PipelineIterator.__next__ = marked
     losses.total_loss = poisoned
     sys.exit(cli.main(sys.argv[2:]))
 

@@ -25,7 +25,7 @@ def one_device() -> Parallelism:
 
 
 def model_cfg(state: S.ModelState):
-    return nnx.merge(state.graphdef, state.params, state.rest).cfg
+    return nnx.merge(state.graphdef, state.params, state.buffers).cfg
 
 
 def train_step(cfg, rows: int, seq: int, par=None, accumulate: int = 1, loss_cfg=LM_ONLY, trainable="all",
@@ -46,15 +46,15 @@ def loss_and_grads(state: S.ModelState, batch: dict, par=None, loss_cfg=LM_ONLY,
     host (NumPy) values, so results of different layouts compare directly."""
     B, L = batch["input_ids"].shape
     step = train_step(model_cfg(state), B // accumulate, L, par, accumulate, loss_cfg)
-    params, rest = flatten(state.params), flatten(state.rest)
-    return jax.device_get(step.loss_and_grads(params, rest, microbatches(batch, accumulate)))
+    params, buffers = flatten(state.params), flatten(state.buffers)
+    return jax.device_get(step.loss_and_grads(params, buffers, microbatches(batch, accumulate)))
 
 
 def compiled_loss_and_grads(state: S.ModelState, batch: dict, par=None, loss_cfg=LM_ONLY):
     """(compiled program, its arguments) of the step's loss and gradients, for HLO checks."""
     B, L = batch["input_ids"].shape
     step = train_step(model_cfg(state), B, L, par, 1, loss_cfg)
-    args = (flatten(state.params), flatten(state.rest), microbatches(batch, 1), jnp.int32(1))
+    args = (flatten(state.params), flatten(state.buffers), microbatches(batch, 1), jnp.int32(1))
     with use(step.par):
         return jax.jit(step._loss_and_grads).lower(*args).compile(), args
 

@@ -10,7 +10,7 @@ from flax import nnx
 
 from glm5_jax import config
 from glm5_jax.data import config as data_config
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
 from glm5_jax.model import GLM5
 
 

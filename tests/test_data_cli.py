@@ -18,7 +18,7 @@ def test_inspect_default_corpus(capsys):
 def test_inspect_errors_are_one_line(tmp_path, capsys):
     assert run_cli("data", "inspect", "--override", "stages.0.seq_len=100") == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("glm5: error: stages[0].tokens_per_step: must be a multiple of seq_len (100)"), err
+    assert err.startswith("glm5: error: stages.0.tokens_per_step: must be a multiple of seq_len (100)"), err
     assert run_cli("data", "inspect", "--stage", "nope") == 2
     assert "no stage named 'nope'" in capsys.readouterr().err
 

@@ -9,13 +9,12 @@ import re
 import numpy as np
 import pytest
 
-from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
 from glm5_jax.data import errors
 from glm5_jax.data.corpus import stdlib_files
-from glm5_jax.data.errors import DataError
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
 from glm5_jax.data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
+from glm5_jax.errors import ConfigError, DataError
 
 TOK = ByteTokenizer()
 DOCS = [f"document number {i}: " + "xyz" * i for i in range(12)]
@@ -156,11 +155,11 @@ def test_source_without_records(tmp_path):
     ({"sources": {"a": {"kind": "csv", "paths": ["x"]}}}, "sources.a.kind: must be one of stdlib, jsonl, parquet"),
     ({"sources": {"a": {"kind": "jsonl"}}}, "sources.a.paths: kind jsonl needs at least one file or glob"),
     ({"stages": [{"name": "s", "seq_len": 64, "tokens_per_step": 128, "tokens": 1280, "mixture": {"b": 1}}]},
-     "stages[0].mixture.b: no such source; sources: a"),
+     "stages.0.mixture.b: no such source; sources: a"),
     ({"stages": [{"name": "s", "seq_len": 0, "tokens_per_step": 128, "tokens": 1280, "mixture": {"a": 1}}]},
-     "stages[0].seq_len: must be an integer >= 1; got 0"),
+     "stages.0.seq_len: must be an integer >= 1; got 0"),
     ({"stages": [{"name": "s", "seq_len": 64, "tokens_per_step": 128, "tokens": 1280, "mixture": {"a": 1},
-                  "rope": {"rope_type": "yarn"}}]}, "stages[0].rope.rope_type: must be one of default, linear"),
+                  "rope": {"rope_type": "yarn"}}]}, "stages.0.rope.rope_type: must be one of default, linear"),
     ({"on_error": "ignore"}, "on_error: must be one of skip, raise; got 'ignore'"),
     ({"tokenizer": {"kind": "hf"}}, "tokenizer.path: kind hf needs the path of a tokenizer.json"),
 ])

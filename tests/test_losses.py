@@ -16,7 +16,7 @@ from flax import nnx
 
 from glm5_jax import config
 from glm5_jax.checkpoint import naming
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.model import GLM5
 from glm5_jax.model.mla import MLA
 from glm5_jax.model.moe import MoE, route
@@ -76,9 +76,9 @@ def sparse_adapt(setup):
     leaves, treedef = jax.tree.flatten(state.params)
     chosen = [is_indexer(p) for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]]
 
-    def fn(params, rest, batch, w):
+    def fn(params, buffers, batch, w):
         def objective(params):
-            return LS.total_loss(params, rest, state.graphdef, batch, ALL_ON, w)
+            return LS.total_loss(params, buffers, state.graphdef, batch, ALL_ON, w)
 
         def term(name):  # the metric `name` as a function of (indexer leaves, other leaves)
             def f(indexer, other):
@@ -93,13 +93,13 @@ def sparse_adapt(setup):
         other = [v for v, c in zip(leaves, chosen, strict=True) if not c]
         lm_to_indexer = jax.grad(term("lm"))(indexer, other)
         kl_grads = jax.grad(term("indexer_kl"), argnums=(0, 1))(indexer, other)
-        out = nnx.merge(state.graphdef, params, rest)(batch["input_ids"], batch["positions"], batch["segment_ids"],
+        out = nnx.merge(state.graphdef, params, buffers)(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                                       dsa_mode="sparse_adapt")
         return grads, dict(aux, loss=loss), out, lm_to_indexer, kl_grads
 
     w = jnp.float32(0.3)  # traced: a schedule changes it without recompiling
-    grads, aux, out, lm_to_indexer, kl_grads = compile0(fn, state.params, state.rest, batch, w)(
-        state.params, state.rest, batch, w)
+    grads, aux, out, lm_to_indexer, kl_grads = compile0(fn, state.params, state.buffers, batch, w)(
+        state.params, state.buffers, batch, w)
     assert len(leaves) == len(chosen)
     return {"loss": grads, "lm_to_indexer": lm_to_indexer, "kl": kl_grads}, aux, out
 
@@ -177,13 +177,13 @@ def test_default_path_equals_lm_loss(setup):
     _, state, batch = setup
     plain = LS.LossConfig(z_loss=0, mtp_weight=0, balance_weight=0, dsa="sparse")
 
-    def fn(params, rest, batch):
-        loss, aux = LS.total_loss(params, rest, state.graphdef, batch, plain)
-        out = nnx.merge(state.graphdef, params, rest)(batch["input_ids"], batch["positions"], batch["segment_ids"],
+    def fn(params, buffers, batch):
+        loss, aux = LS.total_loss(params, buffers, state.graphdef, batch, plain)
+        out = nnx.merge(state.graphdef, params, buffers)(batch["input_ids"], batch["positions"], batch["segment_ids"],
                                                       mtp_depths=0)
         return loss, aux, out.logits, out.expert_load
 
-    loss, aux, logits, load = compile0(fn, state.params, state.rest, batch)(state.params, state.rest, batch)
+    loss, aux, logits, load = compile0(fn, state.params, state.buffers, batch)(state.params, state.buffers, batch)
     # The reference: mean next-token cross-entropy over the scored targets, written out directly.
     targets = np.asarray(batch["targets"])
     logits = np.asarray(logits, np.float64)
@@ -202,14 +202,14 @@ def test_dsa_warmup_trains_only_the_indexer(setup):
     mask = LS.trainable_mask(state.params, "indexer")
     tx = optax.sgd(0.5)
 
-    def train_step(params, rest, batch):
-        (loss, aux), grads = jax.value_and_grad(LS.total_loss, has_aux=True)(params, rest, state.graphdef, batch,
+    def train_step(params, buffers, batch):
+        (loss, aux), grads = jax.value_and_grad(LS.total_loss, has_aux=True)(params, buffers, state.graphdef, batch,
                                                                              warmup)
         updates, _ = tx.update(grads, tx.init(params), params)
         updates = jax.tree.map(lambda u, m: u * m, updates, mask)  # frozen parameters: no update
         return optax.apply_updates(params, updates), grads, loss, aux
 
-    new, grads, loss, aux = compile0(train_step, state.params, state.rest, batch)(state.params, state.rest, batch)
+    new, grads, loss, aux = compile0(train_step, state.params, state.buffers, batch)(state.params, state.buffers, batch)
     assert float(loss) == pytest.approx(float(aux["metrics"]["indexer_kl"])) and float(loss) > 0
     n_indexer = 0
     for (path, before), (_, after), (_, g) in zip(flat(state.params), flat(new), flat(grads), strict=True):
@@ -311,8 +311,8 @@ def test_router_bias_update_moves_toward_balance(setup, sparse_adapt):
     load = np.asarray(aux["expert_load"])  # [2 main MoE layers + MTP, E]
     rate = 0.01
     update = jax.jit(LS.update_router_bias)
-    new = update(state.rest, aux["expert_load"], jnp.float32(rate))
-    old_b = {jax.tree_util.keystr(p): v for p, v in flat(state.rest)}
+    new = update(state.buffers, aux["expert_load"], jnp.float32(rate))
+    old_b = {jax.tree_util.keystr(p): v for p, v in flat(state.buffers)}
     new_b = {jax.tree_util.keystr(p): v for p, v in flat(new)}
     main = np.concatenate([new_b[k] - old_b[k] for k in sorted(old_b) if k.startswith("['layers']")])
     mtp = next(new_b[k] - old_b[k] for k in old_b if k.startswith("['mtp']"))
@@ -320,12 +320,12 @@ def test_router_bias_update_moves_toward_balance(setup, sparse_adapt):
     np.testing.assert_allclose(delta, rate * np.sign(load.mean(1, keepdims=True) - load), atol=1e-7)
     assert (delta[load > load.mean(1, keepdims=True)] < 0).all() and (delta[load < load.mean(1, keepdims=True)] > 0).all()
     # Without the MTP row (MTP did not run) the MTP bias stays; the parameters are not an input at all.
-    kept = update(state.rest, aux["expert_load"][:2], jnp.float32(rate))
-    for (path, a), (_, b) in zip(flat(state.rest), flat(kept), strict=True):
+    kept = update(state.buffers, aux["expert_load"][:2], jnp.float32(rate))
+    for (path, a), (_, b) in zip(flat(state.buffers), flat(kept), strict=True):
         if "mtp" in jax.tree_util.keystr(path):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="expert_load has 5 rows"):
-        LS.update_router_bias(state.rest, jnp.zeros((5, cfg.n_routed_experts), jnp.int32), rate)
+        LS.update_router_bias(state.buffers, jnp.zeros((5, cfg.n_routed_experts), jnp.int32), rate)
 
 
 def test_layout_matches_single_device(setup, sparse_adapt):

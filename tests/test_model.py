@@ -15,10 +15,10 @@ from glm5_jax.model.params import RouterBias
 
 def loss_and_grads(cfg, ids, seed=0):
     model = GLM5(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
 
     def loss(params):
-        out = nnx.merge(graphdef, params, rest)(ids[:, :-1])
+        out = nnx.merge(graphdef, params, buffers)(ids[:, :-1])
         logp = jax.nn.log_softmax(out.logits)
         main = -jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()
         mtp = jax.nn.log_softmax(out.mtp_logits[0][:, :-1])  # depth 1 at t predicts t + 2

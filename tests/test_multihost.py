@@ -210,7 +210,8 @@ def test_bad_coordinator_and_wrong_process_count_are_one_line(recipe, tmp_path):
 
 # ----- process discovery and the local launcher (no training) -----
 
-from glm5_jax.train.distributed import DistributedError, discover, first_host  # noqa: E402
+from glm5_jax.errors import DistributedError  # noqa: E402
+from glm5_jax.train.distributed import discover, first_host  # noqa: E402
 
 
 @pytest.mark.parametrize("env, want", [
@@ -275,8 +276,8 @@ def test_data_shards_are_disjoint_cover_the_data_and_resume_exactly_per_process(
     import jax
 
     from glm5_jax.data import shards as S
-    from glm5_jax.data.pipeline import DataPipeline
-    from tests.test_data_pipeline import make_docs, stream_docs, two_stage_config, write_jsonl
+    from glm5_jax.data.loader import DataPipeline
+    from tests.test_data_loader import make_docs, stream_docs, two_stage_config, write_jsonl
 
     docs = make_docs(60)
     cfg = two_stage_config([write_jsonl(tmp_path / "a.jsonl", docs)])

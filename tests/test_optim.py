@@ -14,7 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from glm5_jax import config
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.model import GLM5
 from glm5_jax.optim import (
     OptimizerConfig,
@@ -83,7 +83,7 @@ def test_config_defaults_and_errors():
     assert (c.split_heads, c.split_qk_rope, c.split_o_proj) == (True, False, False)
     assert from_dict({"ns_coeffs": [[1, 2, 3]] * 5}).ns_coeffs == ((1, 2, 3),) * 5
     for values, message in [
-        ({"split_o_prj": True}, "optimizer.split_o_prj: unknown optimizer config key (did you mean 'split_o_proj'?)"),
+        ({"split_o_prj": True}, "optimizer.split_o_prj: unknown optimizer config key (did you mean 'optimizer.split_o_proj'?)"),
         ({"schedule": "cos"}, "optimizer.schedule: must be one of cosine, linear, constant, wsd; got 'cos'"),
         ({"momentum": 1.0}, "optimizer.momentum: must be in [0, 1); got 1.0"),
         ({"ns_coeffs": [1, 2]}, "optimizer.ns_coeffs: must be 3 numbers"),

@@ -6,6 +6,7 @@ per gradient leaf (norm of the difference over norm of the reference).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import jax
@@ -15,15 +16,15 @@ import pytest
 from flax import nnx
 
 from glm5_jax import config
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.model import GLM5
+from glm5_jax.model.layout_check import check_layout
 from glm5_jax.sharding import expert
 from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.sharding.layout import ParallelConfig, load_layout
 from glm5_jax.sharding.mesh import resolve_sizes
-from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
-from tests.step_util import LM_ONLY, loss_and_grads, two_document_batch
+from tests.step_util import loss_and_grads, two_document_batch
 
 B, L = 8, 40  # L > index_topk (16): the sparse attention path and the indexer run
 
@@ -45,7 +46,9 @@ def max_relative_error(got, want):
 
 def run_layout(setup, **layout):
     state, batch, *_ = setup
-    par = Parallelism.create(ParallelConfig(**layout))
+    # The ragged exchange runs emulated: XLA:CPU lacks ragged_all_to_all.
+    par = dataclasses.replace(Parallelism.create(ParallelConfig(**layout)),
+                              ragged_exchange=expert.emulated_ragged_all_to_all)
     (loss, aux), grads = loss_and_grads(S.place(state, par), batch, par)
     return loss, aux, grads
 
@@ -58,9 +61,7 @@ def run_layout(setup, **layout):
     dict(mesh=dict(context=2, expert=2, tensor=2)),
     dict(mesh=dict(expert=2, fsdp=2, tensor=2)),  # expert weights FSDP-gathered and tensor-reduced in the map
 ], ids=lambda d: "-".join(f"{k}{v}" for k, v in d["mesh"].items()) + ("-ragged" if "expert_dispatch" in d else ""))
-def test_layout_matches_single_device(setup, layout, monkeypatch):
-    if layout.get("expert_dispatch") == "ragged":
-        monkeypatch.setattr(expert, "ragged_exchange", expert.emulated_ragged_all_to_all)
+def test_layout_matches_single_device(setup, layout):
     _, _, loss0, aux0, grads0 = setup
     loss, aux, grads = run_layout(setup, **layout)
     assert abs(float(loss) - float(loss0)) <= 1e-5 * abs(float(loss0))
@@ -69,8 +70,7 @@ def test_layout_matches_single_device(setup, layout, monkeypatch):
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "ragged"])
-def test_capacity_bound_drops_and_counts(setup, dispatch, monkeypatch):
-    monkeypatch.setattr(expert, "ragged_exchange", expert.emulated_ragged_all_to_all)
+def test_capacity_bound_drops_and_counts(setup, dispatch):
     _, _, loss0, aux0, _ = setup
     loss, aux, grads = run_layout(setup, mesh=dict(expert=4, data=2), expert_dispatch=dispatch, capacity_factor=1.0)
     copies = B * L * 2  # tokens * num_experts_per_tok
@@ -91,13 +91,13 @@ def test_expert_parallel_program_moves_tokens_not_weights():
     from glm5_jax.model.moe import MoE
 
     moe = MoE(cfg, stack=None, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(moe, nnx.Param, ...)
+    graphdef, params, buffers = nnx.split(moe, nnx.Param, ...)
     par = Parallelism.create(ParallelConfig(mesh=dict(expert=4, data=2)))
     x = jax.device_put(jnp.ones((B, L, cfg.hidden_size)), par.sharding(("batch", "length", "act_embed")))
     params = jax.device_put(params, S.state_shardings(params, par))
 
     def loss(params, x):
-        y, _ = nnx.merge(graphdef, params, rest)(x)
+        y, _ = nnx.merge(graphdef, params, buffers)(x)
         return jnp.sum(y ** 2)
 
     with use(par):
@@ -185,9 +185,6 @@ def test_pipeline_expert_tensor_data_at_once_on_16_devices(tmp_path):
 
 
 def test_context_shards_must_divide_the_sequence():
-    state = S.abstract_state(config.load("tiny"))
     par = Parallelism.create(ParallelConfig(mesh=dict(context=8)))
-    batch = {k: jax.ShapeDtypeStruct((8, 36), jnp.int32) for k in ("input_ids", "targets", "positions", "segment_ids")}
-    with use(par), pytest.raises(ConfigError, match=r"^mesh.context: sequence length 36 does not split into 8"):
-        jax.eval_shape(lambda p, r, b: LS.total_loss(p, r, state.graphdef, b, LM_ONLY), state.params, state.rest,
-                       batch)
+    with pytest.raises(ConfigError, match=r"^stages.0: seq_len 36 does not split into 8 context shards"):
+        check_layout(config.load("tiny"), par, 8, 36, "stages.0")

@@ -80,8 +80,8 @@ def test_param_bytes_match_shapes_and_mesh(dense_plan):
     assert m.params == m.params_total == bytes_per_device(shapes, {})  # data 8 replicates everything
     # XLA's argument buffers are exactly the analytic shards: params, optimizer state, router bias, batch.
     # + the microbatch count and the learning rate, 4 B each (the router-bias rate: no MoE layer reads it)
-    assert m.argument == m.params + m.optimizer + m.rest + m.batch + 8
-    assert m.alias == m.params + m.optimizer + m.rest  # all three donated
+    assert m.argument == m.params + m.optimizer + m.buffers + m.batch + 8
+    assert m.alias == m.params + m.optimizer + m.buffers  # all three donated
     assert dense_plan.fits and m.peak == m.argument + m.output - m.alias + m.temp
 
 

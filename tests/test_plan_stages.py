@@ -12,7 +12,6 @@ import pytest
 import yaml
 
 from glm5_jax import plan
-from glm5_jax.config import ConfigError
 from glm5_jax.train import recipe as recipe_lib
 from glm5_jax.train import setup
 from tests.conftest import run_cli

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
+from glm5_jax.values import apply_overrides
 from tests.conftest import build_hf_model, run_cli
 
 
@@ -65,8 +66,8 @@ def test_all_bad_source_is_one_error_not_a_hang(case, tmp_path, capsys):
 
 def test_all_bad_mixture_member_in_a_worker_is_one_error(tmp_path):
     """A bad member next to a good one still ends in one DataError, raised in the main process from a worker."""
-    from glm5_jax.data.errors import DataError
-    from glm5_jax.data.pipeline import DataPipeline
+    from glm5_jax.data.loader import DataPipeline
+    from glm5_jax.errors import DataError
 
     good = tmp_path / "good.jsonl"
     good.write_text("".join(json.dumps({"text": f"document {i} " * 3}) + "\n" for i in range(50)))
@@ -141,12 +142,12 @@ def test_list_indices_in_every_config_override():
     assert dcfg.stages[0].seq_len == 64 and dcfg.stages[0].mixture == base.stages[0].mixture
     assert dcfg.stages[1:] == base.stages[1:]
     assert data_config.load("default", ["stages.1.seq_len=128"]).stages[1].seq_len == 128
-    values = config.apply_overrides({"a": [{"b": 1}, 2], "d": {"e": 1}}, ["a.0.b=3", "a.1=4", "d.f=5", "d={g: 6}"])
+    values = apply_overrides({"a": [{"b": 1}, 2], "d": {"e": 1}}, ["a.0.b=3", "a.1=4", "d.f=5", "d={g: 6}"])
     assert values == {"a": [{"b": 3}, 4], "d": {"g": 6}}  # a mapping still replaces a mapping
     with pytest.raises(config.ConfigError, match="a.2.b: '2' is not an index of a list of 2"):
-        config.apply_overrides(values, ["a.2.b=1"])
+        apply_overrides(values, ["a.2.b=1"])
     with pytest.raises(config.ConfigError, match="run_dir: a date value is not allowed"):
-        config.apply_overrides({}, ["run_dir=2024-01-01"])
+        apply_overrides({}, ["run_dir=2024-01-01"])
 
 
 # ----- forward, convert, inspect input -----

@@ -17,7 +17,7 @@ from flax import nnx
 from glm5_jax import config, optim, plan
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.data import config as data_config
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
 from glm5_jax.data.stages import BatchRamp
 from glm5_jax.model import GLM5
 from glm5_jax.sharding.context import Parallelism
@@ -97,10 +97,10 @@ def _train_once(cfg, state, batch, par, accumulate):
     step = train_step(cfg, B // accumulate, L, par, accumulate, loss_cfg, opt={})
     # Host copies placed anew: the step donates its inputs, and the fixture's arrays must survive it.
     params = jax.device_put(jax.device_get(flatten(state.params)), step.param_shardings)
-    rest = jax.device_put(jax.device_get(flatten(state.rest)), step.rest_shardings)
-    (loss, aux), grads = step.loss_and_grads(params, rest, microbatches(batch, accumulate))
+    buffers = jax.device_put(jax.device_get(flatten(state.buffers)), step.buffer_shardings)
+    (loss, aux), grads = step.loss_and_grads(params, buffers, microbatches(batch, accumulate))
     opt_state = step.init_optimizer(params)
-    new_params, new_rest, _, metrics = step(params, rest, opt_state, microbatches(batch, accumulate), accumulate,
+    new_params, new_rest, _, metrics = step(params, buffers, opt_state, microbatches(batch, accumulate), accumulate,
                                             1e-2, 1e-2)
     return jax.device_get((loss, aux, grads, new_params, new_rest, metrics))
 
@@ -128,20 +128,20 @@ def test_accumulation_equals_one_big_batch(model_and_batch, layout):
     assert max(rel(params4[k], params1[k]) for k in params1) < 1e-6  # every update the same
     for k in rest1:
         np.testing.assert_array_equal(rest4[k], rest1[k])  # router bias: one update from the summed loads
-    assert any(rel(rest1[k], jax.device_get(flatten(state.rest))[k]) > 0 for k in rest1)
+    assert any(rel(rest1[k], jax.device_get(flatten(state.buffers))[k]) > 0 for k in rest1)
 
 
 def test_count_below_accumulate_uses_only_the_first_microbatches(model_and_batch):
     """The batch ramp's traced count: count 2 of a 4-microbatch buffer is the step over those 2 alone."""
     cfg, state, batch = model_and_batch
     half = {k: v[:B // 2] for k, v in batch.items()}
-    params, rest = flatten(state.params), flatten(state.rest)
-    ref = train_step(cfg, B // 4, L, accumulate=2).loss_and_grads(params, rest, microbatches(half, 2))
+    params, buffers = flatten(state.params), flatten(state.buffers)
+    ref = train_step(cfg, B // 4, L, accumulate=2).loss_and_grads(params, buffers, microbatches(half, 2))
     # A 4-microbatch buffer: the half batch's two microbatches, then two of garbage that count 2 never reads.
     two = microbatches(half, 2)
     garbage = {k: np.full_like(v, 7) for k, v in two.items()}
     buffer = {k: np.concatenate([two[k], garbage[k]]) for k in two}
-    got = train_step(cfg, B // 4, L, accumulate=4).loss_and_grads(params, rest, buffer, 2)
+    got = train_step(cfg, B // 4, L, accumulate=4).loss_and_grads(params, buffers, buffer, 2)
     assert rel(got[0][0], ref[0][0]) < 1e-6
     assert max(rel(got[1][k], ref[1][k]) for k in ref[1]) < 1e-6
     np.testing.assert_array_equal(got[0][1]["expert_load"], ref[0][1]["expert_load"])

@@ -33,7 +33,7 @@ def reference(tmp_path_factory):
 
 
 def test_recipes_load_and_errors_are_one_line(tmp_path, capsys):
-    from glm5_jax.config import ConfigError
+    from glm5_jax.errors import ConfigError
     from glm5_jax.train import recipe
     from glm5_jax.train.setup import resolve
 
@@ -49,7 +49,7 @@ def test_recipes_load_and_errors_are_one_line(tmp_path, capsys):
         (["stages.0.trainable=some"], "stages.0.trainable: must be one of all, indexer"),
         (["checkpoint.max_to_kep=2"], "checkpoint.max_to_kep: unknown recipe key (did you mean 'checkpoint.max_to_keep'?)"),
         (["start_stage=nope"], "start_stage: no stage named 'nope'"),
-        (["stages.9.steps=3"], "stages.9.steps: stages has 2 entries"),
+        (["stages.9.steps=3"], "stages.9.steps: '9' is not an index of a list of 2 (0..1)"),
         (["stages.0.schedule.lr=1"], "stages.0.schedule.lr: unknown schedule key"),
     ]:
         with pytest.raises(ConfigError, match="^" + message.replace("(", r"\(").replace(")", r"\)")

@@ -35,16 +35,14 @@ import time
 import orbax.checkpoint as ocp
 
 from glm5_jax.checkpoint.naming import nest, unnest
-from glm5_jax.checkpoint.store import CheckpointError, CheckpointReader
+from glm5_jax.checkpoint.store import CheckpointReader
 from glm5_jax.data.shards import read_state
+from glm5_jax.errors import CheckpointReadError
 
 log = logging.getLogger("glm5.train")
 
 ITEMS = ("params", "config", "opt_state", "train", "data", "recipe")
 
-
-class CheckpointReadError(CheckpointError):
-    """No step of a run's checkpoint directory could be restored."""
 
 
 class CheckpointManager:
@@ -195,7 +193,7 @@ def _restore_args(target):
 def load_variables(directory: str, abstract: dict, key: str = "init_from") -> dict:
     """Every variable of a model checkpoint (a converted HF model or another run's training checkpoint)
     restored straight into `abstract`'s shardings ({dotted name: ShapeDtypeStruct})."""
-    from glm5_jax.config import ConfigError
+    from glm5_jax.errors import ConfigError
 
     reader = CheckpointReader(directory)
     missing = sorted(set(abstract) - set(reader.names))

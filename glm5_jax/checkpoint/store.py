@@ -26,14 +26,13 @@ from flax import nnx
 
 from glm5_jax import config as config_lib
 from glm5_jax.checkpoint.naming import nest
+from glm5_jax.errors import CheckpointError
 from glm5_jax.model import GLM5
+from glm5_jax.values import apply_overrides
 
 PARAMS, CONFIG = "params", "config"
 CHUNK_BYTES = 64 << 20  # on-disk chunk size bound: reads of one device's shard stay small
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or written; the message names the path and the cause."""
 
 
 _STATUS = re.compile(r"\b(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT|INTERNAL|UNKNOWN|"
@@ -239,7 +238,7 @@ def load_model(directory: str, step: int | None = None, overrides=()) -> tuple[G
     reader = CheckpointReader(directory, step)
     cfg = reader.config
     if overrides:
-        cfg = config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), overrides))
+        cfg = config_lib.from_dict(apply_overrides(cfg.to_dict(), overrides))
         _check_same_shapes(reader, cfg, overrides)
     model = nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(0)))
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])

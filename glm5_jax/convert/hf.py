@@ -27,7 +27,9 @@ from glm5_jax.checkpoint import (
     write_streaming,
 )
 from glm5_jax.convert.names import Entry, hf_entries
+from glm5_jax.errors import ConversionError
 from glm5_jax.progress import progress_bar
+from glm5_jax.values import apply_overrides, read_json
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -36,9 +38,6 @@ _ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", 
 # Tensors that transformers keeps in float32 whatever the checkpoint dtype.
 FLOAT32_TENSORS = re.compile(r".*(\.mlp\.gate\.e_score_correction_bias|\.indexer\.weights_proj\.weight)$")
 
-
-class ConversionError(RuntimeError):
-    """Input that cannot be converted; the message is one line naming the file or tensor."""
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -80,7 +79,7 @@ class HFDirectory:
 
     def _load_config(self):
         path = os.path.join(self.path, "config.json")
-        values = config_lib.hf_to_dict(config_lib.read_json(path))
+        values = config_lib.hf_to_dict(read_json(path))
         if "num_nextn_predict_layers" not in values:
             # transformers does not record it: an MTP layer is present iff its tensors are.
             n = values.get("num_hidden_layers", config_lib.ModelConfig.num_hidden_layers)
@@ -94,7 +93,7 @@ class HFDirectory:
         return self._open[1].get_tensor(name)
 
 
-def _plan(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
+def _checked_entries(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
     """Entries for cfg, after checking the HF tensors match them exactly (names and shapes)."""
     entries = hf_entries(cfg)
     expected = {e.hf for e in entries}
@@ -120,9 +119,9 @@ def hf_to_orbax(hf_dir: str, out: str, *, overrides=(), overwrite: bool = False,
     which config.json does not carry; they are stored with the checkpoint.
     """
     hf = HFDirectory(hf_dir)
-    cfg = config_lib.from_dict(config_lib.apply_overrides(hf.config.to_dict(), overrides))
+    cfg = config_lib.from_dict(apply_overrides(hf.config.to_dict(), overrides))
     leaves = abstract_leaves(cfg)
-    entries = _plan(cfg, hf.shape_of, leaves)
+    entries = _checked_entries(cfg, hf.shape_of, leaves)
     by_leaf: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         by_leaf[e.path].append(e)

@@ -6,11 +6,7 @@ import os
 
 import numpy as np
 
-from glm5_jax.config import ConfigError
-
-
-class PromptError(ValueError):
-    """A prompt or prompt file that cannot be used: one line naming the flag."""
+from glm5_jax.errors import ConfigError, InputError
 
 
 def load_tokenizer(name: str):
@@ -21,7 +17,7 @@ def load_tokenizer(name: str):
         return ByteTokenizer()
     path = os.path.expanduser(name)
     if not (os.path.isfile(path) and path.endswith(".json")):
-        raise PromptError(f"--tokenizer {name}: unknown tokenizer; use 'bytes' or the path of a tokenizer.json")
+        raise InputError(f"--tokenizer {name}: unknown tokenizer; use 'bytes' or the path of a tokenizer.json")
     # eos_id only matters for packing training data; generation stops at the model config's EOS ids.
     return HFTokenizer(path, eos_id=0)
 
@@ -34,29 +30,29 @@ def read_prompts(args, cfg) -> tuple[list[np.ndarray], object]:
         try:
             array = np.load(args.prompt_ids, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise PromptError(f"--prompt-ids {args.prompt_ids}: not a readable .npy file ({e})") from None
+            raise InputError(f"--prompt-ids {args.prompt_ids}: not a readable .npy file ({e})") from None
         if array.ndim == 1:
             array = array[None]
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-            raise PromptError(f"--prompt-ids {args.prompt_ids}: need a 1-D or 2-D integer array [batch, length] "
+            raise InputError(f"--prompt-ids {args.prompt_ids}: need a 1-D or 2-D integer array [batch, length] "
                               f"(rows right-padded with -1); got {array.dtype} {array.shape}")
         prompts = [row[:_unpadded(row)].astype(np.int32) for row in array]
         what = f"--prompt-ids {args.prompt_ids}"
     else:
         if not args.tokenizer:
-            raise PromptError("--prompt: needs --tokenizer (bytes or a tokenizer.json)")
+            raise InputError("--prompt: needs --tokenizer (bytes or a tokenizer.json)")
         tokenizer = load_tokenizer(args.tokenizer)
         prompts = [tokenizer.encode(text) for text in args.prompt]
         what = "--prompt"
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise PromptError(f"{what}: prompt {i} is empty")
+            raise InputError(f"{what}: prompt {i} is empty")
         if len(p) >= cfg.max_position_embeddings:
-            raise PromptError(f"{what}: prompt {i} has {len(p)} tokens; the model allows at most "
+            raise InputError(f"{what}: prompt {i} has {len(p)} tokens; the model allows at most "
                               f"{cfg.max_position_embeddings - 1} before the first generated one "
                               f"(max_position_embeddings {cfg.max_position_embeddings})")
         if p.min() < 0 or p.max() >= cfg.vocab_size:
-            raise PromptError(f"{what}: prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): "
+            raise InputError(f"{what}: prompt {i} has ids outside the vocabulary [0, {cfg.vocab_size}): "
                               f"[{p.min()}, {p.max()}]")
     return prompts, tokenizer
 
@@ -103,6 +99,9 @@ def run(args):
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"--layout: {e}") from None
+        from glm5_jax.model.layout_check import check_layout
+
+        check_layout(cfg, par, len(prompts), None, "--layout")
     model, _ = load_model(args.checkpoint, args.step, overrides=args.override)
     gen = Generator(model, sampling, speculative_mtp=args.speculative == "mtp", par=par)
     result = gen.generate(prompts, args.max_new_tokens, max_length)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.generate import speculative
 from glm5_jax.generate import step as step_lib
 from glm5_jax.generate.sampling import Sampling, sample

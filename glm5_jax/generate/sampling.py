@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,6 +38,7 @@ import math
 from glm5_jax.model.moe import expert_matmul_kind
 from glm5_jax.model.transformer import layer_groups
 from glm5_jax.sharding.expert import dispatch_kind, received_rows
+from glm5_jax.sharding.runners import runners
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,8 @@ def work_of(cfg, par, params=None) -> Work:
     the pipeline stages divide the work too. Without them, a pipeline mesh axis is assumed to be in effect.
     """
     mesh = dict(par.mesh.shape)
-    stages, experts = par.axis_size("stages"), par.axis_size("experts")
+    run = runners(par)
+    stages, experts = run.pipeline_stages, run.expert_shards
     split = par.axis_size("batch") * par.axis_size("length") * mesh.get("tensor", 1)
     pipelined = mesh.get("pipeline", 1) > 1 and (params is None or any(
         "pipeline" in _spec_axes(x.sharding.spec) for x in params.values()))
@@ -71,7 +73,7 @@ def work_of(cfg, par, params=None) -> Work:
     return Work(devices=par.mesh.size, split=min(split, par.mesh.size), batch_shards=par.axis_size("batch"),
                 context=par.axis_size("length"), expert_shards=experts,
                 pipeline_microbatches=par.config.microbatches if stages > 1 else 1,
-                expert_matmul=expert_matmul_kind(cfg.expert_matmul, par.platform, stages, experts),
+                expert_matmul=expert_matmul_kind(cfg.expert_matmul, run.platform, stages, experts),
                 dispatch=dispatch_kind(par.config.expert_dispatch, par.platform) if experts > 1 else None,
                 capacity_factor=par.config.capacity_factor)
 

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5_jax.config import ConfigError
 from glm5_jax.model.params import RouterBias, make_param, stacked
-from glm5_jax.sharding.context import axis_size, platform
+from glm5_jax.sharding.runners import runners
 
 
 class SwiGLU(nnx.Module):
@@ -73,21 +72,12 @@ def expert_matmul_kind(setting: str, platform: str, stages: int = 1, experts: in
     `auto` is tiled on CPU (XLA:CPU computes ragged_dot densely, E times the work), ragged_dot elsewhere.
     Under pipeline x expert parallelism `auto` takes ragged_dot on CPU too: jax 0.10 cannot differentiate
     the tiled loop inside the expert shard_map under the pipeline's vmap (a varying-axes mismatch in the
-    scan's cotangents), and an explicit "tiled" there is refused. A pure function (no JAX): the analytic
-    FLOP count (glm5_jax/model/flops.py) asks it too.
+    scan's cotangents), so `layout_check` refuses an explicit "tiled" there. A pure function (no JAX): the
+    analytic FLOP count (glm5_jax/model/flops.py) asks it too.
     """
-    piped_experts = stages > 1 and experts > 1
-    if setting == "tiled" and piped_experts:
-        raise ConfigError("expert_matmul: 'tiled' does not run under pipeline x expert parallelism on this jax; "
-                          "use ragged_dot or auto")
     if setting != "auto":
         return setting
-    return "tiled" if platform == "cpu" and not piped_experts else "ragged_dot"
-
-
-def expert_matmul(cfg) -> str:
-    """`expert_matmul_kind` for the active layout's devices (the default backend without a layout)."""
-    return expert_matmul_kind(cfg.expert_matmul, platform(), axis_size("stages"), axis_size("experts"))
+    return "tiled" if platform == "cpu" and not (stages > 1 and experts > 1) else "ragged_dot"
 
 
 class TiledGroups:
@@ -178,16 +168,10 @@ class MoE(nnx.Module):
         logits = flat.astype(jnp.float32) @ self.gate[...]
         idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
         w = lambda p: p[...].astype(self.dtype)
-        tile = cfg.expert_tile if expert_matmul(cfg) == "tiled" else 0
-        if axis_size("experts") > 1:
-            from glm5_jax.sharding.expert import expert_parallel_ffn
-
-            routed, load = expert_parallel_ffn(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
-                                               w(self.experts_down),
-                                               experts=functools.partial(grouped_experts, tile=tile))
-        else:
-            routed, load = grouped_experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up),
-                                           w(self.experts_down), cfg.n_routed_experts, tile)
+        run = runners()
+        kind = expert_matmul_kind(cfg.expert_matmul, run.platform, run.pipeline_stages, run.expert_shards)
+        experts = run.experts(functools.partial(grouped_experts, tile=cfg.expert_tile if kind == "tiled" else 0))
+        routed, load = experts(flat, idx, weights, w(self.experts_gate), w(self.experts_up), w(self.experts_down))
         out = routed.reshape(x.shape) + self.shared_experts(x)
         if not with_balance:
             return out, load

@@ -16,7 +16,8 @@ from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import inverse_frequencies, rope_angles
 from glm5_jax.sharding import pipeline
-from glm5_jax.sharding.context import axis_size, constrain
+from glm5_jax.sharding.context import constrain
+from glm5_jax.sharding.runners import runners
 
 HIDDEN = ("batch", "length", "act_embed")  # logical axes of the residual stream
 
@@ -52,6 +53,13 @@ def layer_groups(cfg) -> list[LayerGroup]:
         else:
             groups.append(LayerGroup(i, 1, moe, indexer))
     return groups
+
+
+def pipelined_group(groups) -> int:
+    """Index of the layer group that runs as a pipeline under a pipeline layout: the last MoE group (the last
+    group if none is). Layers after it must not read its top-k (`layout_check` checks)."""
+    moe = [i for i, g in enumerate(groups) if g.moe]
+    return moe[-1] if moe else len(groups) - 1
 
 
 def layer_range_name(name: str, cfg) -> str:
@@ -258,15 +266,13 @@ class GLM5(nnx.Module):
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
         sparse = cfg.index_topk < L and dsa_mode != "warmup"
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if sparse else None
-        # With a `stages` axis one group runs as a pipeline (sharding/pipeline.py; docs/parallelism.md).
-        piped = pipeline.pipelined_group(layer_groups(cfg)) if axis_size("stages") > 1 else None
+        # Under a pipeline layout one group runs as a pipeline (sharding/pipeline.py; docs/parallelism.md).
+        piped = pipelined_group(layer_groups(cfg)) if runners().pipelined else None
         for i, stack in enumerate(self.layers):
-            if i == piped:
-                run = functools.partial(pipeline.run_pipelined,
-                                        scan_layers=functools.partial(scan_layers, dsa_mode=dsa_mode))
-            else:
-                run = functools.partial(run_stack, dsa_mode=dsa_mode)
-            h, topk_idx, group_stats = run(stack, h, cos, sin, segment_ids, topk_idx, cfg.remat_policy)
+            graphdef, state = nnx.split(stack)
+            group = functools.partial(scan_layers, graphdef, remat_policy=cfg.remat_policy, dsa_mode=dsa_mode)
+            run = pipeline.run_pipelined if i == piped else _whole
+            h, topk_idx, group_stats = run(group, state, h, cos, sin, segment_ids, topk_idx)
             stats.append(group_stats)
         stats = LayerStats(*(_concat([getattr(s, f) for s in stats]) for f in LayerStats._fields))
         h = self.norm(h)
@@ -286,6 +292,11 @@ class GLM5(nnx.Module):
         if logits:
             return ModelOutput(self.head(h), mtp_logits, stats.load, stats, mtp_stats)
         return ModelOutput(None, None, stats.load, stats, mtp_stats, h, mtp_logits)
+
+
+def _whole(group, state, *args):
+    """A layer group run as it is (no pipeline): `group` over all of its stacked `state`."""
+    return group(state, *args)
 
 
 def _concat(parts):

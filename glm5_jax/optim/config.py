@@ -1,16 +1,14 @@
 """Typed optimizer configuration, loaded from a plain dict and validated before anything compiles.
 
 Defaults are GLM-5's recipe (the GLM-5 report, arXiv 2602.15763; docs/optimizer.md): Muon-Split for matrices, AdamW for the rest, both with
-weight decay 0.1. Every problem is one :class:`~glm5_jax.config.ConfigError` line naming the key.
+weight decay 0.1. Every problem is one :class:`~glm5_jax.errors.ConfigError` line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 
-from glm5_jax.config import ConfigError
+from glm5_jax.values import build, fail, is_int, is_number
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 MATRIX_OPTIMIZERS = ("muon", "adamw")
@@ -62,62 +60,41 @@ class OptimizerConfig:
         return self.weight_decay if self.adam_weight_decay is None else self.adam_weight_decay
 
 
-FIELDS = [f.name for f in dataclasses.fields(OptimizerConfig)]
-
-
-def _fail(key: str, message: str):
-    raise ConfigError(f"optimizer.{key}: {message}")
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _validate(c: OptimizerConfig):
     for key, allowed in (("matrix_optimizer", MATRIX_OPTIMIZERS), ("schedule", SCHEDULES),
                          ("wsd_decay", WSD_DECAYS), ("mu_dtype", MU_DTYPES)):
         if getattr(c, key) not in allowed:
-            _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {getattr(c, key)!r}")
+            fail(f"optimizer.{key}", f"must be one of {', '.join(map(str, allowed))}; got {getattr(c, key)!r}")
     for key in ("nesterov", "split_heads", "split_qk_rope", "split_o_proj", "adam_nesterov"):
         if not isinstance(getattr(c, key), bool):
-            _fail(key, f"must be true or false; got {getattr(c, key)!r}")
+            fail(f"optimizer.{key}", f"must be true or false; got {getattr(c, key)!r}")
     for key in ("learning_rate", "end_learning_rate", "weight_decay", "adam_eps"):
-        if not _is_number(getattr(c, key)) or getattr(c, key) < 0:
-            _fail(key, f"must be a number >= 0; got {getattr(c, key)!r}")
-    if c.adam_weight_decay is not None and not (_is_number(c.adam_weight_decay) and c.adam_weight_decay >= 0):
-        _fail("adam_weight_decay", f"must be null or a number >= 0; got {c.adam_weight_decay!r}")
-    if c.consistent_rms is not None and not (_is_number(c.consistent_rms) and c.consistent_rms > 0):
-        _fail("consistent_rms", f"must be null or a number > 0; got {c.consistent_rms!r}")
+        if not is_number(getattr(c, key)) or getattr(c, key) < 0:
+            fail(f"optimizer.{key}", f"must be a number >= 0; got {getattr(c, key)!r}")
+    if c.adam_weight_decay is not None and not (is_number(c.adam_weight_decay) and c.adam_weight_decay >= 0):
+        fail("optimizer.adam_weight_decay", f"must be null or a number >= 0; got {c.adam_weight_decay!r}")
+    if c.consistent_rms is not None and not (is_number(c.consistent_rms) and c.consistent_rms > 0):
+        fail("optimizer.consistent_rms", f"must be null or a number > 0; got {c.consistent_rms!r}")
     for key in ("momentum", "adam_b1", "adam_b2"):
-        if not _is_number(getattr(c, key)) or not 0 <= getattr(c, key) < 1:
-            _fail(key, f"must be in [0, 1); got {getattr(c, key)!r}")
+        if not is_number(getattr(c, key)) or not 0 <= getattr(c, key) < 1:
+            fail(f"optimizer.{key}", f"must be in [0, 1); got {getattr(c, key)!r}")
     for key in ("warmup_steps", "decay_steps"):
-        if not _is_int(getattr(c, key)) or getattr(c, key) < 0:
-            _fail(key, f"must be an integer >= 0; got {getattr(c, key)!r}")
+        if not is_int(getattr(c, key)) or getattr(c, key) < 0:
+            fail(f"optimizer.{key}", f"must be an integer >= 0; got {getattr(c, key)!r}")
     for key in ("total_steps", "ns_steps"):
-        if not _is_int(getattr(c, key)) or getattr(c, key) < 1:
-            _fail(key, f"must be a positive integer; got {getattr(c, key)!r}")
+        if not is_int(getattr(c, key)) or getattr(c, key) < 1:
+            fail(f"optimizer.{key}", f"must be a positive integer; got {getattr(c, key)!r}")
     if c.warmup_steps + (c.decay_steps if c.schedule == "wsd" else 0) > c.total_steps:
-        _fail("warmup_steps", f"warm-up{' + decay_steps' if c.schedule == 'wsd' else ''} must fit in "
+        fail("optimizer.warmup_steps", f"warm-up{' + decay_steps' if c.schedule == 'wsd' else ''} must fit in "
               f"total_steps ({c.total_steps}); got {c.warmup_steps}")
     if c.schedule != "constant" and c.end_learning_rate > c.learning_rate:
-        _fail("end_learning_rate", f"must be <= learning_rate ({c.learning_rate}); got {c.end_learning_rate}")
+        fail("optimizer.end_learning_rate", f"must be <= learning_rate ({c.learning_rate}); got {c.end_learning_rate}")
     coeffs = c.ns_coeffs
-    triple = lambda t: isinstance(t, tuple) and len(t) == 3 and all(map(_is_number, t))
+    triple = lambda t: isinstance(t, tuple) and len(t) == 3 and all(map(is_number, t))
     if not (triple(coeffs) or (isinstance(coeffs, tuple) and len(coeffs) == c.ns_steps and all(map(triple, coeffs)))):
-        _fail("ns_coeffs", f"must be 3 numbers (a, b, c) or ns_steps ({c.ns_steps}) such triples; got {coeffs!r}")
+        fail("optimizer.ns_coeffs", f"must be 3 numbers (a, b, c) or ns_steps ({c.ns_steps}) such triples; got {coeffs!r}")
 
 
 def from_dict(values: dict | None = None) -> OptimizerConfig:
     """Build and validate an optimizer config from a plain dict (e.g. a YAML `optimizer:` section)."""
-    values = dict(values or {})
-    for key in values:
-        if key not in FIELDS:
-            close = difflib.get_close_matches(key, FIELDS, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"optimizer.{key}: unknown optimizer config key{hint}")
-    return OptimizerConfig(**values).validate()
+    return build(OptimizerConfig, dict(values or {}), "optimizer.", "optimizer config").validate()

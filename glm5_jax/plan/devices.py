@@ -20,7 +20,7 @@ import re
 import subprocess
 import sys
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 
 CHILD_ENV = "GLM5_PLAN_CHILD"  # set in a re-executed plan process: never re-execute twice
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -15,9 +15,10 @@ import dataclasses
 import math
 import time
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.model import flops as F
 from glm5_jax.plan.devices import Target, parse_bytes
+from glm5_jax.values import apply_overrides
 
 
 @dataclasses.dataclass
@@ -29,7 +30,7 @@ class PlanInputs:
     par: object
     step: object  # TrainStep
     params: object
-    rest: object
+    buffers: object
     opt_state: object
     batch: dict
     routes: dict
@@ -45,9 +46,9 @@ def step_inputs(step, cfg, opt_cfg) -> PlanInputs:
     """The abstract arguments of `step` (a TrainStep) and Muon's routing of its parameters."""
     from glm5_jax import optim
 
-    params, rest, opt_state, batch, *_ = step.abstract_args()
+    params, buffers, opt_state, batch, *_ = step.abstract_args()
     routes = optim.param_routes(step.abstract.params, cfg, opt_cfg)
-    return PlanInputs(cfg, step.par, step, params, rest, opt_state, batch, routes, opt_cfg)
+    return PlanInputs(cfg, step.par, step, params, buffers, opt_state, batch, routes, opt_cfg)
 
 
 def abstract_inputs(cfg, par, global_batch: int, seq_len: int, opt_cfg, loss_cfg=None, accumulate: int = 1,
@@ -64,13 +65,12 @@ def abstract_inputs(cfg, par, global_batch: int, seq_len: int, opt_cfg, loss_cfg
     return step_inputs(S.TrainStep(spec, tx, par, state), cfg, opt_cfg)
 
 
-def check_batch(par, global_batch: int, seq_len: int, accumulate: int = 1):
-    """The step's rows must split into `accumulate` microbatches that split evenly over the batch shards
-    (and pipeline microbatches), the sequence over the context shards: otherwise the rules would silently
-    replicate it. (The trainer's own check, `glm5_jax.train.setup.choose_accumulation`.)"""
+def check_batch(cfg, par, global_batch: int, seq_len: int, accumulate: int = 1):
+    """The step's rows must split into `accumulate` microbatches that the layout runs (the trainer's own
+    check, `glm5_jax.train.setup.choose_accumulation`)."""
     from glm5_jax.train.setup import choose_accumulation
 
-    choose_accumulation("--global-batch", accumulate, global_batch, seq_len, par, None)
+    choose_accumulation("--global-batch", accumulate, global_batch, seq_len, par, None, cfg)
 
 
 @dataclasses.dataclass
@@ -125,7 +125,7 @@ class Memory:
 
     params: int
     optimizer: int
-    rest: int
+    buffers: int
     batch: int
     params_total: int
     optimizer_total: int
@@ -145,7 +145,7 @@ class Memory:
 
 def memory(inputs: PlanInputs, compiled) -> Memory:
     m = Memory(params=shard_bytes(inputs.params), optimizer=shard_bytes(inputs.opt_state),
-               rest=shard_bytes(inputs.rest), batch=shard_bytes(inputs.batch),
+               buffers=shard_bytes(inputs.buffers), batch=shard_bytes(inputs.batch),
                params_total=full_bytes(inputs.params), optimizer_total=full_bytes(inputs.opt_state))
     if compiled is not None:
         stats = compiled.memory_analysis()
@@ -229,8 +229,8 @@ def run(model: str, overrides=(), layout: str | None = None, layout_overrides=()
     target = target or Target("cpu", "cpu")
     cfg = config.load(model, list(overrides))
     layout_cfg = load_layout(layout, list(layout_overrides))
-    opt_cfg = unit_rate_optimizer(config.apply_overrides({}, list(opt_overrides)))  # as `glm5 train` runs it
-    loss_cfg = losses.loss_config_from_dict(config.apply_overrides({}, list(loss_overrides)), "--loss ")
+    opt_cfg = unit_rate_optimizer(apply_overrides({}, list(opt_overrides)))  # as `glm5 train` runs it
+    loss_cfg = losses.loss_config_from_dict(apply_overrides({}, list(loss_overrides)), "--loss ")
     limit = parse_bytes(device_memory) if isinstance(device_memory, str) else device_memory
     device_list = list(device_list if device_list is not None else jax.devices("cpu")[:devices or None])
     par = Parallelism.create(layout_cfg, device_list)
@@ -239,7 +239,7 @@ def run(model: str, overrides=(), layout: str | None = None, layout_overrides=()
     if seq_len < 1 or global_batch < 1 or accumulate < 1:
         raise ConfigError(f"{'--seq-len' if seq_len < 1 else '--global-batch' if global_batch < 1 else '--accumulate'}"
                           ": must be a positive integer")
-    check_batch(par, global_batch, seq_len, accumulate)
+    check_batch(cfg, par, global_batch, seq_len, accumulate)
     return measure(abstract_inputs(cfg, par, global_batch, seq_len, opt_cfg, loss_cfg, accumulate), target, limit)
 
 

@@ -55,7 +55,7 @@ def memory_table(result: PlanResult):
     t.add_row("parameters", _gib(m.params), f"analytic: {m.params:,} B per device ({_gib(m.params_total)} in all)")
     t.add_row("optimizer state", _gib(m.optimizer),
               f"analytic: {m.optimizer:,} B per device ({_gib(m.optimizer_total)} in all)")
-    t.add_row("router bias + batch", _gib(m.rest + m.batch), f"analytic: {m.rest + m.batch:,} B per device")
+    t.add_row("router bias + batch", _gib(m.buffers + m.batch), f"analytic: {m.buffers + m.batch:,} B per device")
     t.add_row("arguments", _gib(m.argument), "memory_analysis")
     t.add_row("outputs", _gib(m.output), "memory_analysis")
     t.add_row("aliased (donated params + opt)", _gib(None if m.alias is None else -m.alias), "memory_analysis")

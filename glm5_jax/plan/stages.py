@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.plan.devices import Target
 from glm5_jax.plan.measure import PlanResult, measure, step_inputs
 

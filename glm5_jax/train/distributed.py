@@ -26,13 +26,10 @@ import sys
 import threading
 import time
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import DistributedError
 
 DEFAULT_PORT = 8476
 
-
-class DistributedError(ConfigError):
-    """The job could not form: one line naming the variable or the peer at fault."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import numpy as np
 
 from glm5_jax.data import config as data_config
 from glm5_jax.data import shards as shards_lib
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
 from glm5_jax.data.tokenizer import build_tokenizer
 from glm5_jax.train.setup import check_vocab, choose_accumulation
 from glm5_jax.train.step import BATCH_KEYS
@@ -62,11 +62,11 @@ def auto_shards(program) -> int:
     return shards_lib.auto_shards(shards_lib.process_rows(program.batch_sharding, spec.batch_shape), spec.rows)
 
 
-def run_eval(program, params, rest, batches) -> dict:
+def run_eval(program, params, buffers, batches) -> dict:
     """Token-weighted means of the loss and LM loss over `batches`, and the perplexity exp(lm)."""
     import jax
 
-    results = jax.device_get([program.evaluate(params, rest, b, n) for b, n in batches])
+    results = jax.device_get([program.evaluate(params, buffers, b, n) for b, n in batches])
     tokens = sum(int(r["tokens"]) for r in results)
     mean = lambda k: sum(float(r[k]) * int(r["tokens"]) for r in results) / max(tokens, 1)
     lm = mean("lm")
@@ -86,13 +86,13 @@ class Evaluator:
         c = self.cfg
         return (c.interval_steps is not None and step % c.interval_steps == 0) or (c.at_stage_end and stage_end)
 
-    def run_at(self, stage, program, params, rest) -> dict:
+    def run_at(self, stage, program, params, buffers) -> dict:
         """{"loss", "lm", "ppl", "tokens"} of the stage's held-out microbatches (the same ones every time)."""
         if stage.name not in self._batches:
             d = stage.data
             pipe = eval_data(self.source, stage.name, d.seq_len, d.micro_rows, self.cfg.holdout, self.shards)
             self._batches[stage.name] = device_batches(pipe, program, self.cfg.batches)
-        return run_eval(program, params, rest, self._batches[stage.name])
+        return run_eval(program, params, buffers, self._batches[stage.name])
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, batches: int = 8,
@@ -105,7 +105,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
 
     from glm5_jax.checkpoint.manager import load_variables
     from glm5_jax.checkpoint.store import CheckpointReader
-    from glm5_jax.config import ConfigError
+    from glm5_jax.errors import ConfigError
     from glm5_jax.sharding.context import Parallelism
     from glm5_jax.sharding.layout import load_layout
     from glm5_jax.train import losses
@@ -122,13 +122,13 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     except (ValueError, AssertionError) as e:
         raise ConfigError(f"--layout: {e}") from None
     rows = st.global_batch
-    choose_accumulation(f"--data stage {st.name}", 1, rows, st.seq_len, par, None)
+    choose_accumulation(f"--data stage {st.name}", 1, rows, st.seq_len, par, None, cfg)
     check_vocab("--data", build_tokenizer(dcfg.tokenizer).vocab_size, cfg)
     program = S.EvalStep(S.StepConfig(cfg, losses.LossConfig(), rows, st.seq_len), par, S.abstract_state(cfg))
     pipe = eval_data(dcfg, st.name, st.seq_len, rows, holdout, auto_shards(program))
     variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint")
     params = {k: variables[k] for k in program.param_shardings}
-    rest = {k: variables[k] for k in program.rest_shardings}
-    result = run_eval(program, params, rest, device_batches(pipe, program, batches))
+    buffers = {k: variables[k] for k in program.buffer_shardings}
+    result = run_eval(program, params, buffers, device_batches(pipe, program, batches))
     return {"checkpoint": reader.directory, "step": reader.step, "stage": st.name, "seq_len": st.seq_len,
             "rows": rows, "batches": batches, **result}

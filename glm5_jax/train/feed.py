@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import jax
 
-from glm5_jax.config import ConfigError
 from glm5_jax.data import shards as shards_lib
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
+from glm5_jax.errors import ConfigError
 from glm5_jax.train.agree import gather_json
 from glm5_jax.train.step import BATCH_AXES, BATCH_KEYS
 

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5_jax.config import ConfigError, unknown_key
+from glm5_jax.errors import ConfigError
 from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.mla import DSA_MODES
-
-TRAINABLE = ("all", "indexer")
+from glm5_jax.train.recipe import TRAINABLE
+from glm5_jax.values import check_keys
 
 
 @dataclasses.dataclass
@@ -51,9 +51,7 @@ def loss_config_from_dict(values: dict | None, prefix: str = "") -> LossConfig:
     `prefix` (e.g. "loss.") is put before key names in error messages.
     """
     values = dict(values or {})
-    for key in values:
-        if key not in _LOSS_FIELDS:
-            raise unknown_key(prefix + key, [prefix + k for k in _LOSS_FIELDS], "loss config")
+    check_keys(LossConfig, values, prefix, "loss config")
     values = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
     return LossConfig(**values).validate(prefix)
 
@@ -108,7 +106,7 @@ def mtp_depths(cfg, loss_cfg: LossConfig, mtp_weight=None) -> int:
     return cfg.mtp_depths if cfg.has_mtp and not _is_static_zero(w) else 0
 
 
-def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=None, norms=None):
+def total_loss(params, buffers, graphdef, batch, loss_cfg: LossConfig, mtp_weight=None, norms=None):
     """The training objective and its parts.
 
     batch: `input_ids`, `targets`, `positions`, `segment_ids` [B, L] int32; a target < 0 is not scored;
@@ -124,7 +122,7 @@ def total_loss(params, rest, graphdef, batch, loss_cfg: LossConfig, mtp_weight=N
     aux = {"tokens", "expert_load": [main MoE layers (+1: the MTP layer's, summed over depths, when MTP
     ran), E] int32, "metrics": {"lm", "mtp", "balance", "z", "indexer_kl"} float32 scalars}.
     """
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, params, buffers)
     w_mtp = loss_cfg.mtp_weight if mtp_weight is None else mtp_weight
     depths = mtp_depths(model.cfg, loss_cfg, mtp_weight)
     norms = normalizers(batch, depths) if norms is None else norms
@@ -179,28 +177,28 @@ def _keys(path) -> tuple:
     return tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", None))) for k in path)
 
 
-def _router_bias_paths(rest) -> list[tuple]:
+def _router_bias_paths(buffers) -> list[tuple]:
     """Paths of the e_score_correction_bias buffers in model order: main groups, then MTP's layer."""
-    paths = [_keys(p) for p, v in jax.tree_util.tree_flatten_with_path(rest, is_leaf=_is_variable)[0]
+    paths = [_keys(p) for p, v in jax.tree_util.tree_flatten_with_path(buffers, is_leaf=_is_variable)[0]
              if _is_variable(v) and _keys(p)[-1] == "e_score_correction_bias"]
     main = sorted((p for p in paths if p[0] == "layers"), key=lambda p: p[1])
     return main + [p for p in paths if p[0] != "layers"]
 
 
-def update_router_bias(rest, expert_load, rate):
+def update_router_bias(buffers, expert_load, rate):
     """Aux-loss-free balancing: bias_i += rate * sign(mean_j load_j - load_i), per MoE layer.
 
-    rest: the model's non-parameter state (holds every `e_score_correction_bias`); expert_load: the
+    buffers: the model's non-parameter state (holds every `e_score_correction_bias`); expert_load: the
     `total_loss` aux `expert_load` [rows, E], main MoE layers in model order, then the MTP layer's row
     (its load summed over depths) when MTP ran; without that row the MTP bias is left as it is. rate may
-    be traced. Pure and jit-friendly; returns the new `rest`.
+    be traced. Pure and jit-friendly; returns the new `buffers`.
     """
-    paths = _router_bias_paths(rest)
+    paths = _router_bias_paths(buffers)
     main = [p for p in paths if p[0] == "layers"]
     rows = {}
     start = 0
     for p in main:
-        v = _get(rest, p)
+        v = _get(buffers, p)
         n = v.shape[0]
         rows[p] = (start, n)
         start += n
@@ -224,7 +222,7 @@ def update_router_bias(rest, expert_load, rate):
         delta = step(expert_load[s:s + n]) if n is not None else step(expert_load[s])
         return v.replace((v[...] + delta).astype(v[...].dtype))
 
-    return jax.tree_util.tree_map_with_path(update, rest, is_leaf=_is_variable)
+    return jax.tree_util.tree_map_with_path(update, buffers, is_leaf=_is_variable)
 
 
 def _get(state, path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.train.metrics import read_record
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import yaml
-
-from glm5_jax.config import ConfigError, apply_overrides, read_yaml_mapping, unknown_key
+from glm5_jax.errors import ConfigError
+from glm5_jax.values import apply_overrides, build, is_int, is_number, positive_int, read_yaml_mapping, unknown_key
 
 TRAINABLE = ("all", "indexer")
 # Optimizer fields a stage's `schedule` may set; the rest of the optimizer is the recipe's `optimizer`.
@@ -112,50 +111,26 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values, prefix: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: must be a mapping; got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in fields:
-            raise unknown_key(f"{prefix}{key}", [f"{prefix}{k}" for k in fields], "recipe")
-    kwargs = dict(values)
-    if cls is Recipe:
-        if "checkpoint" in kwargs:
-            kwargs["checkpoint"] = _build(CheckpointPolicy, kwargs["checkpoint"] or {}, "checkpoint.")
-        if "metrics" in kwargs:
-            kwargs["metrics"] = _build(MetricsConfig, kwargs["metrics"] or {}, "metrics.")
-        if "distributed" in kwargs:
-            kwargs["distributed"] = _build(DistributedConfig, kwargs["distributed"] or {}, "distributed.")
-        if "eval" in kwargs:
-            kwargs["eval"] = _build(EvalConfig, kwargs["eval"] or {}, "eval.")
-        if "stages" in kwargs:
-            stages = kwargs["stages"]
-            if not isinstance(stages, list):
-                raise ConfigError("stages: must be a list of stages")
-            kwargs["stages"] = [_build(StageRecipe, s, f"stages.{i}.") for i, s in enumerate(stages)]
-    return cls(**kwargs)
+def _stages(stages) -> list[StageRecipe]:
+    if not isinstance(stages, list):
+        raise ConfigError("stages: must be a list of stages")
+    return [build(StageRecipe, s, f"stages.{i}.", "recipe") for i, s in enumerate(stages)]
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_NESTED = {"checkpoint": CheckpointPolicy, "metrics": MetricsConfig, "distributed": DistributedConfig,
+           "eval": EvalConfig}
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _positive_int(key: str, v, allow_none: bool = False):
-    if v is None and allow_none:
-        return
-    if not _is_int(v) or v < 1:
-        raise ConfigError(f"{key}: must be a positive integer{' or null' if allow_none else ''}; got {v!r}")
+def _build(values) -> Recipe:
+    nested = {name: lambda v, cls=cls, name=name: build(cls, v or {}, f"{name}.", "recipe")
+              for name, cls in _NESTED.items()}
+    return build(Recipe, values, "", "recipe", {**nested, "stages": _stages})
 
 
 def _accumulate(key: str, v, allow_none: bool):
     if v is None and allow_none or v == "auto":
         return
-    if not _is_int(v) or v < 1:
+    if not is_int(v) or v < 1:
         raise ConfigError(f"{key}: must be a positive integer or auto{' or null' if allow_none else ''}; got {v!r}")
 
 
@@ -166,46 +141,46 @@ def validate(r: Recipe) -> Recipe:
     for key in ("model_overrides", "layout_overrides", "data_overrides", "optimizer", "losses"):
         if not isinstance(getattr(r, key), dict):
             raise ConfigError(f"{key}: must be a mapping; got {getattr(r, key)!r}")
-    _positive_int("devices", r.devices, allow_none=True)
-    _positive_int("max_steps", r.max_steps, allow_none=True)
-    _positive_int("max_nonfinite_in_a_row", r.max_nonfinite_in_a_row)
-    if not _is_int(r.seed):
+    positive_int("devices", r.devices, allow_none=True)
+    positive_int("max_steps", r.max_steps, allow_none=True)
+    positive_int("max_nonfinite_in_a_row", r.max_nonfinite_in_a_row)
+    if not is_int(r.seed):
         raise ConfigError(f"seed: must be an integer; got {r.seed!r}")
     if r.compilation_cache is not None and not isinstance(r.compilation_cache, str):
         raise ConfigError(f"compilation_cache: must be a directory path or null; got {r.compilation_cache!r}")
     if not isinstance(r.run_dir, str) or not r.run_dir:
         raise ConfigError(f"run_dir: must be a directory path; got {r.run_dir!r}")
     c = r.checkpoint
-    _positive_int("checkpoint.interval_steps", c.interval_steps, allow_none=True)
-    _positive_int("checkpoint.max_to_keep", c.max_to_keep, allow_none=True)
-    if c.interval_seconds is not None and (not _is_number(c.interval_seconds) or c.interval_seconds <= 0):
+    positive_int("checkpoint.interval_steps", c.interval_steps, allow_none=True)
+    positive_int("checkpoint.max_to_keep", c.max_to_keep, allow_none=True)
+    if c.interval_seconds is not None and (not is_number(c.interval_seconds) or c.interval_seconds <= 0):
         raise ConfigError(f"checkpoint.interval_seconds: must be a positive number or null; got {c.interval_seconds!r}")
     for key in ("async_save", "save_at_stage_end", "save_on_exit"):
         if not isinstance(getattr(c, key), bool):
             raise ConfigError(f"checkpoint.{key}: must be true or false; got {getattr(c, key)!r}")
     m = r.metrics
-    _positive_int("metrics.interval", m.interval)
+    positive_int("metrics.interval", m.interval)
     for key in ("tensorboard", "progress"):
         if not isinstance(getattr(m, key), bool):
             raise ConfigError(f"metrics.{key}: must be true or false; got {getattr(m, key)!r}")
-    if m.peak_flops is not None and (not _is_number(m.peak_flops) or m.peak_flops <= 0):
+    if m.peak_flops is not None and (not is_number(m.peak_flops) or m.peak_flops <= 0):
         raise ConfigError(f"metrics.peak_flops: must be a positive number or null; got {m.peak_flops!r}")
     _accumulate("accumulate", r.accumulate, allow_none=False)
-    _positive_int("data_shards", r.data_shards, allow_none=True)
+    positive_int("data_shards", r.data_shards, allow_none=True)
     for key in ("init_timeout", "peer_timeout"):
         v = getattr(r.distributed, key)
-        if not _is_number(v) or v <= 0:
+        if not is_number(v) or v <= 0:
             raise ConfigError(f"distributed.{key}: must be a positive number of seconds; got {v!r}")
-    _positive_int("max_tokens_per_device", r.max_tokens_per_device, allow_none=True)
+    positive_int("max_tokens_per_device", r.max_tokens_per_device, allow_none=True)
     e = r.eval
     if e.data is not None and not isinstance(e.data, str):
         raise ConfigError(f"eval.data: must be a data preset / YAML file or null; got {e.data!r}")
-    if not _is_number(e.holdout) or not 0 <= e.holdout < 1:
+    if not is_number(e.holdout) or not 0 <= e.holdout < 1:
         raise ConfigError(f"eval.holdout: must be a fraction in [0, 1); got {e.holdout!r}")
     if e.data is not None and e.holdout:
         raise ConfigError("eval.holdout: set either eval.data (a held-out source) or eval.holdout, not both")
-    _positive_int("eval.interval_steps", e.interval_steps, allow_none=True)
-    _positive_int("eval.batches", e.batches)
+    positive_int("eval.interval_steps", e.interval_steps, allow_none=True)
+    positive_int("eval.batches", e.batches)
     if not isinstance(e.at_stage_end, bool):
         raise ConfigError(f"eval.at_stage_end: must be true or false; got {e.at_stage_end!r}")
     if not r.stages:
@@ -218,7 +193,7 @@ def validate(r: Recipe) -> Recipe:
         if s.name in names:
             raise ConfigError(f"{key}.name: stage {s.name!r} appears twice")
         names.add(s.name)
-        _positive_int(f"{key}.steps", s.steps, allow_none=True)
+        positive_int(f"{key}.steps", s.steps, allow_none=True)
         _accumulate(f"{key}.accumulate", s.accumulate, allow_none=True)
         if (s.accumulate or r.accumulate) == "auto" and r.max_tokens_per_device is None:
             raise ConfigError(f"{key}.accumulate: auto needs max_tokens_per_device (the per-device budget of "
@@ -240,32 +215,10 @@ def validate(r: Recipe) -> Recipe:
 
 
 def from_dict(values: dict[str, Any]) -> Recipe:
-    return validate(_build(Recipe, values, ""))
+    return validate(_build(values))
 
 
 def load(source: str, overrides=()) -> Recipe:
     """A recipe from a preset name (`configs/recipes/NAME.yaml`) or YAML file, then `key=value` overrides
     (`checkpoint.interval_steps=10`, `stages.0.steps=50`, `optimizer.learning_rate=1e-3`)."""
-    return from_dict(_apply(read_yaml_mapping(source, "recipes", "recipe"), overrides))
-
-
-def _apply(values: dict, overrides) -> dict:
-    """`apply_overrides`, plus list indices in dotted keys (`stages.1.steps=10`)."""
-    values = apply_overrides(values, [])
-    plain = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"{item}: overrides are key=value")
-        key, raw = item.split("=", 1)
-        parts = key.split(".")
-        if len(parts) > 1 and parts[0] == "stages":
-            stages = values.get("stages") or []
-            if not parts[1].isdigit() or int(parts[1]) >= len(stages):
-                raise ConfigError(f"{key}: stages has {len(stages)} entries (index them 0..{len(stages) - 1})")
-            index = int(parts[1])
-            stage = stages[index]
-            stages[index] = apply_overrides(stage, [f"{'.'.join(parts[2:])}={raw}"]) if len(parts) > 2 else \
-                yaml.safe_load(raw)
-            continue
-        plain.append(item)
-    return apply_overrides(values, plain)
+    return from_dict(apply_overrides(read_yaml_mapping(source, "recipes", "recipe"), overrides))

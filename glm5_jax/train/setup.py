@@ -3,8 +3,8 @@
 `resolve(recipe, devices)` loads the model, layout and data configs the recipe names (applying its
 overrides as data), builds each stage's layout (`stages.N.layout`, default the recipe's), chooses every
 stage's gradient accumulation in that layout, builds the data schedule with it, and checks each stage's
-batch against its layout: rows per microbatch over batch shards x pipeline microbatches,
-sequence over context shards. Every problem is one `ConfigError` line naming the key.
+model and batch against its layout (`glm5_jax.model.layout_check.check_layout`). Every problem is one
+`ConfigError` line naming the key.
 """
 
 from __future__ import annotations
@@ -17,14 +17,16 @@ import optax
 from glm5_jax import config as config_lib
 from glm5_jax import optim
 from glm5_jax.checkpoint.store import CheckpointReader
-from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
-from glm5_jax.data.stages import Schedule
+from glm5_jax.data.stages import Schedule, model_overrides
+from glm5_jax.errors import ConfigError
+from glm5_jax.model.layout_check import check_layout
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import layout_from_dict, load_layout
 from glm5_jax.train import losses
 from glm5_jax.train.recipe import SCHEDULE_KEYS, Recipe
 from glm5_jax.train.step import StepConfig
+from glm5_jax.values import apply_overrides
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +95,7 @@ def _keyed(key: str, fn, *args):
 def base_model(recipe: Recipe) -> config_lib.ModelConfig:
     if recipe.init_from:
         cfg = CheckpointReader(recipe.init_from).config
-        return config_lib.from_dict(config_lib.apply_overrides(cfg.to_dict(), recipe.model_overrides))
+        return config_lib.from_dict(apply_overrides(cfg.to_dict(), recipe.model_overrides))
     return config_lib.load(recipe.model, recipe.model_overrides)
 
 
@@ -106,7 +108,7 @@ def stage_layout(recipe: Recipe, index: int):
     layout = _keyed("layout", load_layout, recipe.layout, recipe.layout_overrides)
     if not st.layout_overrides:
         return layout
-    values = config_lib.apply_overrides(dataclasses.asdict(layout), st.layout_overrides)
+    values = apply_overrides(dataclasses.asdict(layout), st.layout_overrides)
     return _keyed(f"stages.{index}.layout_overrides", layout_from_dict, values)
 
 
@@ -132,24 +134,28 @@ def layout_of(recipe: Recipe, devices=None, index: int = 0) -> Parallelism:
         raise ConfigError(f"{key}: {e}") from None
 
 
-def choose_accumulation(key: str, want, rows: int, seq_len: int, par: Parallelism, budget: int | None) -> int:
-    """Microbatches per step: `want` checked, or for "auto" the fewest whose microbatch fits `budget`."""
-    shards, micro, context = par.axis_size("batch"), par.config.microbatches, par.axis_size("length")
-    if seq_len % context:
-        raise ConfigError(f"{key}: seq_len {seq_len} does not split into {context} context shards")
-    unit = shards * micro
-    fits = lambda n: rows % n == 0 and (rows // n) % unit == 0
-    if want == "auto":
-        for n in range(1, rows + 1):
-            if fits(n) and (rows // n) * seq_len // (shards * context) <= budget:
-                return n
-        raise ConfigError(f"{key}.accumulate: auto: no split of {rows} rows of {seq_len} into microbatches of a "
-                          f"multiple of {unit} rows ({shards} batch shards x {micro} pipeline microbatches) puts "
-                          f"at most max_tokens_per_device={budget} tokens on a device")
-    if not fits(want):
-        raise ConfigError(f"{key}: {rows} rows per step as {want} microbatches do not split into {shards} batch "
-                          f"shards x {micro} pipeline microbatches; use a multiple of {want * unit} rows")
-    return want
+def choose_accumulation(key: str, want, rows: int, seq_len: int, par: Parallelism, budget: int | None, cfg) -> int:
+    """Microbatches per step: `want` checked, or for "auto" the fewest whose microbatch the layout runs
+    (`check_layout`) and that puts at most `budget` tokens on a device."""
+    if want != "auto":
+        check_layout(cfg, par, rows, seq_len, key, want)
+        return want
+    # What no accumulation fixes (the sequence, the experts, the pipeline), checked on rows that always split.
+    check_layout(cfg, par, par.axis_size("batch") * par.config.microbatches, seq_len, key)
+    per_device = par.axis_size("batch") * par.axis_size("length")
+    for n in range(1, rows + 1):
+        if _runs(cfg, par, rows, seq_len, n) and (rows // n) * seq_len // per_device <= budget:
+            return n
+    raise ConfigError(f"{key}.accumulate: auto: no split of {rows} rows of {seq_len} into microbatches the "
+                      f"layout runs puts at most max_tokens_per_device={budget} tokens on a device")
+
+
+def _runs(cfg, par: Parallelism, rows: int, seq_len: int, accumulate: int) -> bool:
+    try:
+        check_layout(cfg, par, rows, seq_len, accumulate=accumulate)
+    except ConfigError:
+        return False
+    return True
 
 
 def resolve(recipe: Recipe, devices=None) -> Run:
@@ -162,7 +168,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         pars.append(by_layout[layout])
     dcfg = data_config.load(recipe.data, recipe.data_overrides)
     by_name = {s.name: s for s in dcfg.stages}
-    stages, accumulate = [], {}
+    stages, cfgs, accumulate = [], [], {}
     for i, st in enumerate(recipe.stages):
         name = st.data_stage or st.name
         if name not in by_name:
@@ -174,9 +180,11 @@ def resolve(recipe: Recipe, devices=None) -> Run:
             raise ConfigError(f"stages.{i}.steps: data stage {name!r} has a batch_ramp; its token budget sets "
                               "the steps")
         stages.append(dataclasses.replace(ds, name=st.name, tokens=tokens))
+        over = {**model_overrides(ds.rope), **st.model_overrides}
+        cfgs.append(_keyed(f"stages.{i}.model_overrides", config_lib.from_dict, {**model_cfg.to_dict(), **over}))
         want = st.accumulate if st.accumulate is not None else recipe.accumulate
         accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, pars[i],
-                                                  recipe.max_tokens_per_device)
+                                                  recipe.max_tokens_per_device, cfgs[i])
     dcfg = dataclasses.replace(dcfg, stages=stages)
     schedule = Schedule(dcfg.stages, 1, accumulate)  # global rows: data shards split them (train/feed.py)
     opt_base = unit_rate_optimizer(recipe.optimizer)
@@ -189,8 +197,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
                               "to N > 1 or auto")
         opt_cfg = _keyed(f"{key}.schedule", optim.from_dict,
                          {"total_steps": ds.steps, **recipe.optimizer, **st.schedule})
-        over = {**ds.model_overrides(), **st.model_overrides}
-        cfg = _keyed(f"{key}.model_overrides", config_lib.from_dict, {**model_cfg.to_dict(), **over})
+        cfg = cfgs[i]
         loss_cfg = _keyed(f"{key}.losses", losses.loss_config_from_dict, {**recipe.losses, **st.losses})
         step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable)
         settings.append(StageSettings(i, st.name, pars[i], ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),

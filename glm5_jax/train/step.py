@@ -1,6 +1,6 @@
 """The train step: the one program `glm5 train` runs, `glm5 plan` compiles and the layout tests check.
 
-The model is split once into a graph definition and two states: `params` (nnx.Param, trained) and `rest`
+The model is split once into a graph definition and two states: `params` (nnx.Param, trained) and `buffers`
 (router bias buffers, not trained by gradient), both held as flat dicts of dotted names
 (`glm5_jax.checkpoint.naming`). Both are created already sharded (`init_sharded`), so no host ever holds
 the whole model.
@@ -27,7 +27,7 @@ from flax import nnx
 
 from glm5_jax import optim
 from glm5_jax.checkpoint.naming import flatten, to_state
-from glm5_jax.data.pipeline import global_batch
+from glm5_jax.data.loader import global_batch
 from glm5_jax.model import GLM5, layer_groups
 from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.train import losses
@@ -49,7 +49,7 @@ def state_shardings(state, par: Parallelism):
 class ModelState(NamedTuple):
     graphdef: nnx.GraphDef
     params: nnx.State
-    rest: nnx.State
+    buffers: nnx.State
 
 
 def split(model: GLM5) -> ModelState:
@@ -64,22 +64,22 @@ def abstract_state(cfg, seed: int = 0) -> ModelState:
 def init_sharded(cfg, par: Parallelism, seed: int = 0) -> ModelState:
     """A randomly initialised model created directly in its sharded layout."""
     abstract = abstract_state(cfg, seed)
-    shardings = (state_shardings(abstract.params, par), state_shardings(abstract.rest, par))
+    shardings = (state_shardings(abstract.params, par), state_shardings(abstract.buffers, par))
 
     def make():
         s = split(GLM5(cfg, rngs=nnx.Rngs(seed)))
-        return s.params, s.rest
+        return s.params, s.buffers
 
     with use(par):
-        params, rest = jax.jit(make, out_shardings=shardings)()
-    return ModelState(abstract.graphdef, params, rest)
+        params, buffers = jax.jit(make, out_shardings=shardings)()
+    return ModelState(abstract.graphdef, params, buffers)
 
 
 def place(state: ModelState, par: Parallelism) -> ModelState:
     """Move an existing (e.g. single-device) model state into the layout `par`."""
     params = jax.device_put(state.params, state_shardings(state.params, par))
-    rest = jax.device_put(state.rest, state_shardings(state.rest, par))
-    return ModelState(state.graphdef, params, rest)
+    buffers = jax.device_put(state.buffers, state_shardings(state.buffers, par))
+    return ModelState(state.graphdef, params, buffers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,49 +125,49 @@ def _accumulate(fn, batch: dict, count, constrain=lambda x: x):
 
 
 class EvalStep:
-    """The step's loss on a batch, no gradient and no update: `evaluate(params, rest, batch, count) -> metrics`.
+    """The step's loss on a batch, no gradient and no update: `evaluate(params, buffers, batch, count) -> metrics`.
 
-    params / rest: {dotted name: array}; batch: BATCH_KEYS -> int32 [accumulate, rows, L]; count: microbatches
+    params / buffers: {dotted name: array}; batch: BATCH_KEYS -> int32 [accumulate, rows, L]; count: microbatches
     of the batch to use (int32, traced).
     """
 
     def __init__(self, spec: StepConfig, par: Parallelism, abstract: ModelState):
         self.spec, self.par, self.abstract = spec, par, abstract
         self.param_shardings = flatten(state_shardings(abstract.params, par))
-        self.rest_shardings = flatten(state_shardings(abstract.rest, par))
+        self.buffer_shardings = flatten(state_shardings(abstract.buffers, par))
         self.batch_sharding = par.sharding(BATCH_AXES, spec.batch_shape)
         self.depths = losses.mtp_depths(spec.model_cfg, spec.loss_cfg)
-        self._eval = jax.jit(self._evaluate, in_shardings=(self.param_shardings, self.rest_shardings,
+        self._eval = jax.jit(self._evaluate, in_shardings=(self.param_shardings, self.buffer_shardings,
                                                            self.batch_sharding, None))
 
-    def _loss(self, params, rest, batch, norms):
+    def _loss(self, params, buffers, batch, norms):
         graphdef, tmpl_params, tmpl_rest = self.abstract
-        return losses.total_loss(to_state(params, tmpl_params), to_state(rest, tmpl_rest), graphdef, batch,
+        return losses.total_loss(to_state(params, tmpl_params), to_state(buffers, tmpl_rest), graphdef, batch,
                                  self.spec.loss_cfg, norms=norms)
 
-    def _evaluate(self, params, rest, batch, count):
+    def _evaluate(self, params, buffers, batch, count):
         batch = _only_first(batch, count)
         norms = losses.normalizers(batch, self.depths)
-        loss, aux = _accumulate(lambda micro: self._loss(params, rest, micro, norms), batch, count)
+        loss, aux = _accumulate(lambda micro: self._loss(params, buffers, micro, norms), batch, count)
         return {"loss": loss, "tokens": aux["tokens"], **aux["metrics"]}
 
     def abstract_variables(self) -> dict:
-        """{dotted name: ShapeDtypeStruct with its sharding} of every model variable (params and rest)."""
+        """{dotted name: ShapeDtypeStruct with its sharding} of every model variable (params and buffers)."""
         sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
         return {**{k: sds(v, self.param_shardings[k]) for k, v in flatten(self.abstract.params).items()},
-                **{k: sds(v, self.rest_shardings[k]) for k, v in flatten(self.abstract.rest).items()}}
+                **{k: sds(v, self.buffer_shardings[k]) for k, v in flatten(self.abstract.buffers).items()}}
 
-    def evaluate(self, params, rest, batch, count=None) -> dict:
+    def evaluate(self, params, buffers, batch, count=None) -> dict:
         """Loss and its terms on `batch` (on device)."""
         count = self.spec.accumulate if count is None else count
         with use(self.par):
-            return self._eval(params, rest, batch, jnp.int32(count))
+            return self._eval(params, buffers, batch, jnp.int32(count))
 
 
 class TrainStep(EvalStep):
-    """`step(params, rest, opt_state, batch, count, lr, bias_rate) -> (params, rest, opt_state, metrics)`.
+    """`step(params, buffers, opt_state, batch, count, lr, bias_rate) -> (params, buffers, opt_state, metrics)`.
 
-    As `EvalStep`, plus: lr, bias_rate: float32 (traced). Params, rest and optimizer state are donated.
+    As `EvalStep`, plus: lr, bias_rate: float32 (traced). Params, buffers and optimizer state are donated.
     `compile()` compiles it ahead of time for `abstract_args()` (what `glm5 plan` measures); `loss_and_grads`
     runs what the step differentiates, without the update.
     """
@@ -187,8 +187,8 @@ class TrainStep(EvalStep):
         n_main = sum(g.count for g in layer_groups(cfg) if g.moe)
         use_bias = spec.loss_cfg.bias_update_rate > 0
 
-        def step(params, rest, opt_state, batch, count, lr, rate):
-            (loss, aux), grads = self._loss_and_grads(params, rest, batch, count)
+        def step(params, buffers, opt_state, batch, count, lr, rate):
+            (loss, aux), grads = self._loss_and_grads(params, buffers, batch, count)
             if mask is not None:
                 grads = {k: g if mask[k] else jnp.zeros_like(g) for k, g in grads.items()}
             gnorm = optax.global_norm(grads)
@@ -201,7 +201,7 @@ class TrainStep(EvalStep):
             params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
             load = aux["expert_load"]
             if use_bias and load is not None:
-                rest = keep(flatten(losses.update_router_bias(to_state(rest, tmpl_rest), load, rate)), rest)
+                buffers = keep(flatten(losses.update_router_bias(to_state(buffers, tmpl_rest), load, rate)), buffers)
             metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "tokens": aux["tokens"], **aux["metrics"]}
             if load is not None:
                 load = load.astype(jnp.float32)
@@ -209,37 +209,37 @@ class TrainStep(EvalStep):
                 metrics["expert_load_max_over_mean"] = jnp.mean(jnp.max(load, axis=-1) / mean)
                 copies = count * spec.rows * spec.seq_len * cfg.num_experts_per_tok * n_main
                 metrics["dropped"] = 1.0 - jnp.sum(load[:n_main]) / copies  # (MTP's row, if any, is last)
-            return params, rest, opt_state, metrics
+            return params, buffers, opt_state, metrics
 
-        shardings = (self.param_shardings, self.rest_shardings, self.opt_shardings)
+        shardings = (self.param_shardings, self.buffer_shardings, self.opt_shardings)
         self._jit = jax.jit(step, in_shardings=(*shardings, self.batch_sharding, None, None, None),
                             out_shardings=(*shardings, None), donate_argnums=(0, 1, 2))
         self._compiled = None
 
-    def _loss_and_grads(self, params, rest, batch, count):
+    def _loss_and_grads(self, params, buffers, batch, count):
         """((loss, aux), grads) summed over the first `count` microbatches, every term over the step's norms."""
         batch = _only_first(batch, count)
         norms = losses.normalizers(batch, self.depths)
         grad = jax.value_and_grad(self._loss, has_aux=True)
         constrain = lambda out: (out[0], jax.lax.with_sharding_constraint(out[1], self.param_shardings))
-        return _accumulate(lambda micro: grad(params, rest, micro, norms), batch, count, constrain)
+        return _accumulate(lambda micro: grad(params, buffers, micro, norms), batch, count, constrain)
 
     def abstract_args(self) -> tuple:
         """ShapeDtypeStructs (with shardings) of every argument: the ahead-of-time plan's inputs."""
         sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
         variables = self.abstract_variables()
         params = {k: variables[k] for k in self.param_shardings}
-        rest = {k: variables[k] for k in self.rest_shardings}
+        buffers = {k: variables[k] for k in self.buffer_shardings}
         opt_state = jax.tree.map(sds, jax.eval_shape(self.tx.init, params), self.opt_shardings)
         batch = {k: jax.ShapeDtypeStruct(self.spec.batch_shape, jnp.int32, sharding=self.batch_sharding)
                  for k in BATCH_KEYS}
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
-        return params, rest, opt_state, batch, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32)
+        return params, buffers, opt_state, batch, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32)
 
-    def __call__(self, params, rest, opt_state, batch, count, lr, bias_rate):
+    def __call__(self, params, buffers, opt_state, batch, count, lr, bias_rate):
         fn = self._jit if self._compiled is None else self._compiled
         with use(self.par):
-            return fn(params, rest, opt_state, batch, jnp.int32(count), jnp.float32(lr), jnp.float32(bias_rate))
+            return fn(params, buffers, opt_state, batch, jnp.int32(count), jnp.float32(lr), jnp.float32(bias_rate))
 
     def lower(self, *args):
         """The step lowered for `args` (ShapeDtypeStructs with shardings; default `abstract_args()`)."""
@@ -256,8 +256,8 @@ class TrainStep(EvalStep):
         with use(self.par):
             return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
 
-    def loss_and_grads(self, params, rest, batch, count=None):
+    def loss_and_grads(self, params, buffers, batch, count=None):
         """((loss, aux), grads) of the step's loss, no update: what the step differentiates, for tests."""
         count = self.spec.accumulate if count is None else count
         with use(self.par):
-            return jax.jit(self._loss_and_grads)(params, rest, batch, jnp.int32(count))
+            return jax.jit(self._loss_and_grads)(params, buffers, batch, jnp.int32(count))

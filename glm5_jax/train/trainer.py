@@ -31,7 +31,8 @@ import numpy as np
 from glm5_jax import optim
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.naming import flatten
-from glm5_jax.data.pipeline import DataPipeline
+from glm5_jax.data.loader import DataPipeline
+from glm5_jax.errors import TrainingStopped
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
 from glm5_jax.train.distributed import maybe_initialize_distributed
@@ -43,15 +44,11 @@ from glm5_jax.train.recipe import Recipe
 from glm5_jax.train.setup import Run, StageSettings, check_vocab, resolve
 
 
-class TrainingStopped(RuntimeError):
-    """The run stopped itself (too many non-finite steps); the last committed checkpoint is intact."""
-
-
 @dataclasses.dataclass
 class TrainState:
     step: int  # optimizer steps done
     params: dict  # {dotted name: jax.Array}, trained
-    rest: dict  # router bias buffers, moved by the load-balancing rule
+    buffers: dict  # router bias buffers, moved by the load-balancing rule
     opt_state: object
     counters: dict  # nonfinite_in_a_row, skipped_total, tokens_seen, rng (saved as the `train` item)
 
@@ -126,7 +123,7 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
     def init(loaded):
         if loaded is None:
             state = S.init_sharded(run.model_cfg, run.par, recipe.seed)
-            loaded = {**flatten(state.params), **flatten(state.rest)}
+            loaded = {**flatten(state.params), **flatten(state.buffers)}
         params = {k: loaded[k] for k in params_abs}
         return loaded, program.init_optimizer(params)
 
@@ -314,7 +311,7 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
     def save():
         reporter.flush()  # the counters saved are this step's
         trained = run.stage_at(max(state.step - 1, 0))  # the stage of the last step trained (its RoPE)
-        ckpt.save(state.step, variables={**state.params, **state.rest}, opt_state=state.opt_state,
+        ckpt.save(state.step, variables={**state.params, **state.buffers}, opt_state=state.opt_state,
                   train={**state.counters, "step": state.step, "stage": trained.name}, data=it.state(),
                   model_config=trained.step.model_cfg.to_dict(), recipe=recipe.to_dict())
 
@@ -336,8 +333,8 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
             data, count = batch or it.next_batch(stage)
             lr = float(stage.schedule(state.step - stage.data.start_step))
             dispatched = time.perf_counter()
-            state.params, state.rest, state.opt_state, metrics = program(
-                state.params, state.rest, state.opt_state, data, count, lr, stage.bias_rate)
+            state.params, state.buffers, state.opt_state, metrics = program(
+                state.params, state.buffers, state.opt_state, data, count, lr, stage.bias_rate)
             state.step += 1
             progress["trained"] = True
             reporter.add(state.step, stage, lr, count * stage.data.micro_rows, metrics, dispatched)
@@ -345,7 +342,7 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
             if evaluator is not None and evaluator.due(state.step, stage_end):
                 reporter.flush()
                 log.write_eval({"step": state.step, "stage": stage.name,
-                                **evaluator.run_at(stage, program, state.params, state.rest)})
+                                **evaluator.run_at(stage, program, state.params, state.buffers)})
             sigterm, due = agree(ckpt.sigterm, ckpt.due(state.step, stage_end and state.step < end))
             if sigterm:
                 out(f"SIGTERM{' (on some process)' if multi else ''}: saving step {state.step} and exiting")

@@ -18,15 +18,15 @@ import pytest
 from flax import nnx
 
 from glm5_jax import config
-from glm5_jax.config import ConfigError
+from glm5_jax.errors import ConfigError
 from glm5_jax.model import GLM5
-from glm5_jax.model.transformer import LayerGroup
+from glm5_jax.model.layout_check import check_layout
+from glm5_jax.model.transformer import LayerGroup, pipelined_group
 from glm5_jax.sharding import pipeline
-from glm5_jax.sharding.context import Parallelism, use
+from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import ParallelConfig
-from glm5_jax.train import losses as LS
 from glm5_jax.train import step as S
-from tests.step_util import LM_ONLY, compiled_loss_and_grads, loss_and_grads, two_document_batch
+from tests.step_util import compiled_loss_and_grads, loss_and_grads, two_document_batch
 
 B, L = 8, 40  # L > index_topk (16): the indexer and the sparse attention run inside the stages
 
@@ -71,27 +71,32 @@ def test_pipeline_matches_single_device(setup, layout):
     assert any(re.fullmatch(rf"1,\d+,{L},\d+", shape) for shape in permuted), permuted  # [stage, rows, L, D]
 
 
-def test_microbatch_errors_are_raised_before_compiling(setup):
-    _, state, batch, *_ = setup
-    fn = jax.jit(lambda params, rest, batch: LS.total_loss(params, rest, state.graphdef, batch, LM_ONLY))
+def test_layout_errors_are_raised_before_tracing(setup):
+    cfg = setup[0]
     for layout, message in [
         ({"mesh": {"pipeline": 4, "data": 2}, "microbatches": 2}, r"^microbatches: .* got microbatches 2 for 4 stages"),
-        ({"mesh": {"pipeline": 2, "data": 4}, "microbatches": 3}, r"^microbatches: the batch of 8 rows does not split"),
+        ({"mesh": {"pipeline": 2, "data": 4}, "microbatches": 3},
+         r"^layout: 8 rows per step as 1 microbatches do not split into 4 batch shards x 3 pipeline microbatches"),
         ({"mesh": {"pipeline": 4, "data": 2}, "microbatches": 4, "pipeline_repeats": 2},
          r"^pipeline_repeats: the pipelined group has 5 layers, fewer than stages x repeats = 4 x 2"),
+        ({"mesh": {"pipeline": 2, "expert": 2, "data": 2}, "microbatches": 2},
+         r"^expert_matmul: 'tiled' does not run under pipeline x expert parallelism"),
     ]:
-        with use(Parallelism.create(ParallelConfig(**layout))), pytest.raises(ConfigError, match=message):
-            fn.trace(state.params, state.rest, batch)
+        with pytest.raises(ConfigError, match=message):
+            check_layout(cfg, Parallelism.create(ParallelConfig(**layout)), B, L)
 
 
 def test_placement_rule():
     glm5 = [LayerGroup(0, 3, moe=False, indexer=True), LayerGroup(3, 75, moe=True, indexer=True)]
-    assert pipeline.pipelined_group(glm5) == 1  # the 75 MoE layers
+    assert pipelined_group(glm5) == 1  # the 75 MoE layers
     par = Parallelism.create(ParallelConfig(mesh={"pipeline": 4, "data": 2}, microbatches=8))
     # 4 stages: 3 MoE layers run before the pipeline with the dense ones, then 4 x 18.
-    assert pipeline.plan(75, 16, par) == pipeline.Plan(stages=4, repeats=1, microbatches=8, before=3, per_chunk=18)
+    assert pipeline.chunks(75, par) == pipeline.Chunks(stages=4, repeats=1, microbatches=8, before=3, per_chunk=18)
     par = Parallelism.create(ParallelConfig(mesh={"pipeline": 2, "data": 4}, microbatches=4, pipeline_repeats=3))
-    assert pipeline.plan(75, 16, par) == pipeline.Plan(stages=2, repeats=3, microbatches=4, before=3, per_chunk=12)
+    assert pipeline.chunks(75, par) == pipeline.Chunks(stages=2, repeats=3, microbatches=4, before=3, per_chunk=12)
     # A 'full' pipelined group whose top-k a later 'shared' layer would need is refused.
-    with pytest.raises(ConfigError, match=r"^pipeline: layers after the pipelined group"):
-        pipeline.pipelined_group(glm5 + [LayerGroup(78, 2, moe=False, indexer=False)])
+    cfg = config.load("tiny", ["mlp_layer_types=[dense, sparse, sparse, dense]",
+                               "indexer_types=[full, full, full, shared]"])
+    par = Parallelism.create(ParallelConfig(mesh={"pipeline": 2, "data": 4}, microbatches=4))
+    with pytest.raises(ConfigError, match=r"^layout: layers after the pipelined group"):
+        check_layout(cfg, par, 16, 32)

@@ -10,18 +10,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from glm5_jax.config import ConfigError
 from glm5_jax.data import config as data_config
-from glm5_jax.data.errors import DataError
-from glm5_jax.data.packing import IGNORE, KEYS
-from glm5_jax.data.pipeline import (
+from glm5_jax.data.loader import (
     DataPipeline,
     batch_sharding,
     global_batch,
     restore_args,
     save_args,
 )
+from glm5_jax.data.packing import IGNORE, KEYS
 from glm5_jax.data.tokenizer import ByteTokenizer
+from glm5_jax.errors import ConfigError, DataError
 
 TOK = ByteTokenizer()
 
@@ -161,7 +160,7 @@ def test_stage_schedule(corpus):
 
 def test_stage_batch_must_divide(corpus):
     _, paths = corpus
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.tokens_per_step: must be a multiple of seq_len \(32\)"):
+    with pytest.raises(ConfigError, match=r"stages\.0\.tokens_per_step: must be a multiple of seq_len \(32\)"):
         two_stage_config(paths, stages=[{"name": "s", "seq_len": 32, "tokens_per_step": 100, "tokens": 1000,
                                          "mixture": {"corpus": 1}}])
     with pytest.raises(ConfigError, match="divide evenly over 3 processes"):

@@ -26,8 +26,10 @@ import grain
 import jax
 import numpy as np
 
+from glm5_jax.errors import DataError
+
 from . import config as data_config
-from .errors import MAX_CONSECUTIVE_SKIPS, DataError, ErrorPolicy
+from .errors import MAX_CONSECUTIVE_SKIPS, ErrorPolicy
 from .packing import Encoder, Finalize, pack
 from .sources import open_source
 from .stages import Schedule, Stage

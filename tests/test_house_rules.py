@@ -1,0 +1,69 @@
+"""The seams of the codebase, checked statically: imports point one way, files stay small, one override
+function and one error family exist. (Reads the source; imports nothing from the package.)"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = {"glm5_jax": ROOT / "glm5_jax", "glm5_jax.sharding": ROOT / "sharding", "glm5_jax.data": ROOT / "data"}
+MAX_LINES = 450
+
+
+def _sources():
+    for package, folder in PACKAGES.items():
+        for path in sorted(folder.rglob("*.py")):
+            if package == "glm5_jax" and path.relative_to(folder).parts[0] in ("sharding", "data"):
+                continue
+            module = ".".join((package, *path.relative_to(folder).with_suffix("").parts))
+            yield module.removesuffix(".__init__"), path
+
+
+def _imports(module: str, path: pathlib.Path) -> set[str]:
+    """Absolute names of the modules `path` imports (relative imports resolved), at any depth."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def _importers(prefix: str, forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(f"{m} imports {name}" for m, path in _sources() if m.startswith(prefix)
+                  for name in _imports(m, path) if name.startswith(forbidden))
+
+
+def test_imports_point_one_way():
+    assert _importers("glm5_jax.sharding", ("glm5_jax.model",)) == []
+    assert _importers("glm5_jax.optim", ("glm5_jax.model", "glm5_jax.checkpoint", "glm5_jax.train")) == []
+    assert _importers("glm5_jax.train", ("glm5_jax.plan", "glm5_jax.cli", "glm5_jax.plan_command")) == []
+    assert _importers("glm5_jax.model", ("glm5_jax.train", "glm5_jax.plan", "glm5_jax.checkpoint")) == []
+
+
+def test_files_stay_small():
+    long = [f"{path.relative_to(ROOT)}: {n} lines" for _, path in _sources()
+            if (n := len(path.read_text().splitlines())) > MAX_LINES]
+    assert long == []
+
+
+def test_one_override_function_and_one_error_family():
+    defs, errors = [], []
+    for module, path in _sources():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and "override" in node.name and node.name != "model_overrides":
+                defs.append(f"{module}.{node.name}")
+            if isinstance(node, ast.ClassDef) and any(getattr(b, "id", "").endswith(("Error", "Exception"))
+                                                      for b in node.bases):
+                errors.append(f"{module}.{node.name}")
+    assert defs == ["glm5_jax.values.apply_overrides"]
+    # Every user-facing error lives in glm5_jax.errors; the only other one is the trainer's internal signal.
+    assert [e for e in errors if not e.startswith("glm5_jax.errors.")] == ["glm5_jax.train.trainer.CompileInterrupted"]
