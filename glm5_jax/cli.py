@@ -290,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     from glm5_jax.plan_command import add_parser as add_plan_parser
 
     add_plan_parser(sub, _key_values)
+    from glm5_jax.bench.command import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     _add_train_parsers(sub)
     _add_generate_parser(sub)
     from glm5_jax.launch_local import add_parser as add_launch_parser

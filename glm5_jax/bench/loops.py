@@ -1,0 +1,47 @@
+"""Trip counts of the train step's loops whose count XLA cannot know at compile time.
+
+Two loops of the step run a count that depends on runtime values, so the compiled HLO carries no
+`known_trip_count` for them (glm5_jax/bench/hlo_flops.py counts them by what this module says):
+
+- the accumulation loop (`train/step.py` `_accumulate`: `fori_loop(0, count)` over the step's microbatches,
+  `count` an argument): it runs `count` times, the microbatches the benchmarked steps use;
+- the top-k merge loop of DSA's key selection (`model/dsa.py` `_local_topk.block_topk`:
+  `fori_loop(1, needed)` over the key chunks up to a query block's last position, since later chunks hold
+  keys none of its queries can see): `needed - 1` trips, which this module computes for every query block of
+  every sequence shard from the step's shapes, exactly as `_local_topk` computes `needed` (its query
+  positions are the row positions 0..L-1 of the sequence, whatever the packing). The mean over blocks and
+  shards is the per-execution count (every device runs the same program on its own shard).
+"""
+
+from __future__ import annotations
+
+
+def topk_merge_trips(seq_len: int, topk: int, block: int, context: int = 1) -> float:
+    """Mean trips of `_local_topk`'s merge loop per query block, over the blocks of all `context` shards."""
+    local = seq_len // context
+    chunk = max(topk, block)
+    n_chunks = -(-seq_len // chunk)
+    block = min(block, local)  # (map_blocks' block of a shard)
+    n_blocks = -(-local // block)
+    trips = []
+    for shard in range(context):
+        for b in range(n_blocks):
+            last = shard * local + min((b + 1) * block, local) - 1  # the block's last real query position
+            trips.append(min(last // chunk + 1, n_chunks) - 1)
+    return sum(trips) / len(trips)
+
+
+def step_trips(spec, context: int, count: int):
+    """`dynamic_trips((file, function))` for the step of `spec` (train.step.StepConfig) with `context`
+    sequence shards, run on batches of `count` microbatches: the two loops above, None for any other."""
+    cfg = spec.model_cfg
+
+    def trips(where: tuple[str, str]):
+        file, function = where
+        if file.endswith("train/step.py") and function == "_accumulate":
+            return float(count)
+        if file.endswith("model/dsa.py") and function.endswith("block_topk"):
+            return topk_merge_trips(spec.seq_len, cfg.index_topk, cfg.attention_query_block, context)
+        return None
+
+    return trips
