@@ -73,8 +73,10 @@ def received_rows(mode: str, copies: int, n_shards: int, factor: float | None) -
 
 
 def expert_parallel_ffn(x, idx, weights, gate, up, down, *, par: Parallelism, experts):
-    """Routed expert output [T, D] and tokens processed per expert [E] with experts sharded over the devices
-    of layout `par`.
+    """Routed expert output [T, D] and tokens processed per expert [E] on the devices of layout `par`: the
+    experts sharded over its expert axes (tokens exchanged), or, with none, every device running its own
+    tokens through all experts (no exchange; left to GSPMD, the token sort would keep the whole batch on
+    every device).
 
     x [T, D] (T = batch * length, token-major), idx / weights [T, k] from the router, gate / up [E, D, F],
     down [E, F, D]. experts(rows, idx, weights, gate, up, down, n_experts) -> (output, load): the grouped
@@ -88,7 +90,8 @@ def expert_parallel_ffn(x, idx, weights, gate, up, down, *, par: Parallelism, ex
     t_spec, w_in, w_out = P(axes.tokens or None), P(axes.experts or None, axes.embed or None, axes.mlp or None), \
         P(axes.experts or None, axes.mlp or None, axes.embed or None)
     factor = par.config.capacity_factor
-    local = _capacity_local if mode == "capacity" else functools.partial(_ragged_local, exchange=par.ragged_exchange)
+    local = (_own_tokens if n_shards == 1 else _capacity_local if mode == "capacity" else
+             functools.partial(_ragged_local, exchange=par.ragged_exchange))
 
     def body(x, idx, weights, gate, up, down):
         if axes.embed:  # FSDP: the weights' model dimension is gathered for the local matmuls
@@ -103,6 +106,11 @@ def expert_parallel_ffn(x, idx, weights, gate, up, down, *, par: Parallelism, ex
     fn = jax.shard_map(body, mesh=par.mesh, in_specs=(t_spec, t_spec, t_spec, w_in, w_in, w_out),
                        out_specs=(t_spec, P()))
     return fn(x, idx, weights, gate, up, down)
+
+
+def _own_tokens(x, idx, weights, gate, up, down, *, n_experts, experts, **_):
+    """No expert axis: this device's tokens through all experts, nothing exchanged."""
+    return experts(x, idx, weights, gate, up, down, n_experts)
 
 
 def _local_experts(rows, expert_ids, gate, up, down, experts):
