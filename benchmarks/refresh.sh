@@ -3,7 +3,8 @@
 #
 #   glm5 bench   tiny (the model preset on the default data, one device), quickstart (8 simulated devices:
 #                pipeline 2 x expert 2 x tensor 2), tiny with a 352 MB state (the checkpoint targets), and the
-#                quickstart step in four more layouts (the compiled / analytic FLOP ratio, layout by layout);
+#                quickstart step in five more layouts (the compiled / analytic FLOP ratio, layout by layout), and
+#                launch/quickstart.sh itself (every program's compile time, the total);
 #   benchmarks/  data_throughput.py, input_overlap.py, generate_speed.py, optimizer_compare.py,
 #                long_context.py (compile only: the layer's memory; timing the real layer on CPU takes minutes
 #                per length) and expert_matmul.py at small shapes.
@@ -47,6 +48,10 @@ run flops-ep-tiled $GLM5 bench --config quickstart --steps 1 --warmup 1 --parts 
 run flops-ep-ragged $GLM5 bench --config quickstart --steps 1 --warmup 1 --parts step \
   --json "$R/flops-ep-ragged.json" "layout_overrides.mesh={data: 2, expert: 2, tensor: 2}" "${ONE_STAGE[@]}" \
   model_overrides.expert_matmul=ragged_dot
+run flops-mb4 $GLM5 bench --config quickstart --steps 1 --warmup 1 --parts step --json "$R/flops-mb4.json" \
+  layout_overrides.microbatches=4
+rm -rf runs/.jax-cache  # the quickstart from a cold compilation cache, every program's compile logged
+RUN="$R/quickstart" JAX_LOG_COMPILES=1 run quickstart bash launch/quickstart.sh
 run data-throughput $PY benchmarks/data_throughput.py --seconds 4
 XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=8" \
   run input-overlap $PY benchmarks/input_overlap.py --recipe quickstart --steps 10

@@ -20,7 +20,8 @@ LADDER = (("flops-one", "one device", "the analytic count's own setting: every m
           ("flops-data8", "data 8", "8 data-parallel devices, no expert axis"),
           ("flops-ep-tiled", "data 2 x expert 2 x tensor 2, tiled", "expert parallelism over 2 devices"),
           ("flops-ep-ragged", "data 2 x expert 2 x tensor 2, ragged_dot", "the same with jax.lax.ragged_dot"),
-          ("bench-quickstart", "pipeline 2 x expert 2 x tensor 2 (quickstart)", "the quickstart layout"))
+          ("bench-quickstart", "pipeline 2 x expert 2 x tensor 2 (quickstart)", "the quickstart layout"),
+          ("flops-mb4", "the quickstart with 4 microbatches", "the pipeline bubble (M + S - 1) / M: 1.5 -> 1.25"))
 # Model parts by the Python functions the compiled HLO's metadata names (the first match counts).
 PARTS = (("routed experts (grouped matmul)", ("moe.py:grouped_experts", "moe.py:TiledGroups")),
          ("router", ("moe.py:MoE.",)), ("dense FFN, shared expert", ("moe.py:SwiGLU",)),
@@ -166,6 +167,52 @@ def ladder_lines(results: str) -> list[str]:
     return lines
 
 
+def _analytic(doc, name: str) -> float:
+    return next(c["per_device"] for c in doc["step"]["flops"]["components"] if c["name"] == name)
+
+
+def excess_lines(results: str) -> list[str]:
+    """The quickstart's excess over the analytic count, term by term, each factor from the compiled programs."""
+    two, four = _load(results, "bench-quickstart"), _load(results, "flops-mb4")
+    if not (two and four and "step" in two and "step" in four):
+        return []
+    piped = lambda d: sum(v for k, v in d["step"]["flops"]["by_source"].items()
+                          if "scan_layers" in k or "sharding/pipeline.py" in k)
+    a, b = piped(two), piped(four)
+    experts, routed = _experts(two), _analytic(two, "MoE routed experts (active)")
+    f = two["step"]["flops"]
+    rest = f["compiled_per_device"] - experts - a - (f["analytic_per_device"] - routed)
+    return [f"The quickstart's excess, {f['compiled_per_device'] - f['analytic_per_device']:.3e} FLOPs per device "
+            f"(ratio {f['ratio']:.3f}), term by term:", "",
+            f"- routed experts: compiled {experts:.3e} against the analytic {routed:.3e}, x{experts / routed:.1f} ="
+            " 4 (XLA:CPU runs ragged_dot densely: every received row through all 4 local experts; under pipeline x "
+            "expert parallelism `auto` cannot take the tiled loop on jax 0.10) x 2 (the dropless capacity buffer "
+            "holds n_shards x copies rows, half of them empty) x 1.5 (the pipeline bubble, below);",
+            f"- the pipelined group's layer scans and stage iterations: {a:.3e} with 2 microbatches, {b:.3e} with "
+            f"4: x{b / a:.3f}, the bubble's (4 + 1) / 4 over (2 + 1) / 2 = x{(5 / 4) / (3 / 2):.3f} (every stage "
+            "computes M + S - 1 iterations for M microbatches; the stage compute is also always rematerialised);",
+            f"- everything else, {rest:+.3e} against the analytic rest: the pipelined forward recomputed in the "
+            "backward, MTP's input projection not divided by the tensor axis, elementwise work.", ""]
+
+
+_COMPILE = re.compile(r"Finished XLA compilation of (\S+) in ([\d.]+) sec")
+
+
+def quickstart_lines(results: str) -> list[str]:
+    """`launch/quickstart.sh` as a user runs it (cold compilation cache, JAX_LOG_COMPILES): the programs XLA
+    compiled, their total and the largest."""
+    path = os.path.join(results, "quickstart.log")
+    if not os.path.exists(path):
+        return [f"(not run: {_status(results, 'quickstart')})"]
+    compiles = [(m[1], float(m[2])) for m in map(_COMPILE.search, open(path)) if m]
+    hits = sum("cache hit" in line for line in open(path))
+    lines = [f"`bash launch/quickstart.sh` ({_status(results, 'quickstart')}, all of it: two training runs, export, "
+             f"transformers load, `glm5 eval`): {len(compiles)} programs compiled, {sum(s for _, s in compiles):.0f} "
+             f"s of XLA compiling in all, {hits} persistent-cache hits (the resumed run's step). The largest:", "",
+             "| program | XLA compile (s) |", "|---|---|"]
+    return lines + [f"| `{name}` | {sec:.1f} |" for name, sec in sorted(compiles, key=lambda c: -c[1])[:8]]
+
+
 def target_lines(results: str) -> list[str]:
     """The brief's targets, each with the figure that decides it (or why there is none)."""
     verdict = lambda ok: "met" if ok else "NOT met"
@@ -268,12 +315,14 @@ def render(results: str) -> str:
               "sums the compiled FLOPs whose source is the MoE's grouped matmul (`moe.py` `grouped_experts` / "
               "`TiledGroups`).", ""]
     lines += ladder_lines(results)
+    lines += [""] + excess_lines(results)
     lines += ["", "The quickstart's compiled FLOPs by model part (the Python function each matmul's HLO metadata "
               "names), against the one-device compile of the same step divided by the analytic count's split of "
               "the work (what a perfect split of that program would leave each device):", ""]
     lines += part_lines(_load(results, "flops-one"), _load(results, "bench-quickstart"))
     lines += ["", "The quickstart's compiled FLOPs by source, next to the analytic components (per device):", ""]
     lines += source_lines(_load(results, "bench-quickstart"))
+    lines += ["", "## The quickstart", ""] + quickstart_lines(results)
     lines += ["", "## benchmarks/*.py", ""] + script_lines(results)
     lines += ["## GPU", "", "No GPU has been lent to this repository's benchmark runs yet. On a machine with one "
               "NVIDIA H200 (Python 3.12 and jax with CUDA installed; what it lacks, such as grain, as wheels carried "
