@@ -327,13 +327,12 @@ def _stop(signum, frame):
     if _stop_signal[0] is not None:
         _exit_stopped(signum)
     _stop_signal[0] = signum
-    default_hook = sys.unraisablehook
-
-    def quiet(unraisable):  # the interrupt landed where Python drops exceptions (a gc callback): the timer ends it
-        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
-            default_hook(unraisable)
-
-    sys.unraisablehook = quiet
+    # The process now ends within _GRACE_S with one line. Until then what else fails is a consequence of the
+    # stop, not the user's error: the interrupt landing where Python drops exceptions (a gc callback), or
+    # background threads (Orbax's event loop, TensorStore callbacks) posting to a loop that has closed.
+    sys.unraisablehook = lambda unraisable: None
+    sys.excepthook = lambda *exc_info: None
+    threading.excepthook = lambda hook_args: None
     timer = threading.Timer(_GRACE_S, _exit_stopped, (signum,))
     timer.daemon = True
     timer.start()
@@ -363,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _run(args)
-    except KeyboardInterrupt:
+    except BaseException:  # the interrupt, or whatever it set off while the command unwound
         if _stop_signal[0] is None:
             raise
         _exit_stopped(_stop_signal[0])

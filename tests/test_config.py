@@ -63,7 +63,7 @@ def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     assert code == 2 and capsys.readouterr().err.count("\n") == 1
     with pytest.raises(config.ConfigError, match="num_attention_heads: must be a positive integer"):
         config.load(str(bad))
-    with pytest.raises(config.ConfigError, match="model preset 'nope' does not exist; presets: glm5-744b, tiny"):
+    with pytest.raises(config.ConfigError, match="model preset 'nope' does not exist; presets: glm5-744b, glm5-proxy-1gpu, tiny"):
         config.load("nope")
 
 
