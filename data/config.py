@@ -10,7 +10,7 @@ import dataclasses
 
 from glm5_jax.config import ROPE_TYPES
 from glm5_jax.errors import ConfigError
-from glm5_jax.values import apply_overrides, build, check_keys, choice, fail, read_yaml_mapping
+from glm5_jax.values import apply_overrides, boolean, build, check_keys, choice, fail, read_yaml_mapping
 
 from .errors import ON_ERROR
 
@@ -113,8 +113,7 @@ def _source(name, values) -> SourceConfig:
         fail(f"{key}.paths", f"kind {cfg.kind} needs at least one file or glob")
     if not isinstance(cfg.text_field, str) or not cfg.text_field:
         fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
-    if not isinstance(cfg.append_eos, bool):
-        fail(f"{key}.append_eos", f"must be true or false; got {cfg.append_eos!r}")
+    boolean(f"{key}.append_eos", cfg.append_eos)
     return cfg
 
 
@@ -200,8 +199,7 @@ def from_dict(values: dict) -> DataConfig:
     cfg.seed = _int("seed", cfg.seed, 0)
     if cfg.seed >= 2**31:
         fail("seed", f"must be < 2**31; got {cfg.seed}")
-    if not isinstance(cfg.shuffle, bool):
-        fail("shuffle", f"must be true or false; got {cfg.shuffle!r}")
+    boolean("shuffle", cfg.shuffle)
     choice("on_error", cfg.on_error, ON_ERROR)
     cfg.num_workers = _int("num_workers", cfg.num_workers, 0)
     cfg.worker_buffer_size = _int("worker_buffer_size", cfg.worker_buffer_size)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from glm5_jax.values import build, fail, is_int, is_number
+from glm5_jax.values import boolean, build, choice, fail, is_int, is_number
 
 SCHEDULES = ("cosine", "linear", "constant", "wsd")
 MATRIX_OPTIMIZERS = ("muon", "adamw")
@@ -63,11 +63,9 @@ class OptimizerConfig:
 def _validate(c: OptimizerConfig):
     for key, allowed in (("matrix_optimizer", MATRIX_OPTIMIZERS), ("schedule", SCHEDULES),
                          ("wsd_decay", WSD_DECAYS), ("mu_dtype", MU_DTYPES)):
-        if getattr(c, key) not in allowed:
-            fail(f"optimizer.{key}", f"must be one of {', '.join(map(str, allowed))}; got {getattr(c, key)!r}")
+        choice(f"optimizer.{key}", getattr(c, key), allowed)
     for key in ("nesterov", "split_heads", "split_qk_rope", "split_o_proj", "adam_nesterov"):
-        if not isinstance(getattr(c, key), bool):
-            fail(f"optimizer.{key}", f"must be true or false; got {getattr(c, key)!r}")
+        boolean(f"optimizer.{key}", getattr(c, key))
     for key in ("learning_rate", "end_learning_rate", "weight_decay", "adam_eps"):
         if not is_number(getattr(c, key)) or getattr(c, key) < 0:
             fail(f"optimizer.{key}", f"must be a number >= 0; got {getattr(c, key)!r}")

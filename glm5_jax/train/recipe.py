@@ -13,7 +13,16 @@ import dataclasses
 from typing import Any
 
 from glm5_jax.errors import ConfigError
-from glm5_jax.values import apply_overrides, build, is_int, is_number, positive_int, read_yaml_mapping, unknown_key
+from glm5_jax.values import (
+    apply_overrides,
+    boolean,
+    build,
+    is_int,
+    is_number,
+    positive_int,
+    read_yaml_mapping,
+    unknown_key,
+)
 
 TRAINABLE = ("all", "indexer")
 # Optimizer fields a stage's `schedule` may set; the rest of the optimizer is the recipe's `optimizer`.
@@ -156,13 +165,11 @@ def validate(r: Recipe) -> Recipe:
     if c.interval_seconds is not None and (not is_number(c.interval_seconds) or c.interval_seconds <= 0):
         raise ConfigError(f"checkpoint.interval_seconds: must be a positive number or null; got {c.interval_seconds!r}")
     for key in ("async_save", "save_at_stage_end", "save_on_exit"):
-        if not isinstance(getattr(c, key), bool):
-            raise ConfigError(f"checkpoint.{key}: must be true or false; got {getattr(c, key)!r}")
+        boolean(f"checkpoint.{key}", getattr(c, key))
     m = r.metrics
     positive_int("metrics.interval", m.interval)
     for key in ("tensorboard", "progress"):
-        if not isinstance(getattr(m, key), bool):
-            raise ConfigError(f"metrics.{key}: must be true or false; got {getattr(m, key)!r}")
+        boolean(f"metrics.{key}", getattr(m, key))
     if m.peak_flops is not None and (not is_number(m.peak_flops) or m.peak_flops <= 0):
         raise ConfigError(f"metrics.peak_flops: must be a positive number or null; got {m.peak_flops!r}")
     _accumulate("accumulate", r.accumulate, allow_none=False)
@@ -181,8 +188,7 @@ def validate(r: Recipe) -> Recipe:
         raise ConfigError("eval.holdout: set either eval.data (a held-out source) or eval.holdout, not both")
     positive_int("eval.interval_steps", e.interval_steps, allow_none=True)
     positive_int("eval.batches", e.batches)
-    if not isinstance(e.at_stage_end, bool):
-        raise ConfigError(f"eval.at_stage_end: must be true or false; got {e.at_stage_end!r}")
+    boolean("eval.at_stage_end", e.at_stage_end)
     if not r.stages:
         raise ConfigError("stages: a recipe needs at least one stage")
     names = set()
