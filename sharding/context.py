@@ -1,7 +1,8 @@
 """The active parallel layout, as model code sees it: logical names in, mesh placement out.
 
-Model code calls `constrain(x, ("batch", "length", "act_embed"))` and asks `axis_size("experts")`; it
-never names a mesh axis. Outside `use(...)` (one device, plain `jax.jit`) both are no-ops.
+Model code calls `constrain(x, ("batch", "length", "act_embed"))`; it never names a mesh axis (what the
+layout runs the parallel pieces with: `sharding/runners.py`). Outside `use(...)` (one device, plain
+`jax.jit`) `constrain` and `axis_size` are no-ops.
 """
 
 from __future__ import annotations
@@ -79,12 +80,6 @@ def constrain(x, axes):
     if par is None or par.mesh.size == 1:
         return x
     return jax.lax.with_sharding_constraint(x, par.sharding(axes, x.shape))
-
-
-def platform() -> str:
-    """The platform the traced program is for: the active layout's devices, else JAX's default backend."""
-    par = current()
-    return jax.default_backend() if par is None else par.platform
 
 
 def axis_size(logical: str) -> int:
