@@ -9,7 +9,7 @@
 #                long_context.py (compile only: the layer's memory; timing the real layer on CPU takes minutes
 #                per length) and expert_matmul.py at small shapes.
 #
-#   bash benchmarks/refresh.sh            # about 15-25 minutes on 2 cores; results in runs/benchmarks/
+#   bash benchmarks/refresh.sh            # about 15 minutes on 2 cores; results in runs/benchmarks/
 #
 # Every command's output is kept in runs/benchmarks/NAME.log (and glm5 bench's figures in NAME.json); a
 # command that fails is reported in BENCHMARKS.md with its exit status, and the others still run. Timings on
