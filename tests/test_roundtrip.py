@@ -87,3 +87,37 @@ def test_our_checkpoint_exports_to_an_equal_transformers_model(tmp_path):
         ref = hf(torch.from_numpy(ids)).logits.numpy()
     got = np.asarray(ours(jnp.asarray(ids), mtp_depths=0).logits)
     assert np.abs(got - ref).max() / np.abs(ref).max() < 1e-4
+
+
+def test_export_reads_a_stored_chunk_once_for_all_its_slots(tmp_path):
+    """A training checkpoint's chunk holds many slots (experts of a shard): the export reads each chunk-aligned
+    block once and slices it, and falls back to slot reads past its size bound; both equal direct reads."""
+    import tensorstore as ts
+
+    from glm5_jax.convert.hf import _Blocks
+
+    full = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4, 8, 3)
+    spec = {"driver": "zarr", "kvstore": {"driver": "file", "path": str(tmp_path / "a")}, "create": True,
+            "metadata": {"shape": list(full.shape), "chunks": [2, 4, 3], "dtype": "<f4"}}
+    array = ts.open(spec).result()
+    array.write(full).result()
+    for blocks in (_Blocks(), _Blocks(limit=8)):
+        for i in range(4):
+            for j in range(8):
+                np.testing.assert_array_equal(blocks.slot("a", array, (i, j)), full[i, j])
+        np.testing.assert_array_equal(blocks.slot("a", array, (3,)), full[3])
+        np.testing.assert_array_equal(blocks.slot("a", array, ()), full)
+    counting = _Blocks()
+    reads = []
+    read = counting.slot
+
+    def spy(path, array, index):
+        kept = set(counting._kept)
+        out = read(path, array, index)
+        reads.extend(set(counting._kept) - kept)
+        return out
+
+    for i in range(4):
+        for j in range(8):
+            spy("a", array, (i, j))
+    assert len(reads) == 4  # one read per [2, 4] block of slots, not one per slot

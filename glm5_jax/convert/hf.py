@@ -8,6 +8,7 @@ names, shapes) is checked first, and output appears atomically under its final n
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -26,6 +27,7 @@ from glm5_jax.checkpoint import (
     describe_read_error,
     write_streaming,
 )
+from glm5_jax.checkpoint.store import CHUNK_BYTES
 from glm5_jax.convert.names import Entry, hf_entries
 from glm5_jax.errors import ConversionError
 from glm5_jax.progress import progress_bar
@@ -185,6 +187,35 @@ class SafetensorsWriter:
         self._file.close()
 
 
+class _Blocks:
+    """Slots of stored arrays, read a stored chunk at a time: a stack saved by training (Orbax's chunks, one per
+    device shard) holds many slots in a chunk, and reading it slot by slot decompresses the chunk once per slot
+    (32 times, for a layer's experts on one of 8 expert shards). Chunk-aligned blocks along the slot dimensions
+    are kept, least recently used dropped first, up to `limit` bytes in all; a larger block is read slot by slot
+    (there, a chunk-wise save would be the remedy)."""
+
+    def __init__(self, limit: int = 2 * CHUNK_BYTES):
+        self.limit, self._kept = limit, {}
+
+    def slot(self, path: str, array, index: tuple):
+        if not index:
+            return array.read().result()
+        chunk = [max(c, 1) for c in (array.chunk_layout.read_chunk.shape or array.shape)]
+        start = tuple(i // c * c for i, c in zip(index, chunk))
+        stop = tuple(min(a + c, n) for a, c, n in zip(start, chunk, array.shape))
+        slots = math.prod(b - a for a, b in zip(start, stop))
+        nbytes = slots * math.prod(array.shape[len(index):]) * array.dtype.numpy_dtype.itemsize
+        if slots == 1 or nbytes > self.limit:  # (a chunk per slot: what glm5 init and hf-to-orbax write)
+            return array[index].read().result()
+        key = (path, start)
+        if key not in self._kept:
+            while self._kept and sum(b.nbytes for b in self._kept.values()) + nbytes > self.limit:
+                self._kept.pop(next(iter(self._kept)))  # the least recently used
+            self._kept[key] = array[tuple(slice(a, b) for a, b in zip(start, stop))].read().result()
+        self._kept[key] = block = self._kept.pop(key)  # now the most recently used
+        return block[tuple(i - a for i, a in zip(index, start))]
+
+
 def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str = "bfloat16",
                 max_shard_size: str | int = "5GB", overwrite: bool = False, show_progress: bool = True):
     """Export a checkpoint step as a transformers GLM-5 directory (safetensors + index + config.json)."""
@@ -215,7 +246,8 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
         total += size
     names = ([SINGLE_FILE] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    arrays: dict[str, object] = {}  # open TensorStore handles (metadata only); reads are per slot
+    arrays: dict[str, object] = {}  # open TensorStore handles (metadata only)
+    blocks = _Blocks()
 
     with atomic_output_dir(out, overwrite) as tmp, progress_bar("orbax -> hf", len(entries), show_progress) as advance:
         for file, shard in zip(names, shards):
@@ -229,7 +261,7 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
                                               f"{list(arrays[e.path].shape)}; its config implies "
                                               f"{list(leaves[e.path].shape)}")
                 try:
-                    slot = arrays[e.path][e.index].read().result()
+                    slot = blocks.slot(e.path, arrays[e.path], e.index)
                 except (ValueError, OSError) as exc:  # TensorStore: a truncated or corrupt data file
                     raise CheckpointError(f"{checkpoint} step {reader.step}: cannot read "
                                           f"{describe_read_error(exc, reader.item_dir)}") from None
