@@ -100,9 +100,9 @@ def _train_once(cfg, state, batch, par, accumulate):
     buffers = jax.device_put(jax.device_get(flatten(state.buffers)), step.buffer_shardings)
     (loss, aux), grads = step.loss_and_grads(params, buffers, microbatches(batch, accumulate))
     opt_state = step.init_optimizer(params)
-    new_params, new_rest, _, metrics = step(params, buffers, opt_state, microbatches(batch, accumulate), accumulate,
+    new_params, new_buffers, _, metrics = step(params, buffers, opt_state, microbatches(batch, accumulate), accumulate,
                                             1e-2, 1e-2)
-    return jax.device_get((loss, aux, grads, new_params, new_rest, metrics))
+    return jax.device_get((loss, aux, grads, new_params, new_buffers, metrics))
 
 
 LAYOUTS = [None, {"mesh": {"expert": 2, "data": 2, "tensor": 2}},

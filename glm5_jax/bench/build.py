@@ -99,35 +99,18 @@ def build(recipe, index: int) -> Bench:
 
 
 def open_feed(bench: Bench, out=print):
-    """`(shards, states, start) -> Feed`: the trainer's data feed of the run (its pipeline opened once)."""
-    from glm5_jax.data.loader import DataPipeline
-    from glm5_jax.train.feed import Feed, choose_shards
-    from glm5_jax.train.setup import check_vocab
+    """`(shards, states, start) -> Feed`: the trainer's data feed of the run (`train.feed.feed_opener`)."""
+    from glm5_jax.train.feed import feed_opener
 
-    run = bench.run
-    pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
-                        accumulate={s.name: s.data.accumulate for s in run.stages},
-                        holdout=("train", bench.recipe.eval.holdout))
-    check_vocab("data", pipe.vocab_size, run.model_cfg)
-    return lambda shards, states, start: Feed(run, pipe, choose_shards(run, shards, out), start, states)
-
-
-@dataclasses.dataclass
-class Variables:
-    """The step's state: what it takes and returns (params and optimizer state are donated each step)."""
-
-    params: dict  # {dotted name: jax.Array}
-    buffers: dict  # router-bias buffers (the model's non-parameter state)
-    opt_state: object
-    counters: dict  # the trainer's counters (saved as the checkpoint's `train` item)
+    return feed_opener(bench.run, out)
 
 
 def open_state(bench: Bench, checkpoints: str, feed, out=print):
-    """(Variables, data feed, CheckpointManager) of a fresh run in `checkpoints`, by `trainer.restore_or_init`
+    """(trainer.TrainState, data feed, CheckpointManager) of a fresh run in `checkpoints`, by `trainer.restore_or_init`
     (a directory without checkpoints: the model initialised sharded, the optimizer state created on device)."""
     from glm5_jax.checkpoint.manager import CheckpointManager
     from glm5_jax.train.trainer import restore_or_init
 
     ckpt = CheckpointManager(checkpoints, bench.recipe.checkpoint)
     state, it = restore_or_init(bench.run, ckpt, bench.program, feed, out)
-    return Variables(state.params, state.buffers, state.opt_state, state.counters), it, ckpt
+    return state, it, ckpt

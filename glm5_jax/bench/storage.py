@@ -79,10 +79,10 @@ def disk_bytes(directory: str) -> int:
 
 
 def save(ckpt, step: int, bench, state, it):
-    """`CheckpointManager.save` with the arguments the trainer's `save()` gives it."""
-    ckpt.save(step, variables={**state.params, **state.buffers}, opt_state=state.opt_state,
-              train={**state.counters, "step": step, "stage": bench.stage.name}, data=it.state(),
-              model_config=bench.stage.step.model_cfg.to_dict(), recipe=bench.recipe.to_dict())
+    """The trainer's checkpoint (`trainer.save_state`) of `state` as step `step`."""
+    from glm5_jax.train.trainer import save_state
+
+    save_state(ckpt, dataclasses.replace(state, step=step), bench.stage, it, bench.recipe)
 
 
 def save_once(bench, state, it, directory: str):

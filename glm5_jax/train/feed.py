@@ -9,6 +9,7 @@ from glm5_jax.data import shards as shards_lib
 from glm5_jax.data.loader import DataPipeline
 from glm5_jax.errors import ConfigError
 from glm5_jax.train.agree import gather_json
+from glm5_jax.train.setup import check_vocab
 from glm5_jax.train.step import BATCH_AXES, BATCH_KEYS
 
 
@@ -35,6 +36,16 @@ def choose_shards(run, saved: int | None = None, warn=print) -> int:
             raise ConfigError(f"data_shards: {shards} shards do not divide the {st.step.rows} rows of a microbatch "
                               f"of stage {i} ({st.name}); use a divisor of every stage's microbatch rows")
     return shards
+
+
+def feed_opener(run, out=print):
+    """`(shards, states, start_step) -> Feed`: the run's training data (its pipeline opened once, the held-out
+    split left out), checked against the model's vocabulary; what `glm5 train` and `glm5 bench` read."""
+    pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
+                        accumulate={s.name: s.data.accumulate for s in run.stages},
+                        holdout=("train", run.recipe.eval.holdout))
+    check_vocab("data", pipe.vocab_size, run.model_cfg)
+    return lambda shards, states, start: Feed(run, pipe, choose_shards(run, shards, out), start, states)
 
 
 class Feed:

@@ -141,8 +141,8 @@ class EvalStep:
                                                            self.batch_sharding, None))
 
     def _loss(self, params, buffers, batch, norms):
-        graphdef, tmpl_params, tmpl_rest = self.abstract
-        return losses.total_loss(to_state(params, tmpl_params), to_state(buffers, tmpl_rest), graphdef, batch,
+        graphdef, tmpl_params, tmpl_buffers = self.abstract
+        return losses.total_loss(to_state(params, tmpl_params), to_state(buffers, tmpl_buffers), graphdef, batch,
                                  self.spec.loss_cfg, norms=norms)
 
     def _evaluate(self, params, buffers, batch, count):
@@ -175,7 +175,7 @@ class TrainStep(EvalStep):
     def __init__(self, spec: StepConfig, tx: optax.GradientTransformation, par: Parallelism, abstract: ModelState):
         super().__init__(spec, par, abstract)
         self.tx = tx
-        graphdef, tmpl_params, tmpl_rest = abstract
+        graphdef, tmpl_params, tmpl_buffers = abstract
         opt_shape = jax.eval_shape(tx.init, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                                              for k, v in flatten(tmpl_params).items()})
         self.opt_shardings = optim.state_shardings(opt_shape, self.param_shardings, par.sharding(()))
@@ -201,7 +201,7 @@ class TrainStep(EvalStep):
             params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
             load = aux["expert_load"]
             if use_bias and load is not None:
-                buffers = keep(flatten(losses.update_router_bias(to_state(buffers, tmpl_rest), load, rate)), buffers)
+                buffers = keep(flatten(losses.update_router_bias(to_state(buffers, tmpl_buffers), load, rate)), buffers)
             metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "tokens": aux["tokens"], **aux["metrics"]}
             if load is not None:
                 load = load.astype(jnp.float32)

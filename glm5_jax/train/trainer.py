@@ -31,17 +31,16 @@ import numpy as np
 from glm5_jax import optim
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.naming import flatten
-from glm5_jax.data.loader import DataPipeline
 from glm5_jax.errors import TrainingStopped
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
 from glm5_jax.train.distributed import maybe_initialize_distributed
 from glm5_jax.train.evaluate import Evaluator
-from glm5_jax.train.feed import Feed, choose_shards
+from glm5_jax.train.feed import feed_opener
 from glm5_jax.train.metrics import MetricsLog, model_flops_per_step, peak_flops
 from glm5_jax.train.peers import PeerMonitor, barrier
 from glm5_jax.train.recipe import Recipe
-from glm5_jax.train.setup import Run, StageSettings, check_vocab, resolve
+from glm5_jax.train.setup import Run, StageSettings, resolve
 
 
 @dataclasses.dataclass
@@ -113,12 +112,20 @@ def _setup_cache(recipe: Recipe):
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def save_state(ckpt: CheckpointManager, state: TrainState, stage: StageSettings, it, recipe: Recipe):
+    """Checkpoint `state` at its step: trained in `stage` (whose model config, RoPE included, is saved), data
+    feed `it` (its state is a collective), the recipe."""
+    ckpt.save(state.step, variables={**state.params, **state.buffers}, opt_state=state.opt_state,
+              train={**state.counters, "step": state.step, "stage": stage.name}, data=it.state(),
+              model_config=stage.step.model_cfg.to_dict(), recipe=recipe.to_dict())
+
+
 def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, open_feed, out):
     """The run's state and data feed: from its newest readable checkpoint, else initialised (from
     `init_from` when set), at `start_stage` when that lies ahead. `open_feed(shards or None, states or None,
     start_step)`: the data feed."""
     recipe = run.recipe
-    params_abs, rest_abs, opt_abs, *_ = program.abstract_args()
+    params_abs, buffers_abs, opt_abs, *_ = program.abstract_args()
 
     def init(loaded):
         if loaded is None:
@@ -128,7 +135,7 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
         return loaded, program.init_optimizer(params)
 
     step, variables, opt_state, saved, it = ckpt.restore_or_init(
-        {**params_abs, **rest_abs}, opt_abs, lambda shards, states: open_feed(shards, states, 0), init,
+        {**params_abs, **buffers_abs}, opt_abs, lambda shards, states: open_feed(shards, states, 0), init,
         recipe.init_from, warn=lambda m: out(f"WARNING: {m}"))
     if it is None:
         it = open_feed(None, None, 0)
@@ -145,7 +152,7 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
         shards = it.shards
         it.close()
         it, step = open_feed(shards, None, start), start
-    state = TrainState(step or 0, {k: variables[k] for k in params_abs}, {k: variables[k] for k in rest_abs},
+    state = TrainState(step or 0, {k: variables[k] for k in params_abs}, {k: variables[k] for k in buffers_abs},
                        opt_state, counters)
     return state, it
 
@@ -233,11 +240,7 @@ def train(recipe: Recipe, out=print) -> dict:
     if launch is not None:
         out(f"{jax.process_count()} processes ({launch.source}), {jax.local_device_count()} devices each")
     run = in_starting_layout(resolve(recipe), os.path.join(os.path.abspath(recipe.run_dir), "checkpoints"))
-    pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
-                        accumulate={s.name: s.data.accumulate for s in run.stages},
-                        holdout=("train", recipe.eval.holdout))
-    check_vocab("data", pipe.vocab_size, run.model_cfg)
-    open_feed = lambda shards, states, start: Feed(run, pipe, choose_shards(run, shards, out), start, states)
+    open_feed = feed_opener(run, out)
     evaluator = Evaluator(run) if recipe.eval.enabled else None
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params), abstract, out)
@@ -310,10 +313,7 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
 
     def save():
         reporter.flush()  # the counters saved are this step's
-        trained = run.stage_at(max(state.step - 1, 0))  # the stage of the last step trained (its RoPE)
-        ckpt.save(state.step, variables={**state.params, **state.buffers}, opt_state=state.opt_state,
-                  train={**state.counters, "step": state.step, "stage": trained.name}, data=it.state(),
-                  model_config=trained.step.model_cfg.to_dict(), recipe=recipe.to_dict())
+        save_state(ckpt, state, run.stage_at(max(state.step - 1, 0)), it, recipe)  # (the last step's stage: RoPE)
 
     with ckpt.watch_sigterm():
         batch, current = None, None
