@@ -18,7 +18,7 @@ import time
 import jax
 import numpy as np
 
-from glm5_jax import optim
+
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.data.loader import DataPipeline, global_batch
 from glm5_jax.train import recipe as recipe_lib
@@ -39,9 +39,7 @@ def main():
     args = p.parse_args()
     run = resolve(recipe_lib.load(args.recipe))
     stage = run.stages[0]
-    abstract = S.abstract_state(run.model_cfg)
-    program = S.TrainStep(stage.step, optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params), run.par,
-                          abstract)
+    program = S.build_step(run, stage)
     t = time.perf_counter()
     program.compile()
     print(f"compiled {stage.step.batch_shape} step of stage {stage.name} in {time.perf_counter() - t:.1f} s")

@@ -15,8 +15,6 @@ keeps the count it was saved with. The iterator states of all shards are saved a
 
 from __future__ import annotations
 
-import json
-import os
 
 import jax
 import numpy as np
@@ -24,9 +22,6 @@ import numpy as np
 from glm5_jax.errors import DataError
 
 from .loader import DataPipeline, PipelineIterator
-
-STATE_FILE = "metadata"  # the JSON file Orbax's JsonSave writes in the checkpoint's `data` item
-
 
 def process_rows(sharding: jax.sharding.Sharding, shape: tuple, dim: int = 1) -> dict[int, tuple[int, int]]:
     """{process index: (first row, end row)} of dimension `dim` that each process's devices hold."""
@@ -139,21 +134,9 @@ def state_document(shards: int, states: dict[str, dict]) -> dict:
     return {"shards": shards, "states": states}
 
 
-def read_state(item_dir: str) -> tuple[int, dict]:
-    """(shards, {shard: iterator state}) from a checkpoint's `data` item: the JSON document this module
-    writes, or the per-process files of checkpoints written before data shards (process i of n = shard i)."""
-    path = os.path.join(item_dir, STATE_FILE)
-    if os.path.exists(path):
-        with open(path) as f:
-            doc = json.load(f)
+def parse_state(doc) -> tuple[int, dict]:
+    """(shards, {shard: iterator state}) of a data state document (`state_document`), as a checkpoint keeps it."""
+    try:
         return int(doc["shards"]), dict(doc["states"])
-    states, count = {}, None
-    for name in sorted(os.listdir(item_dir)) if os.path.isdir(item_dir) else []:
-        if name.startswith("process_") and name.endswith(".json"):
-            index, of = name[len("process_"):-len(".json")].split("-of-")
-            count = int(of)
-            with open(os.path.join(item_dir, name)) as f:
-                states[index] = json.load(f)
-    if count is None or len(states) != count:
-        raise DataError(f"{item_dir}: no readable data iterator state")
-    return count, states
+    except (KeyError, TypeError, ValueError):
+        raise DataError("the data state holds no shard count and iterator states") from None

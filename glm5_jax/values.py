@@ -187,6 +187,11 @@ def apply_overrides(values: dict, overrides) -> dict:
     return values
 
 
+def overrides_mapping(overrides) -> dict:
+    """{dotted key: value} of `key=value` strings (or of a mapping): overrides as a recipe section holds them."""
+    return dict(_parsed(overrides))
+
+
 def _parsed(overrides):
     """(dotted key, value) pairs of `key=value` strings (YAML values) or of a mapping (values as they are)."""
     if isinstance(overrides, dict):

@@ -30,10 +30,9 @@ def model_cfg(state: S.ModelState):
 
 def train_step(cfg, rows: int, seq: int, par=None, accumulate: int = 1, loss_cfg=LM_ONLY, trainable="all",
                opt=None) -> S.TrainStep:
-    abstract = S.abstract_state(cfg)
-    tx = optim.make_optimizer(optim.from_dict(opt or {"matrix_optimizer": "adamw"}), cfg, abstract.params)
     spec = S.StepConfig(cfg, loss_cfg, rows, seq, accumulate, trainable)
-    return S.TrainStep(spec, tx, par or one_device(), abstract)
+    return S.make_step(spec, par or one_device(), optim.from_dict(opt or {"matrix_optimizer": "adamw"}),
+                       S.abstract_state(cfg))
 
 
 def microbatches(batch: dict, accumulate: int) -> dict:

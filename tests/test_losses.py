@@ -346,4 +346,4 @@ def test_layout_matches_single_device(setup, sparse_adapt):
     for k in aux0["metrics"]:  # the KL (~1e-4 at init) is a small difference of larger terms: atol
         np.testing.assert_allclose(float(aux["metrics"][k]), float(aux0["metrics"][k]), rtol=1e-5, atol=1e-8,
                                    err_msg=k)
-    np.testing.assert_array_equal(aux["expert_load"], aux0["expert_load"])
+    np.testing.assert_array_equal(aux["carry"]["expert_load"], aux0["expert_load"])

@@ -66,7 +66,7 @@ def test_layout_matches_single_device(setup, layout):
     loss, aux, grads = run_layout(setup, **layout)
     assert abs(float(loss) - float(loss0)) <= 1e-5 * abs(float(loss0))
     assert max_relative_error(grads, grads0) < 1e-5
-    np.testing.assert_array_equal(aux["expert_load"], aux0["expert_load"])
+    np.testing.assert_array_equal(aux["carry"]["expert_load"], aux0["carry"]["expert_load"])
 
 
 @pytest.mark.parametrize("dispatch", ["capacity", "ragged"])
@@ -74,10 +74,10 @@ def test_capacity_bound_drops_and_counts(setup, dispatch):
     _, _, loss0, aux0, _ = setup
     loss, aux, grads = run_layout(setup, mesh=dict(expert=4, data=2), expert_dispatch=dispatch, capacity_factor=1.0)
     copies = B * L * 2  # tokens * num_experts_per_tok
-    dropped = copies - np.asarray(aux["expert_load"]).sum(axis=1)
-    assert (np.asarray(aux0["expert_load"]).sum(axis=1) == copies).all()  # dropless reference
+    dropped = copies - np.asarray(aux["carry"]["expert_load"]).sum(axis=1)
+    assert (np.asarray(aux0["carry"]["expert_load"]).sum(axis=1) == copies).all()  # dropless reference
     assert (dropped > 0).all() and (dropped < copies // 4).all()
-    assert (np.asarray(aux["expert_load"]) <= np.asarray(aux0["expert_load"])).all()
+    assert (np.asarray(aux["carry"]["expert_load"]) <= np.asarray(aux0["carry"]["expert_load"])).all()
     assert np.isfinite(float(loss)) and all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
@@ -166,7 +166,7 @@ err = max(float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in
           zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True))
 assert abs(float(loss) - float(loss0)) <= 1e-5 * float(loss0), (loss, loss0)
 assert err < 1e-5, err
-np.testing.assert_array_equal(aux["expert_load"], aux0["expert_load"])
+np.testing.assert_array_equal(aux["carry"]["expert_load"], aux0["carry"]["expert_load"])
 print(f"four axes: loss {float(loss):.6f} vs {float(loss0):.6f}, max grad rel err {err:.1e}")
 """
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm5_jax import config, optim, plan
+from glm5_jax import config, plan
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.data import config as data_config
 from glm5_jax.data.loader import DataPipeline
@@ -26,6 +26,7 @@ from glm5_jax.train import losses
 from glm5_jax.train import recipe as recipe_lib
 from glm5_jax.train import step as S
 from glm5_jax.train.setup import resolve
+from glm5_jax.train.trainer import Programs
 from tests.step_util import microbatches, one_device, train_step, two_document_batch
 
 B, L = 16, 40  # L > index_topk (16): sparse attention and the indexer run
@@ -40,13 +41,16 @@ def rel(got, want) -> float:
 # The planned program is the trained program
 # ---------------------------------------------------------------------------------------------------------
 
-def _trained_program(recipe):
-    """The trainer's path: the recipe resolved into stage settings, the stage's step as `glm5 train` builds it."""
+def _trainer_program(recipe):
+    """The trainer's path: the recipe resolved into stage settings, the stage's step as `glm5 train` makes it."""
     run = resolve(recipe)
     stage = run.stages[0]
-    abstract = S.abstract_state(run.model_cfg, recipe.seed)
-    tx = optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params)
-    return stage, S.TrainStep(stage.step, tx, run.par, abstract).lower().compile()
+    return stage, Programs(run, S.abstract_state(run.model_cfg, recipe.seed), print).make(stage)
+
+
+def _trained_program(recipe):
+    stage, program = _trainer_program(recipe)
+    return stage, program.lower().compile()
 
 
 def _stats(compiled):
@@ -118,8 +122,8 @@ def test_accumulation_equals_one_big_batch(model_and_batch, layout):
     assert rel(loss4, loss1) < 1e-6 and rel(m4["loss"], m1["loss"]) < 1e-6
     for k in ("lm", "mtp", "balance", "z"):
         assert rel(aux4["metrics"][k], aux1["metrics"][k]) < 1e-6, k
-    assert float(aux1["metrics"]["mtp"]) > 0 and aux1["expert_load"].shape[0] == 3  # 2 MoE layers + MTP's row
-    np.testing.assert_array_equal(aux4["expert_load"], aux1["expert_load"])
+    assert float(aux1["metrics"]["mtp"]) > 0 and aux1["carry"]["expert_load"].shape[0] == 3  # 2 MoE layers + MTP's row
+    np.testing.assert_array_equal(aux4["carry"]["expert_load"], aux1["carry"]["expert_load"])
     assert int(aux4["tokens"]) == int(aux1["tokens"]) == int((batch["targets"] >= 0).sum())
     assert max(rel(grads4[k], grads1[k]) for k in grads1) < 1e-6
     before = jax.device_get(flatten(state.params))
@@ -144,7 +148,7 @@ def test_count_below_accumulate_uses_only_the_first_microbatches(model_and_batch
     got = train_step(cfg, B // 4, L, accumulate=4).loss_and_grads(params, buffers, buffer, 2)
     assert rel(got[0][0], ref[0][0]) < 1e-6
     assert max(rel(got[1][k], ref[1][k]) for k in ref[1]) < 1e-6
-    np.testing.assert_array_equal(got[0][1]["expert_load"], ref[0][1]["expert_load"])
+    np.testing.assert_array_equal(got[0][1]["carry"]["expert_load"], ref[0][1]["carry"]["expert_load"])
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,3 +217,26 @@ def test_batch_size_warmup():
     assert checked > 100 and ramp.accumulation_steps(10**9) == 16
     flat = BatchRamp(8, 16, 16, 100)
     assert flat.table == ((0, 2, 0),) and flat.tokens_before(5) == 80
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One step builder: what `glm5 train` runs is what `glm5 plan --recipe` compiles
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("losses_cfg,trainable", [({"mtp_weight": 0.3, "bias_update_rate": 1e-3}, "all"),
+                                                  ({"dsa": "warmup", "mtp_weight": 0.0}, "indexer"),
+                                                  ({"dsa": "sparse_adapt", "mtp_weight": 0.3}, "all")])
+def test_train_and_plan_lower_the_same_program(losses_cfg, trainable):
+    """A pretraining stage and the DSA stages: the trainer's program and `glm5 plan`'s for the recipe's stage
+    lower to the same text (seq 32 > index_topk 16: the sparse path runs)."""
+    from glm5_jax.plan.stages import stage_program
+
+    recipe = recipe_lib.from_dict({
+        "model": "tiny", "model_overrides": {"num_hidden_layers": 3, "first_k_dense_replace": 1},
+        "layout_overrides": {"mesh": {"data": 2, "expert": 2, "tensor": 2}}, "data": "default",
+        "data_overrides": {"stages.0.seq_len": 32, "stages.0.tokens_per_step": 512}, "accumulate": 2,
+        "stages": [{"name": "short", "steps": 2, "trainable": trainable, "losses": losses_cfg}]})
+    _, trained = _trainer_program(recipe)
+    _, _, planned = stage_program(recipe, 0, None)
+    assert trained.spec == planned.spec
+    assert trained.lower().as_text() == planned.lower().as_text()

@@ -1,11 +1,9 @@
 """The benchmarked stage, built by the code `glm5 train` builds its run with: nothing here is a second step.
 
 `load_recipe` reads the recipe (or, for a model preset, the one-stage `model_recipe` around it) before JAX
-starts; `build` resolves it with `glm5_jax.train.setup.resolve`, cut down to the benchmarked stage as
-`glm5 plan --recipe` cuts it (a stage's settings do not depend on the others, and the stage then reads its
-data from its first step), and makes the stage's `TrainStep` with the trainer's optimizer
-(`optim.make_optimizer(run.opt_base, ...)` over the base model's abstract state, as `trainer.train` and
-`trainer.Programs.get` do). `open_state` initialises the model and optimizer through the trainer's own
+starts; `build` takes the benchmarked stage's run and train step from `glm5_jax.plan.stages.stage_program`
+(the recipe cut down to that stage, resolved as `glm5 train` resolves it, the step made by
+`glm5_jax.train.step.build_step`, as the trainer makes its own). `open_state` initialises the model and optimizer through the trainer's own
 `restore_or_init` and data feed (`train.feed.Feed` over the run's `DataPipeline`).
 """
 
@@ -83,19 +81,11 @@ class Bench:
 
 def build(recipe, index: int) -> Bench:
     """Resolve stage `index` of `recipe` as `glm5 train` would and make its train step."""
-    from glm5_jax import optim
-    from glm5_jax.train import step as S
-    from glm5_jax.train.setup import resolve
+    from glm5_jax.plan.stages import stage_program
 
-    one = dataclasses.replace(recipe, stages=[recipe.stages[index]], start_stage=None, compilation_cache=None)
-    try:
-        run = resolve(one)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("stages.0", f"stages.{index}")) from None
-    stage = run.stages[0]
-    abstract = S.abstract_state(run.model_cfg, one.seed)
-    tx = optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params)
-    return Bench(one, run, stage, abstract, S.TrainStep(stage.step, tx, run.par, abstract))
+    one = dataclasses.replace(recipe, compilation_cache=None)
+    run, stage, program = stage_program(one, index, None)
+    return Bench(run.recipe, run, stage, program.abstract, program)
 
 
 def open_feed(bench: Bench, out=print):
@@ -108,9 +98,8 @@ def open_feed(bench: Bench, out=print):
 def open_state(bench: Bench, checkpoints: str, feed, out=print):
     """(trainer.TrainState, data feed, CheckpointManager) of a fresh run in `checkpoints`, by `trainer.restore_or_init`
     (a directory without checkpoints: the model initialised sharded, the optimizer state created on device)."""
-    from glm5_jax.checkpoint.manager import CheckpointManager
-    from glm5_jax.train.trainer import restore_or_init
+    from glm5_jax.train.trainer import open_checkpoints, restore_or_init
 
-    ckpt = CheckpointManager(checkpoints, bench.recipe.checkpoint)
+    ckpt = open_checkpoints(bench.recipe, checkpoints)
     state, it = restore_or_init(bench.run, ckpt, bench.program, feed, out)
     return state, it, ckpt

@@ -7,7 +7,7 @@
   (model variables, optimizer state, counters, data state, configs), synchronous (`async_save` off): the
   time to a committed step, in GB/s of the state's bytes (params + buffers + optimizer state, as held in
   memory), against the disk's durable write rate;
-- restore: `CheckpointManager.restore_or_init` of that step into the step's shardings, after the same
+- restore: `CheckpointManager.restore_latest` of that step into the step's shardings, after the same
   page-cache drop over every file of the checkpoint;
 - async stall: `save` with `async_save` on, as the training loop calls it: the time until it returns (the
   loop is blocked that long) as a fraction of the median step time, then the time until the write is done.
@@ -23,6 +23,7 @@ import time
 import jax
 
 from glm5_jax.bench.step import one_step
+from glm5_jax.checkpoint.naming import nest
 
 
 def _drop_cache(path: str):
@@ -96,8 +97,9 @@ def save_once(bench, state, it, directory: str):
 
 def _manager(directory: str, policy, async_save: bool):
     from glm5_jax.checkpoint.manager import CheckpointManager
+    from glm5_jax.train.trainer import ITEMS
 
-    return CheckpointManager(directory, dataclasses.replace(policy, async_save=async_save))
+    return CheckpointManager(directory, dataclasses.replace(policy, async_save=async_save), ITEMS)
 
 
 def sync_save_restore(bench, state, it, directory: str, repeats: int, out) -> dict:
@@ -120,9 +122,8 @@ def sync_save_restore(bench, state, it, directory: str, repeats: int, out) -> di
     ckpt = _manager(directory, policy, async_save=False)
     try:
         t0 = time.perf_counter()
-        step, variables, opt_state, _, _ = ckpt.restore_or_init(
-            {**params_abs, **buffers_abs}, opt_abs, lambda shards, states: None, _never_init)
-        jax.block_until_ready((variables, opt_state))
+        step, restored, _ = ckpt.restore_latest({"params": nest({**params_abs, **buffers_abs}), "opt_state": opt_abs})
+        jax.block_until_ready((restored["params"], restored["opt_state"]))
         restore_s = time.perf_counter() - t0
     finally:
         ckpt.close()
@@ -132,8 +133,6 @@ def sync_save_restore(bench, state, it, directory: str, repeats: int, out) -> di
             "disk_bytes": on_disk}
 
 
-def _never_init(loaded):
-    raise RuntimeError("the benchmark's checkpoint did not restore")
 
 
 def async_stall(bench, state, it, directory: str, repeats: int, step_batch, out) -> dict:

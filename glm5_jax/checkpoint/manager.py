@@ -1,16 +1,12 @@
 """Training checkpoints: when to save, restore-or-init, and sharded asynchronous Orbax saves of everything a
 resume needs.
 
-One `ocp.CheckpointManager` directory (`RUN_DIR/checkpoints`); each step holds the items
-
-| item | content |
-|---|---|
-| `params` | every model variable (parameters and router bias buffers) as a nested dict of dotted names, the layout of `glm5_jax.checkpoint` (so `glm5 convert orbax-to-hf`, `glm5 forward` and `load_model` read it) |
-| `config` | the model config as JSON (of the step's stage: RoPE as trained) |
-| `opt_state` | the optimizer state (sharded like the parameters) |
-| `train` | JSON: step, stage, RNG key, non-finite counters, tokens seen |
-| `data` | JSON: the data shard count and every shard's iterator state (`glm5_jax.data.shards`), written by process 0 |
-| `recipe` | the resolved recipe as JSON |
+One `ocp.CheckpointManager` directory (`RUN_DIR/checkpoints`); each step holds the named items the run
+declares when it opens the manager (`items`: name -> `ARRAYS`, a pytree of sharded arrays, or `DOCUMENT`, a
+JSON document). The manager knows only the kinds: what an item means is its owner's business (the
+trainer's items are listed in docs/training.md; an objective may add its own). By convention `params` (every
+model variable as a nested dict of dotted names) and `config` (the model config) are the model items that
+`glm5 convert orbax-to-hf`, `glm5 forward` and `load_model` read.
 
 Every process takes part in every save and restore (Orbax's saves are collectives: each process writes its
 shards, process 0 commits); the trainer makes sure all processes decide to save at the same steps.
@@ -37,22 +33,23 @@ import orbax.checkpoint as ocp
 
 from glm5_jax.checkpoint.naming import nest, unnest
 from glm5_jax.checkpoint.store import CheckpointReader
-from glm5_jax.data.shards import read_state
 from glm5_jax.errors import CheckpointReadError
 
 log = logging.getLogger("glm5.train")
 
-ITEMS = ("params", "config", "opt_state", "train", "data", "recipe")
-
-
+ARRAYS, DOCUMENT = "arrays", "document"  # the kinds of item a checkpoint step holds
 
 class CheckpointManager:
     """A run's checkpoints and its save policy (`policy`: interval_steps, interval_seconds, max_to_keep,
-    async_save, save_at_stage_end, save_on_exit: the recipe's `checkpoint` section)."""
+    async_save, save_at_stage_end, save_on_exit: the recipe's `checkpoint` section); `items`: {name: ARRAYS or
+    DOCUMENT}, what every step holds."""
 
-    def __init__(self, directory: str, policy):
+    def __init__(self, directory: str, policy, items: dict[str, str]):
+        bad = {k: v for k, v in items.items() if v not in (ARRAYS, DOCUMENT)}
+        if bad:
+            raise ValueError(f"checkpoint items of unknown kind: {bad}")
         self.directory = os.path.abspath(directory)
-        self.policy = policy
+        self.policy, self.items = policy, dict(items)
         self.mngr = self._open()
         self.last_saved: int | None = None
         self._saved_at = time.monotonic()
@@ -98,14 +95,14 @@ class CheckpointManager:
 
     # -- save -------------------------------------------------------------------------------------------
 
-    def save(self, step: int, *, variables: dict, opt_state, train: dict, data: dict, model_config: dict,
-             recipe: dict):
-        """Save step `step` (`variables`: {dotted name: array}, `data`: the data state document); asynchronous
-        unless the policy says not."""
-        self.mngr.save(step, args=ocp.args.Composite(
-            params=ocp.args.PyTreeSave(nest(variables)), opt_state=ocp.args.PyTreeSave(opt_state),
-            train=ocp.args.JsonSave(train), data=ocp.args.JsonSave(data), config=ocp.args.JsonSave(model_config),
-            recipe=ocp.args.JsonSave(recipe)), force=True)
+    def save(self, step: int, values: dict):
+        """Save step `step`: `values` holds every declared item ({name: pytree of arrays or JSON document});
+        asynchronous unless the policy says not."""
+        if set(values) != set(self.items):
+            raise ValueError(f"checkpoint save: items {sorted(values)} differ from the declared {sorted(self.items)}")
+        save = {ARRAYS: ocp.args.PyTreeSave, DOCUMENT: ocp.args.JsonSave}
+        self.mngr.save(step, args=ocp.args.Composite(**{k: save[self.items[k]](v) for k, v in values.items()}),
+                       force=True)
         if not self.policy.async_save:
             self.mngr.wait_until_finished()
         self.last_saved, self._saved_at = step, time.monotonic()
@@ -128,44 +125,29 @@ class CheckpointManager:
         steps = ocp.utils.checkpoint_steps(directory) if os.path.isdir(directory) else []
         return sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(directory, str(s))))
 
-    def restore_or_init(self, variables: dict, opt_state, open_data, init, init_from: str | None = None,
-                        warn=log.warning):
-        """(step, variables, opt_state, train dict, data) of the newest readable step; with none, `init()`'s
-        (variables, opt_state) at step None with data None (from `init_from`'s model variables when given,
-        optimizer fresh).
-
-        variables / opt_state: targets (ShapeDtypeStructs with this run's shardings); `open_data(shards,
-        states)`: the data iterator at the saved data state (a failure makes the step unreadable);
-        `init(variables or None)`: the optimizer state (and, without `init_from`, freshly initialised
-        variables) as `(variables, opt_state)`.
-        """
-        restored = self._restore_latest(nest(variables), opt_state, open_data, warn)
-        if restored is not None:
-            step, params, opt, train, data = restored
-            self.last_saved = step
-            return step, unnest(params), opt, train, data
-        loaded = load_variables(init_from, variables) if init_from else None
-        params, opt = init(loaded)
-        return None, params, opt, {}, None
-
-    def _restore_latest(self, params_target, opt_target, open_data, warn):
+    def restore_latest(self, targets: dict, check=lambda restored: None, warn=log.warning):
+        """(step, {item: value}, check's result) of the newest readable committed step, or None when there is no
+        committed step. `targets`: {array item: pytree of ShapeDtypeStructs with this run's shardings}; every
+        document item is read as JSON. `check(restored)` runs inside the attempt (e.g. opening the data feed at
+        the saved data state): a failure there, as any failure to read, makes the step unreadable and the
+        previous one is tried. Unreadable newer steps are set aside once a step reads."""
         failures = []
         for step in reversed(self.committed_steps()):
-            missing = [i for i in ITEMS if not os.path.isdir(os.path.join(self.directory, str(step), i))]
+            missing = [i for i in self.items if not os.path.isdir(os.path.join(self.directory, str(step), i))]
             try:
                 if missing:
                     raise ValueError(f"items missing: {', '.join(missing)}")
-                out = self.mngr.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.PyTreeRestore(params_target, restore_args=_restore_args(params_target)),
-                    opt_state=ocp.args.PyTreeRestore(opt_target, restore_args=_restore_args(opt_target)),
-                    train=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-                data = open_data(*read_state(os.path.join(self.directory, str(step), "data")))
+                args = {k: ocp.args.PyTreeRestore(targets[k], restore_args=_restore_args(targets[k]))
+                        if kind == ARRAYS else ocp.args.JsonRestore() for k, kind in self.items.items()}
+                restored = dict(self.mngr.restore(step, args=ocp.args.Composite(**args)))
+                checked = check(restored)
             except Exception as e:  # noqa: BLE001 - any failure to read means: try the previous step
                 failures.append((step, _reason(e)))
                 continue
             for bad, reason in failures:
                 self._set_aside(bad, f"unreadable ({reason})", step, warn)
-            return step, out["params"], out["opt_state"], dict(out["train"]), data
+            self.last_saved = step
+            return step, restored, checked
         if failures:
             step, reason = failures[0]
             raise CheckpointReadError(f"{self.directory}: no checkpoint step could be restored (nothing was "

@@ -59,10 +59,8 @@ def abstract_inputs(cfg, par, global_batch: int, seq_len: int, opt_cfg, loss_cfg
     from glm5_jax.train import step as S
 
     loss_cfg = losses.LossConfig() if loss_cfg is None else loss_cfg
-    state = S.abstract_state(cfg)
-    tx = optim.make_optimizer(opt_cfg, cfg, state.params)
     spec = S.StepConfig(cfg, loss_cfg, global_batch // accumulate, seq_len, accumulate, trainable)
-    return step_inputs(S.TrainStep(spec, tx, par, state), cfg, opt_cfg)
+    return step_inputs(S.make_step(spec, par, opt_cfg, S.abstract_state(cfg)), cfg, opt_cfg)
 
 
 def check_batch(cfg, par, global_batch: int, seq_len: int, accumulate: int = 1):

@@ -60,33 +60,37 @@ def layout_name(recipe, index: int) -> str:
     return name + (" + overrides" if overrides else "")
 
 
-def plan_stage(recipe, index: int, devices, target: Target, device_memory: int | None) -> StagePlan:
-    """Resolve stage `index` as `glm5 train` would and compile its train step on `devices`."""
-    from glm5_jax import optim
-    from glm5_jax.sharding.mesh import describe
-    from glm5_jax.train import step as S
+def stage_program(recipe, index: int, devices):
+    """(the resolved one-stage run, its stage, its train step) of stage `index` as `glm5 train` builds it (the
+    recipe cut down to that stage: its settings do not depend on the others). A `ConfigError` names the stage."""
     from glm5_jax.train.setup import resolve
+    from glm5_jax.train.step import build_step
 
-    start = time.perf_counter()
-    st = recipe.stages[index]
-    row = StagePlan(index, st.name, layout_name(recipe, index))
-    one = dataclasses.replace(recipe, stages=[st], start_stage=None)
+    one = dataclasses.replace(recipe, stages=[recipe.stages[index]], start_stage=None)
     try:
         run = resolve(one, devices)
     except ConfigError as e:
-        row.error = str(e).replace("stages.0", f"stages.{index}")
+        raise ConfigError(str(e).replace("stages.0", f"stages.{index}")) from None
+    return run, run.stages[0], build_step(run, run.stages[0])
+
+
+def plan_stage(recipe, index: int, devices, target: Target, device_memory: int | None) -> StagePlan:
+    """Resolve stage `index` as `glm5 train` would and compile its train step on `devices`."""
+    from glm5_jax.sharding.mesh import describe
+
+    start = time.perf_counter()
+    row = StagePlan(index, recipe.stages[index].name, layout_name(recipe, index))
+    try:
+        run, stage, program = stage_program(recipe, index, devices)
+    except ConfigError as e:
+        row.error = str(e)
         row.seconds = time.perf_counter() - start
         return row
-    stage = run.stages[0]
     spec = stage.step
     row.layout = f"{row.layout}: {describe(stage.par.mesh)}"
     row.seq_len, row.accumulate, row.micro_rows = spec.seq_len, spec.accumulate, spec.rows
     row.rows, row.dsa, row.trainable = spec.rows * spec.accumulate, spec.loss_cfg.dsa, spec.trainable
-    # The trainer's program: the base model's abstract state and optimizer, the stage's step and layout.
-    abstract = S.abstract_state(run.model_cfg, recipe.seed)
-    tx = optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params)
-    inputs = step_inputs(S.TrainStep(spec, tx, stage.par, abstract), spec.model_cfg, run.opt_base)
-    row.result = measure(inputs, target, device_memory)
+    row.result = measure(step_inputs(program, spec.model_cfg, run.opt_base), target, device_memory)
     row.seconds = time.perf_counter() - start
     return row
 

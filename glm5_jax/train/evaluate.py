@@ -17,8 +17,7 @@ from glm5_jax.data import config as data_config
 from glm5_jax.data import shards as shards_lib
 from glm5_jax.data.loader import DataPipeline
 from glm5_jax.data.tokenizer import build_tokenizer
-from glm5_jax.train.setup import check_vocab, choose_accumulation
-from glm5_jax.train.step import BATCH_KEYS
+from glm5_jax.train.setup import check_vocab
 
 
 def eval_data(data_cfg, stage_name: str, seq_len: int, rows: int, holdout: float = 0.0, shards: int = 1):
@@ -51,8 +50,9 @@ def device_batches(pipe: DataPipeline, program, microbatches: int) -> list:
         finally:
             it.close()
     a = spec.accumulate
-    return [shards_lib.place({k: {key: np.concatenate([m[key] for m in ms[i:i + a]]) for key in BATCH_KEYS}
-                              for k, ms in micro.items()}, BATCH_KEYS, program.batch_sharding, a, spec.rows,
+    fields = list(spec.fields)
+    return [shards_lib.place({k: {key: np.concatenate([m[key] for m in ms[i:i + a]]) for key in fields}
+                              for k, ms in micro.items()}, fields, program.batch_sharding, a, spec.rows,
                              spec.seq_len, shards) for i in range(0, microbatches, a)]
 
 
@@ -97,38 +97,41 @@ class Evaluator:
 
 def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, batches: int = 8,
                         step: int | None = None, layout: str | None = None, data_overrides=(),
-                        holdout: float = 0.0) -> dict:
+                        holdout: float = 0.0, objective: str = "pretrain") -> dict:
     """`glm5 eval`: loss and perplexity of a checkpoint on `batches` steps' worth of rows of a data config's
     stage, one step's rows at a time (only its held-out documents with `holdout` > 0: those a run with
-    `eval.holdout` of that value skipped)."""
-    import jax
-
+    `eval.holdout` of that value skipped). The step is the one a one-stage recipe of that checkpoint, data
+    stage, layout and objective trains (`build_step`), with the checkpoint step's own model config."""
     from glm5_jax.checkpoint.manager import load_variables
     from glm5_jax.checkpoint.store import CheckpointReader
     from glm5_jax.errors import ConfigError
-    from glm5_jax.sharding.context import Parallelism
-    from glm5_jax.sharding.layout import load_layout
-    from glm5_jax.train import losses
-    from glm5_jax.train import step as S
+    from glm5_jax.train import recipe as recipe_lib
+    from glm5_jax.train.setup import resolve
+    from glm5_jax.train.step import build_step
+    from glm5_jax.values import overrides_mapping
 
     if not 0 <= holdout < 1:
         raise ConfigError(f"--holdout: must be a fraction in [0, 1); got {holdout}")
     reader = CheckpointReader(checkpoint, step)
-    cfg = reader.config
     dcfg = data_config.load(data, data_overrides)
     st = dcfg.stage(stage) if stage else dcfg.stages[0]
+    recipe = recipe_lib.from_dict({
+        "model": None, "init_from": checkpoint, "layout": layout, "data": data,
+        "data_overrides": {**overrides_mapping(data_overrides),  # one step's rows at a time: no batch ramp
+                           f"stages.{dcfg.stages.index(st)}.batch_ramp": None},
+        "stages": [{"name": st.name, "steps": 1, "objective": objective,
+                    "model_overrides": reader.config.to_dict()}]})  # (the step's config, RoPE as it trained)
     try:
-        par = Parallelism.create(load_layout(layout), jax.devices())
-    except (ValueError, AssertionError) as e:
-        raise ConfigError(f"--layout: {e}") from None
-    rows = st.global_batch
-    choose_accumulation(f"--data stage {st.name}", 1, rows, st.seq_len, par, None, cfg)
-    check_vocab("--data", build_tokenizer(dcfg.tokenizer).vocab_size, cfg)
-    program = S.EvalStep(S.StepConfig(cfg, losses.LossConfig(), rows, st.seq_len), par, S.abstract_state(cfg))
-    pipe = eval_data(dcfg, st.name, st.seq_len, rows, holdout, auto_shards(program))
+        run = resolve(recipe)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("stages.0.", f"--data stage {st.name}: ").replace("layout:", "--layout:",
+                                                                                             1)) from None
+    check_vocab("--data", build_tokenizer(dcfg.tokenizer).vocab_size, run.model_cfg)
+    program = build_step(run, run.stages[0])
+    pipe = eval_data(dcfg, st.name, st.seq_len, program.spec.rows, holdout, auto_shards(program))
     variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint")
     params = {k: variables[k] for k in program.param_shardings}
     buffers = {k: variables[k] for k in program.buffer_shardings}
     result = run_eval(program, params, buffers, device_batches(pipe, program, batches))
     return {"checkpoint": reader.directory, "step": reader.step, "stage": st.name, "seq_len": st.seq_len,
-            "rows": rows, "batches": batches, **result}
+            "rows": program.spec.rows, "batches": batches, **result}

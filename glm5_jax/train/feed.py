@@ -10,7 +10,7 @@ from glm5_jax.data.loader import DataPipeline
 from glm5_jax.errors import ConfigError
 from glm5_jax.train.agree import gather_json
 from glm5_jax.train.setup import check_vocab
-from glm5_jax.train.step import BATCH_AXES, BATCH_KEYS
+from glm5_jax.train.step import BATCH_AXES
 
 
 def _spans(run, stage):
@@ -65,7 +65,7 @@ class Feed:
     def next_batch(self, stage):
         """(global batch {key: [accumulate, rows, L]}, microbatches it takes) of the next step, in `stage`."""
         spec = stage.step
-        return shards_lib.place(next(self.it), BATCH_KEYS, self.run.par.sharding(BATCH_AXES, spec.batch_shape),
+        return shards_lib.place(next(self.it), list(spec.fields), self.run.par.sharding(BATCH_AXES, spec.batch_shape),
                                 spec.accumulate, spec.rows, spec.seq_len, self.shards)
 
     def state(self) -> dict:

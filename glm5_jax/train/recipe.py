@@ -79,6 +79,7 @@ class StageRecipe:
     steps: int | None = None  # default: the data stage's token budget / tokens per step
     schedule: dict = dataclasses.field(default_factory=dict)  # learning-rate schedule (optimizer schedule keys)
     trainable: str = "all"  # "all" or "indexer" (DSA warm-up: everything else frozen)
+    objective: str = "pretrain"  # what the stage optimises: pretrain | sft (glm5_jax.train.objectives)
     losses: dict = dataclasses.field(default_factory=dict)  # overrides of the recipe's `losses` for this stage
     model_overrides: dict = dataclasses.field(default_factory=dict)  # model config settings for this stage
     accumulate: int | str | None = None  # microbatches per step: N, or "auto"; None: the recipe's `accumulate`

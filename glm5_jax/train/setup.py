@@ -23,7 +23,7 @@ from glm5_jax.errors import ConfigError
 from glm5_jax.model.layout_check import check_layout
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import layout_from_dict, load_layout
-from glm5_jax.train import losses
+from glm5_jax.train import losses, objectives
 from glm5_jax.train.recipe import SCHEDULE_KEYS, Recipe
 from glm5_jax.train.step import StepConfig
 from glm5_jax.values import apply_overrides
@@ -199,7 +199,8 @@ def resolve(recipe: Recipe, devices=None) -> Run:
                          {"total_steps": ds.steps, **recipe.optimizer, **st.schedule})
         cfg = cfgs[i]
         loss_cfg = _keyed(f"{key}.losses", losses.loss_config_from_dict, {**recipe.losses, **st.losses})
-        step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable)
+        step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable, st.objective)
+        objectives.make(st.objective, cfg, loss_cfg, f"{key}.objective")  # (its own checks, one line each)
         settings.append(StageSettings(i, st.name, pars[i], ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
                                       float(loss_cfg.bias_update_rate)))
     return Run(recipe, model_cfg, dcfg, pars[0], opt_base, settings)

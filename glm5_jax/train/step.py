@@ -1,85 +1,37 @@
-"""The train step: the one program `glm5 train` runs, `glm5 plan` compiles and the layout tests check.
+"""The train step: the one program `glm5 train` runs, `glm5 plan` compiles, `glm5 bench` times, `glm5 eval`
+evaluates with and the layout tests check, built from a resolved stage by `build_step` alone.
 
-The model is split once into a graph definition and two states: `params` (nnx.Param, trained) and `buffers`
-(router bias buffers, not trained by gradient), both held as flat dicts of dotted names
-(`glm5_jax.checkpoint.naming`). Both are created already sharded (`init_sharded`), so no host ever holds
-the whole model.
+The model is held as state (`glm5_jax.model.state`): `params` (trained) and `buffers` (router bias), both flat
+dicts of dotted names (`glm5_jax.checkpoint.naming`), created already sharded.
 
-One optimizer step takes a batch of `accumulate` microbatches, leaves shaped [accumulate, rows, L], and a
-traced `count` <= accumulate of them to use (the batch-size warm-up changes `count`, never the program). The
-microbatches run one after another in a loop that sums losses, gradients, expert loads and metrics; every
-loss term is divided by the whole step's normaliser (`losses.normalizers`), so the sum equals the loss of
-all rows at once. Then one optimizer update, scaled by the learning rate (an argument: the optimizer runs
-with rate 1), masked to the stage's trainable set, skipped (`jnp.where`) when the loss or gradient norm is
-not finite, and one router-bias update from the step's summed expert loads.
+What the step optimises is its *objective* (`glm5_jax.train.objectives`): the batch fields, the loss terms and
+their normalisers, the metrics, the after-update rule. One optimizer step takes a batch of `accumulate`
+microbatches, leaves shaped [accumulate, rows, L], and a traced `count` <= accumulate of them to use (the
+batch-size warm-up changes `count`, never the program). The microbatches run one after another in a loop that
+sums losses, gradients and the objective's carried values; every loss term is divided by the whole step's
+normaliser, so the sum equals the loss of all rows at once. Then one optimizer update, scaled by the learning
+rate (an argument: the optimizer runs with rate 1), masked to the stage's trainable set, skipped
+(`jnp.where`) when the loss or gradient norm is not finite, and the objective's after-update rule.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-from flax import nnx
 
 from glm5_jax import optim
-from glm5_jax.checkpoint.naming import flatten, to_state
-from glm5_jax.data.loader import global_batch
-from glm5_jax.model import GLM5, layer_groups
+from glm5_jax.checkpoint.naming import flatten
+from glm5_jax.model.state import ModelState, abstract_state, init_sharded, place, split, state_shardings
 from glm5_jax.sharding.context import Parallelism, use
-from glm5_jax.train import losses
+from glm5_jax.train import losses, objectives
 
-BATCH_KEYS = ("input_ids", "targets", "positions", "segment_ids")
+__all__ = ["BATCH_AXES", "EvalStep", "ModelState", "StepConfig", "TrainStep", "abstract_state", "build_step", "make_step",
+           "init_sharded", "place", "split", "state_shardings"]
+
 BATCH_AXES = (None, "batch", "length")  # [microbatch, row, token]
-
-
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
-def state_shardings(state, par: Parallelism):
-    """NamedShardings for an nnx State (arrays or ShapeDtypeStructs) from each variable's logical axes."""
-    return jax.tree.map(lambda v: v.replace(par.sharding(v.get_metadata()["logical_axes"], v.shape)), state,
-                        is_leaf=_is_variable)
-
-
-class ModelState(NamedTuple):
-    graphdef: nnx.GraphDef
-    params: nnx.State
-    buffers: nnx.State
-
-
-def split(model: GLM5) -> ModelState:
-    return ModelState(*nnx.split(model, nnx.Param, ...))
-
-
-def abstract_state(cfg, seed: int = 0) -> ModelState:
-    """The model's state as ShapeDtypeStructs: shapes, dtypes and logical axes, no memory."""
-    return split(nnx.eval_shape(lambda: GLM5(cfg, rngs=nnx.Rngs(seed))))
-
-
-def init_sharded(cfg, par: Parallelism, seed: int = 0) -> ModelState:
-    """A randomly initialised model created directly in its sharded layout."""
-    abstract = abstract_state(cfg, seed)
-    shardings = (state_shardings(abstract.params, par), state_shardings(abstract.buffers, par))
-
-    def make():
-        s = split(GLM5(cfg, rngs=nnx.Rngs(seed)))
-        return s.params, s.buffers
-
-    with use(par):
-        params, buffers = jax.jit(make, out_shardings=shardings)()
-    return ModelState(abstract.graphdef, params, buffers)
-
-
-def place(state: ModelState, par: Parallelism) -> ModelState:
-    """Move an existing (e.g. single-device) model state into the layout `par`."""
-    params = jax.device_put(state.params, state_shardings(state.params, par))
-    buffers = jax.device_put(state.buffers, state_shardings(state.buffers, par))
-    return ModelState(state.graphdef, params, buffers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,33 +44,22 @@ class StepConfig:
     seq_len: int
     accumulate: int = 1  # microbatches per optimizer step (the most a step may use)
     trainable: str = "all"  # "all" | "indexer" (DSA warm-up: everything else frozen)
+    objective: str = "pretrain"  # glm5_jax.train.objectives.OBJECTIVES
 
     @property
     def batch_shape(self) -> tuple[int, int, int]:
         return (self.accumulate, self.rows, self.seq_len)
 
-
-def place_batch(par: Parallelism, spec: StepConfig, local_micro_rows: int, local: dict):
-    """This process's rows of a step (its microbatches of `local_micro_rows` rows, concatenated) as the step's
-    global batch [accumulate, rows, L] (slots past their count zero: the step never reads them), and the count."""
-    count = len(local["input_ids"]) // local_micro_rows
-    arrays = {k: np.zeros((spec.accumulate, local_micro_rows, spec.seq_len), np.int32) for k in BATCH_KEYS}
-    for k in arrays:
-        arrays[k][:count] = np.asarray(local[k]).reshape(count, local_micro_rows, spec.seq_len)
-    return global_batch(arrays, par.sharding(BATCH_AXES, spec.batch_shape)), count
-
-
-def _only_first(batch: dict, count) -> dict:
-    """`batch` with microbatches from `count` on unscored (no targets, padding segments)."""
-    used = jnp.arange(batch["targets"].shape[0])[:, None, None] < count
-    return {**batch, "targets": jnp.where(used, batch["targets"], -1),
-            "segment_ids": jnp.where(used, batch["segment_ids"], 0)}
+    @property
+    def fields(self) -> dict:
+        """{batch field: dtype} the step's objective reads."""
+        return objectives.OBJECTIVES[self.objective].fields
 
 
 def _accumulate(fn, batch: dict, count, constrain=lambda x: x):
     """sum over i < count of fn(microbatch i), microbatch after microbatch (one in memory at a time)."""
     micro = lambda i: {k: jax.lax.dynamic_index_in_dim(v, i, keepdims=False) for k, v in batch.items()}
-    if batch["targets"].shape[0] == 1:
+    if next(iter(batch.values())).shape[0] == 1:
         return fn(micro(0))
     zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, micro(0)))
     return jax.lax.fori_loop(0, count, lambda i, acc: jax.tree.map(jnp.add, acc, constrain(fn(micro(i)))), zero)
@@ -127,27 +68,35 @@ def _accumulate(fn, batch: dict, count, constrain=lambda x: x):
 class EvalStep:
     """The step's loss on a batch, no gradient and no update: `evaluate(params, buffers, batch, count) -> metrics`.
 
-    params / buffers: {dotted name: array}; batch: BATCH_KEYS -> int32 [accumulate, rows, L]; count: microbatches
-    of the batch to use (int32, traced).
+    params / buffers: {dotted name: array}; batch: the objective's fields, each [accumulate, rows, L]; count:
+    microbatches of the batch to use (int32, traced).
     """
 
     def __init__(self, spec: StepConfig, par: Parallelism, abstract: ModelState):
         self.spec, self.par, self.abstract = spec, par, abstract
+        self.objective = objectives.make(spec.objective, spec.model_cfg, spec.loss_cfg)
         self.param_shardings = flatten(state_shardings(abstract.params, par))
         self.buffer_shardings = flatten(state_shardings(abstract.buffers, par))
         self.batch_sharding = par.sharding(BATCH_AXES, spec.batch_shape)
-        self.depths = losses.mtp_depths(spec.model_cfg, spec.loss_cfg)
         self._eval = jax.jit(self._evaluate, in_shardings=(self.param_shardings, self.buffer_shardings,
                                                            self.batch_sharding, None))
 
+    @property
+    def depths(self) -> int:
+        """MTP depths the loss runs (what the trainer's MFU counts)."""
+        return self.objective.depths
+
     def _loss(self, params, buffers, batch, norms):
-        graphdef, tmpl_params, tmpl_buffers = self.abstract
-        return losses.total_loss(to_state(params, tmpl_params), to_state(buffers, tmpl_buffers), graphdef, batch,
-                                 self.spec.loss_cfg, norms=norms)
+        return self.objective.loss(params, buffers, self.abstract, batch, norms)
+
+    def _prepare(self, batch, count):
+        """The batch with microbatches from `count` on inert, and the whole step's normalisers."""
+        used = jnp.arange(next(iter(batch.values())).shape[0])[:, None, None] < count
+        batch = self.objective.unused(batch, used)
+        return batch, self.objective.normalizers(batch)
 
     def _evaluate(self, params, buffers, batch, count):
-        batch = _only_first(batch, count)
-        norms = losses.normalizers(batch, self.depths)
+        batch, norms = self._prepare(batch, count)
         loss, aux = _accumulate(lambda micro: self._loss(params, buffers, micro, norms), batch, count)
         return {"loss": loss, "tokens": aux["tokens"], **aux["metrics"]}
 
@@ -167,15 +116,15 @@ class EvalStep:
 class TrainStep(EvalStep):
     """`step(params, buffers, opt_state, batch, count, lr, bias_rate) -> (params, buffers, opt_state, metrics)`.
 
-    As `EvalStep`, plus: lr, bias_rate: float32 (traced). Params, buffers and optimizer state are donated.
-    `compile()` compiles it ahead of time for `abstract_args()` (what `glm5 plan` measures); `loss_and_grads`
-    runs what the step differentiates, without the update.
+    As `EvalStep`, plus: lr, bias_rate (the objective's after-update rate): float32 (traced). Params, buffers and
+    optimizer state are donated. `compile()` compiles it ahead of time for `abstract_args()` (what `glm5 plan`
+    measures); `loss_and_grads` runs what the step differentiates, without the update.
     """
 
     def __init__(self, spec: StepConfig, tx: optax.GradientTransformation, par: Parallelism, abstract: ModelState):
         super().__init__(spec, par, abstract)
         self.tx = tx
-        graphdef, tmpl_params, tmpl_buffers = abstract
+        objective, tmpl_params, tmpl_buffers = self.objective, abstract.params, abstract.buffers
         opt_shape = jax.eval_shape(tx.init, {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
                                              for k, v in flatten(tmpl_params).items()})
         self.opt_shardings = optim.state_shardings(opt_shape, self.param_shardings, par.sharding(()))
@@ -183,9 +132,6 @@ class TrainStep(EvalStep):
         if spec.trainable != "all":
             tree = flatten(losses.trainable_mask(tmpl_params, spec.trainable))
             mask = {k: bool(v) for k, v in tree.items()}
-        cfg = spec.model_cfg
-        n_main = sum(g.count for g in layer_groups(cfg) if g.moe)
-        use_bias = spec.loss_cfg.bias_update_rate > 0
 
         def step(params, buffers, opt_state, batch, count, lr, rate):
             (loss, aux), grads = self._loss_and_grads(params, buffers, batch, count)
@@ -199,16 +145,10 @@ class TrainStep(EvalStep):
             new_params = optax.apply_updates(params, updates)
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
             params, opt_state = keep(new_params, params), keep(new_opt, opt_state)
-            load = aux["expert_load"]
-            if use_bias and load is not None:
-                buffers = keep(flatten(losses.update_router_bias(to_state(buffers, tmpl_buffers), load, rate)), buffers)
-            metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "tokens": aux["tokens"], **aux["metrics"]}
-            if load is not None:
-                load = load.astype(jnp.float32)
-                mean = jnp.maximum(jnp.mean(load, axis=-1), 1e-9)
-                metrics["expert_load_max_over_mean"] = jnp.mean(jnp.max(load, axis=-1) / mean)
-                copies = count * spec.rows * spec.seq_len * cfg.num_experts_per_tok * n_main
-                metrics["dropped"] = 1.0 - jnp.sum(load[:n_main]) / copies  # (MTP's row, if any, is last)
+            moved = objective.after_update(buffers, tmpl_buffers, aux["carry"], rate)
+            buffers = buffers if moved is buffers else keep(moved, buffers)
+            metrics = {"loss": loss, "grad_norm": gnorm, "finite": ok, "tokens": aux["tokens"], **aux["metrics"],
+                       **objective.step_metrics(aux["carry"], count, spec.rows, spec.seq_len)}
             return params, buffers, opt_state, metrics
 
         shardings = (self.param_shardings, self.buffer_shardings, self.opt_shardings)
@@ -218,8 +158,7 @@ class TrainStep(EvalStep):
 
     def _loss_and_grads(self, params, buffers, batch, count):
         """((loss, aux), grads) summed over the first `count` microbatches, every term over the step's norms."""
-        batch = _only_first(batch, count)
-        norms = losses.normalizers(batch, self.depths)
+        batch, norms = self._prepare(batch, count)
         grad = jax.value_and_grad(self._loss, has_aux=True)
         constrain = lambda out: (out[0], jax.lax.with_sharding_constraint(out[1], self.param_shardings))
         return _accumulate(lambda micro: grad(params, buffers, micro, norms), batch, count, constrain)
@@ -231,8 +170,8 @@ class TrainStep(EvalStep):
         params = {k: variables[k] for k in self.param_shardings}
         buffers = {k: variables[k] for k in self.buffer_shardings}
         opt_state = jax.tree.map(sds, jax.eval_shape(self.tx.init, params), self.opt_shardings)
-        batch = {k: jax.ShapeDtypeStruct(self.spec.batch_shape, jnp.int32, sharding=self.batch_sharding)
-                 for k in BATCH_KEYS}
+        batch = {k: jax.ShapeDtypeStruct(self.spec.batch_shape, dtype, sharding=self.batch_sharding)
+                 for k, dtype in self.spec.fields.items()}
         scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype)
         return params, buffers, opt_state, batch, scalar(jnp.int32), scalar(jnp.float32), scalar(jnp.float32)
 
@@ -261,3 +200,22 @@ class TrainStep(EvalStep):
         count = self.spec.accumulate if count is None else count
         with use(self.par):
             return jax.jit(self._loss_and_grads)(params, buffers, batch, jnp.int32(count))
+
+
+def make_step(spec: StepConfig, par: Parallelism, opt_cfg, abstract: ModelState,
+              tx: optax.GradientTransformation | None = None) -> TrainStep:
+    """The one place a train step is made: `spec` in layout `par`, the optimizer `opt_cfg` (at learning rate 1:
+    `glm5_jax.train.setup.unit_rate_optimizer`) over the model's abstract state (`tx`: one already made of them,
+    shared between a run's programs)."""
+    tx = optim.make_optimizer(opt_cfg, spec.model_cfg, abstract.params) if tx is None else tx
+    return TrainStep(spec, tx, par, abstract)
+
+
+def build_step(run, stage, abstract: ModelState | None = None, tx: optax.GradientTransformation | None = None):
+    """The train step of `stage` of the resolved `run` (`glm5_jax.train.setup.resolve`): the stage's step config
+    and layout, the run's optimizer over the base model's abstract state. `glm5 train`, `glm5 plan --recipe`,
+    `glm5 bench` and `glm5 eval` build their step here; `abstract` / `tx`: ones a caller already made of
+    this run (the trainer's programs share them)."""
+    abstract = abstract_state(run.model_cfg, run.recipe.seed) if abstract is None else abstract
+    tx = optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params) if tx is None else tx
+    return make_step(stage.step, stage.par, run.opt_base, abstract, tx)

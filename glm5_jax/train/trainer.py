@@ -28,9 +28,9 @@ import time
 import jax
 import numpy as np
 
-from glm5_jax import optim
-from glm5_jax.checkpoint.manager import CheckpointManager
-from glm5_jax.checkpoint.naming import flatten
+from glm5_jax.checkpoint.manager import ARRAYS, DOCUMENT, CheckpointManager, load_variables
+from glm5_jax.checkpoint.naming import flatten, nest, unnest
+from glm5_jax.data.shards import parse_state
 from glm5_jax.errors import TrainingStopped
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
@@ -52,6 +52,20 @@ class TrainState:
     counters: dict  # nonfinite_in_a_row, skipped_total, tokens_seen, rng (saved as the `train` item)
 
 
+# What a training checkpoint step holds (docs/training.md#checkpoints).
+ITEMS = {"params": ARRAYS,  # every model variable (parameters and router bias buffers), nested dotted names
+         "opt_state": ARRAYS,  # the optimizer state, sharded like the parameters
+         "train": DOCUMENT,  # step, stage, RNG key, non-finite counters, tokens seen
+         "data": DOCUMENT,  # the data feed's state (its shard count and every shard's iterator state)
+         "config": DOCUMENT,  # the model config of the step's stage (RoPE as trained)
+         "recipe": DOCUMENT}  # the resolved recipe
+
+
+def open_checkpoints(recipe: Recipe, directory: str) -> CheckpointManager:
+    """The run's checkpoint manager in `directory`, holding `ITEMS`, with the recipe's save policy."""
+    return CheckpointManager(directory, recipe.checkpoint, ITEMS)
+
+
 class CompileInterrupted(Exception):
     """SIGTERM arrived while a step was compiling (the loop saves and stops without waiting for it)."""
 
@@ -59,8 +73,9 @@ class CompileInterrupted(Exception):
 class Programs:
     """The compiled train step of each distinct stage shape (stages that share one share the program)."""
 
-    def __init__(self, run: Run, tx, abstract, out, stop=lambda: False, sync=lambda name: None):
-        self.run, self.tx, self.abstract, self.out, self.stop, self.sync = run, tx, abstract, out, stop, sync
+    def __init__(self, run: Run, abstract, out, stop=lambda: False, sync=lambda name: None):
+        self.run, self.abstract, self.out, self.stop, self.sync = run, abstract, out, stop, sync
+        self.tx = None  # the run's optimizer, made with the first program and shared by the others
         self._built: dict = {}
 
     def __len__(self) -> int:
@@ -69,10 +84,16 @@ class Programs:
     def built(self, stage: StageSettings) -> bool:
         return repr(stage.step) in self._built
 
+    def make(self, stage: StageSettings) -> S.TrainStep:
+        """The stage's train step, not compiled (`build_step` with the run's shared abstract state and optimizer)."""
+        program = S.build_step(self.run, stage, self.abstract, self.tx)
+        self.tx = program.tx
+        return program
+
     def get(self, stage: StageSettings) -> S.TrainStep:
         key = repr(stage.step)  # (the configs are plain dataclasses, equal when their reprs are)
         if key not in self._built:
-            program = S.TrainStep(stage.step, self.tx, self.run.par, self.abstract)
+            program = self.make(stage)
             a, r, L = stage.step.batch_shape
             self._compile(program, f"compiling the {L}-token step ({a} x {r} rows) of stage {stage.name}")
             self.sync(f"compiled-{len(self._built)}")  # every process runs its first step together
@@ -115,9 +136,9 @@ def _setup_cache(recipe: Recipe):
 def save_state(ckpt: CheckpointManager, state: TrainState, stage: StageSettings, it, recipe: Recipe):
     """Checkpoint `state` at its step: trained in `stage` (whose model config, RoPE included, is saved), data
     feed `it` (its state is a collective), the recipe."""
-    ckpt.save(state.step, variables={**state.params, **state.buffers}, opt_state=state.opt_state,
-              train={**state.counters, "step": state.step, "stage": stage.name}, data=it.state(),
-              model_config=stage.step.model_cfg.to_dict(), recipe=recipe.to_dict())
+    ckpt.save(state.step, {"params": nest({**state.params, **state.buffers}), "opt_state": state.opt_state,
+                           "train": {**state.counters, "step": state.step, "stage": stage.name}, "data": it.state(),
+                           "config": stage.step.model_cfg.to_dict(), "recipe": recipe.to_dict()})
 
 
 def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, open_feed, out):
@@ -127,18 +148,21 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
     recipe = run.recipe
     params_abs, buffers_abs, opt_abs, *_ = program.abstract_args()
 
-    def init(loaded):
-        if loaded is None:
+    variables_abs = {**params_abs, **buffers_abs}
+    found = ckpt.restore_latest({"params": nest(variables_abs), "opt_state": opt_abs},
+                                lambda restored: open_feed(*parse_state(restored["data"]), 0),
+                                warn=lambda m: out(f"WARNING: {m}"))
+    if found is not None:
+        step, restored, it = found
+        variables, opt_state, saved = unnest(restored["params"]), restored["opt_state"], dict(restored["train"])
+    else:
+        if recipe.init_from:
+            variables = load_variables(recipe.init_from, variables_abs)
+        else:
             state = S.init_sharded(run.model_cfg, run.par, recipe.seed)
-            loaded = {**flatten(state.params), **flatten(state.buffers)}
-        params = {k: loaded[k] for k in params_abs}
-        return loaded, program.init_optimizer(params)
-
-    step, variables, opt_state, saved, it = ckpt.restore_or_init(
-        {**params_abs, **buffers_abs}, opt_abs, lambda shards, states: open_feed(shards, states, 0), init,
-        recipe.init_from, warn=lambda m: out(f"WARNING: {m}"))
-    if it is None:
-        it = open_feed(None, None, 0)
+            variables = {**flatten(state.params), **flatten(state.buffers)}
+        step, saved, it = None, {}, open_feed(None, None, 0)
+        opt_state = program.init_optimizer({k: variables[k] for k in params_abs})
     counters = {"nonfinite_in_a_row": 0, "skipped_total": 0, "tokens_seen": 0,
                 "rng": np.asarray(jax.random.key_data(jax.random.key(recipe.seed))).tolist()}
     counters.update({k: saved[k] for k in counters if k in saved})
@@ -200,14 +224,16 @@ class Reporter:
                           f"skipped ({c['nonfinite_in_a_row']} in a row)")
         self.log.advance(step, stage.name, loss)
         if step % recipe.metrics.interval == 0 or step in (self.first_step, stage.data.start_step + 1, self.end):
+            program = self.programs.get(stage)
             flops = model_flops_per_step(stage.step.model_cfg, self.run.par, rows, stage.data.seq_len,
-                                         self.programs.get(stage).depths, stage.step.loss_cfg.dsa)
+                                         program.depths, stage.step.loss_cfg.dsa)
+            objective = program.objective
             self.log.write({"step": step, "stage": stage.name, "loss": loss, "grad_norm": float(m["grad_norm"]),
                             "lr": lr, "tokens": int(m["tokens"]), "rows": rows, "tokens_per_s": tokens / dt,
                             "mfu": flops / dt / (self.peak * self.devices), "step_time": dt,
                             "skipped": c["skipped_total"],
-                            **{k: float(m[k]) for k in ("lm", "mtp", "balance", "z", "indexer_kl",
-                                                        "expert_load_max_over_mean", "dropped") if k in m}})
+                            **{k: float(m[k]) for k in objective.metric_names + objective.step_metric_names
+                               if k in m}})
             self.losses[step] = loss
         n = c["nonfinite_in_a_row"]
         if n >= recipe.max_nonfinite_in_a_row:
@@ -243,14 +269,14 @@ def train(recipe: Recipe, out=print) -> dict:
     open_feed = feed_opener(run, out)
     evaluator = Evaluator(run) if recipe.eval.enabled else None
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
-    programs = Programs(run, optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params), abstract, out)
+    programs = Programs(run, abstract, out)
     run_dir = os.path.abspath(recipe.run_dir)
     created = not os.path.exists(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     progress = {"trained": False}
     try:
         with contextlib.ExitStack() as stack:
-            ckpt = CheckpointManager(os.path.join(run_dir, "checkpoints"), recipe.checkpoint)
+            ckpt = open_checkpoints(recipe, os.path.join(run_dir, "checkpoints"))
             stack.callback(ckpt.close)
             monitor = PeerMonitor(recipe.distributed.peer_timeout, lambda: (ckpt.committed_steps() or [None])[-1])
             stack.callback(monitor.done)  # (runs before ckpt.close: a peer still saving does not count it lost)
@@ -284,8 +310,7 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
     recipe = run.recipe
     total = run.total_steps
     end = total if recipe.max_steps is None else min(total, recipe.max_steps)
-    state, it = restore_or_init(run, ckpt, S.TrainStep(run.stages[0].step, programs.tx, run.par, abstract),
-                                open_feed, out)
+    state, it = restore_or_init(run, ckpt, programs.make(run.stages[0]), open_feed, out)
     stack.callback(it.close)
     if run.stage_at(state.step).par is not run.par:  # (an older checkpoint than the newest was restored)
         raise TrainingStopped(f"step {state.step} (stage {run.stage_at(state.step).name}) runs in another layout "
