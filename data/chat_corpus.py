@@ -41,8 +41,8 @@ def _first_paragraph(doc: str) -> str:
     return text
 
 
-def _functions() -> list[tuple[str, str, str]]:
-    """(qualified name, signature, first paragraph) of every documented public function, sorted."""
+def _functions() -> list[tuple[str, str, str, str]]:
+    """(qualified name, module, signature, first paragraph) of every documented public function, sorted."""
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -55,22 +55,22 @@ def _functions() -> list[tuple[str, str, str]]:
                 if attr.startswith("_") or getattr(obj, "__module__", None) != name:
                     continue
                 if inspect.isfunction(obj):
-                    _add(out, f"{name}.{attr}", obj)
+                    _add(out, name, f"{name}.{attr}", obj)
                 elif inspect.isclass(obj):  # the class's own public methods
                     for meth, fn in vars(obj).items():
                         if not meth.startswith("_") and inspect.isfunction(fn):
-                            _add(out, f"{name}.{attr}.{meth}", fn)
+                            _add(out, name, f"{name}.{attr}.{meth}", fn)
     return [(q, *out[q]) for q in sorted(out)]
 
 
-def _add(out: dict, qualname: str, fn) -> None:
+def _add(out: dict, module: str, qualname: str, fn) -> None:
     doc = fn.__doc__ and inspect.cleandoc(fn.__doc__)  # its own docstring, not one inherited
     try:
         sig = str(inspect.signature(fn))
     except (TypeError, ValueError):
         return
     if doc and len(sig) < 160:
-        out[qualname] = (sig, _first_paragraph(doc))
+        out[qualname] = (module, sig, _first_paragraph(doc))
 
 
 def _ask(q):
@@ -85,10 +85,10 @@ def _say(text, **extra):
     return {"role": "assistant", "content": text, **extra}
 
 
-def _conversation(k: int, q: str, sig: str, doc: str) -> list[dict]:
+def _conversation(k: int, q: str, module: str, sig: str, doc: str) -> list[dict]:
     short = q.rsplit(".", 1)[1]
     answer_sig = f"`{short}{sig}`"
-    thought = f"`{q}` is defined in the `{q.rsplit('.', 1)[0]}` module; its docstring says what it does."
+    thought = f"`{q}` is defined in the `{module}` module; its docstring says what it does."
     shape = k % 10
     if shape in (0, 1):
         return [_ask(q), _say(doc)]
