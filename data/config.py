@@ -22,7 +22,7 @@ OVERLONG = ("truncate", "drop")
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    kind: str = "bytes"  # bytes: built-in byte-level (259 ids); hf: a tokenizer.json
+    kind: str = "bytes"  # bytes: built-in byte-level (259 ids + 16 chat markers); hf: tokenizer.json
     path: str | None = None  # tokenizer.json (kind hf); $VARS and ~ are expanded
     eos_id: int | None = None  # id put after every document; bytes: 1
     eos_token: str | None = None  # or the EOS token's text, looked up in tokenizer.json

@@ -40,7 +40,8 @@ class ByteTokenizer:
         return self.chat_offset + CHAT_TOKENS.index(text)
 
     def decode(self, ids) -> str:
-        """Text of ids; chat markers as their text, PAD / EOS / BOS left out."""
+        """Text of ids; chat markers as their text (ids past the vocabulary as ``<id>``), PAD / EOS / BOS left
+        out."""
         ids = np.asarray(ids)
         marks = np.flatnonzero(ids >= self.chat_offset)
         parts, start = [], 0
@@ -57,7 +58,7 @@ class ByteTokenizer:
         """Text of one id for display; specials in angle brackets."""
         token_id = int(token_id)
         if token_id >= self.chat_offset:
-            return CHAT_TOKENS[token_id - self.chat_offset]
+            return CHAT_TOKENS[token_id - self.chat_offset] if token_id < self.vocab_size else f"<{token_id}>"
         specials = {self.pad_id: "<pad>", self.eos_id: "<eos>", self.bos_id: "<bos>"}
         return specials.get(token_id) or bytes([token_id - self.offset]).decode("latin-1")
 
