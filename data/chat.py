@@ -195,9 +195,7 @@ class ChatEncoder(Encoder):
         return None, None
 
     def _drop(self, where: str):
-        with self._lock:
-            self._in_a_row += 1
-            n = self._in_a_row
+        n = self._missed()
         if n >= self.limit:
             raise DataError(f"source {self.source}: {n} conversations in a row do not fit a row of {self.seq_len} "
                             f"tokens (last: {where}); raise seq_len or shorten the conversations")

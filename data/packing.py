@@ -77,11 +77,15 @@ class Encoder:
             ids = np.append(ids, np.int32(self.tokenizer.eos_id))
         return {"input_ids": ids.astype(np.int32, copy=False)}
 
-    def _skip(self, bad: Bad):
-        self.policy.handle(self.source, bad)
+    def _missed(self) -> int:
+        """Count one more record in a row that yields nothing; the count so far."""
         with self._lock:
             self._in_a_row += 1
-            n = self._in_a_row
+            return self._in_a_row
+
+    def _skip(self, bad: Bad):
+        self.policy.handle(self.source, bad)
+        n = self._missed()
         if n >= self.limit:
             raise DataError(f"source {self.source}: no usable record in {n} records in a row, so nothing to "
                             f"train on (last: {bad.where}: {bad.reason})")

@@ -4,8 +4,8 @@ the embedded chat corpus.
 A source is a Grain data source (``len`` and ``[i]``), so the pipeline can shard it by process and shuffle it
 globally by index. ``source[i]`` returns ``(where, payload)``, where ``where`` names the file and the line,
 row or record, and the payload is ``str`` (text), an int32 array (token ids) or a list (a conversation's
-messages, format chat); a record that cannot be read
-comes back as :class:`~glm5_jax.data.errors.Bad` rather than raising inside a Grain thread or worker.
+messages, format chat); a record that cannot be read comes back as :class:`~glm5_jax.data.errors.Bad` rather
+than raising inside a Grain thread or worker.
 Sources pickle without their open files, so worker processes reopen them.
 """
 
@@ -215,8 +215,8 @@ class ParquetSource(Source):
         total = 0
         for path in paths:
             try:
-                meta = pq.ParquetFile(path).metadata
-                columns = meta.schema.names
+                file = pq.ParquetFile(path)
+                meta, columns = file.metadata, file.schema_arrow.names  # top-level columns (a list is one)
             except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError subclasses for corrupt files
                 policy.handle(name, Bad(path, f"not a readable Parquet file ({str(e).splitlines()[0][:200]})"))
                 continue

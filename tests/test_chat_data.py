@@ -116,6 +116,22 @@ def test_packs_whole_conversations(tmp_path):
     assert seen == set(range(30))
 
 
+def test_parquet_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [qa(i, 1 + i % 2)["messages"] for i in range(4)]
+    records[3][1]["loss"] = False  # a struct column: the other rows' loss is null, i.e. scored
+    pq.write_table(pa.table({"messages": records}), tmp_path / "c.parquet")
+    cfg = chat_config(str(tmp_path / "c.parquet"), seq_len=128, shuffle=False)
+    cfg.sources["chat"].kind = "parquet"
+    got = conversations([next(DataPipeline(cfg, 0, 1).iterator())])
+    for (ids, targets), messages in zip(got, records):
+        ref_ids, scored = RENDER.render(parse_messages(messages))
+        np.testing.assert_array_equal(ids, ref_ids)
+        assert np.count_nonzero(targets != IGNORE) == scored.sum()
+
+
 def test_overlong_truncate_and_drop():
     fits_first = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                   {"role": "user", "content": "y" * 80}, {"role": "assistant", "content": "ok"}]
