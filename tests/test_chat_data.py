@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from glm5_jax.data import config as data_config
@@ -13,7 +14,7 @@ from glm5_jax.data import errors
 from glm5_jax.data.chat import ChatEncoder, GLMRenderer, parse_messages
 from glm5_jax.data.chat_template import TemplateRenderer
 from glm5_jax.data.errors import ErrorPolicy
-from glm5_jax.data.loader import DataPipeline
+from glm5_jax.data.loader import DataPipeline, restore_args, save_args
 from glm5_jax.data.packing import IGNORE, KEYS
 from glm5_jax.data.tokenizer import CHAT_TOKENS, ByteTokenizer, HFTokenizer, train_bpe
 from glm5_jax.errors import ConfigError, DataError
@@ -153,9 +154,12 @@ def test_resume_is_exact(tmp_path):
     reference = [b for b, _ in zip(DataPipeline(cfg, 0, 1).iterator(), range(9))]
     it = DataPipeline(cfg, 0, 1).iterator()
     first = [next(it) for _ in range(4)]
-    state = json.loads(json.dumps(it.get_state()))
-    resumed = DataPipeline(cfg, 0, 1).iterator()
-    resumed.set_state(state)
+    mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+    mngr.save(4, args=ocp.args.Composite(data=save_args(it)))
+    mngr.wait_until_finished()
+    resumed = DataPipeline(cfg, 0, 1).iterator()  # a fresh process: new pipeline, iterator at step 0
+    mngr.restore(4, args=ocp.args.Composite(data=restore_args(resumed)))
+    assert resumed.step == 4
     for i, (a, b) in enumerate(zip(first + [next(resumed) for _ in range(5)], reference)):
         for k in KEYS:
             np.testing.assert_array_equal(a[k], b[k], err_msg=f"step {i} {k}")
