@@ -14,13 +14,15 @@ from glm5_jax.values import apply_overrides, boolean, build, check_keys, choice,
 
 from .errors import ON_ERROR
 
-SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens")
+SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens", "stdlib_chat")
 TOKENIZER_KINDS = ("bytes", "hf")
+FORMATS = ("text", "chat")  # a record is a document, or a conversation (data/chat.py)
+OVERLONG = ("truncate", "drop")
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
-    kind: str = "bytes"  # bytes: built-in byte-level (259 ids); hf: a tokenizer.json
+    kind: str = "bytes"  # bytes: built-in byte-level (259 ids + 16 chat markers); hf: tokenizer.json
     path: str | None = None  # tokenizer.json (kind hf); $VARS and ~ are expanded
     eos_id: int | None = None  # id put after every document; bytes: 1
     eos_token: str | None = None  # or the EOS token's text, looked up in tokenizer.json
@@ -32,8 +34,11 @@ class SourceConfig:
     name: str = ""  # its key under `sources:`
     kind: str = "stdlib"  # one of SOURCE_KINDS
     paths: list[str] = dataclasses.field(default_factory=list)  # files or globs; $VARS and ~ are expanded
-    text_field: str = "text"  # JSONL key / Parquet column holding the document
+    text_field: str = "text"  # JSONL key / Parquet column holding the document (format chat: the messages)
     append_eos: bool = True  # put the tokenizer's EOS after each document (also pre-tokenized ones)
+    format: str = "text"  # text: documents; chat: conversations with loss masks (jsonl, parquet; stdlib_chat)
+    template: str | None = None  # chat: a Hugging Face tokenizer folder or .jinja file to render with
+    overlong: str = "truncate"  # chat: a conversation longer than the row: truncate (at a turn) or drop
 
 
 @dataclasses.dataclass
@@ -107,13 +112,27 @@ def _source(name, values) -> SourceConfig:
         cfg.paths = [cfg.paths]
     if not isinstance(cfg.paths, list) or not all(isinstance(p, str) for p in cfg.paths):
         fail(f"{key}.paths", f"must be a list of file paths or globs; got {cfg.paths!r}")
-    if cfg.kind == "stdlib" and cfg.paths:
-        fail(f"{key}.paths", "kind stdlib reads the running Python's standard library; it takes no paths")
-    if cfg.kind != "stdlib" and not cfg.paths:
+    if cfg.kind.startswith("stdlib") and cfg.paths:
+        fail(f"{key}.paths", f"kind {cfg.kind} reads the running Python's standard library; it takes no paths")
+    if not cfg.kind.startswith("stdlib") and not cfg.paths:
         fail(f"{key}.paths", f"kind {cfg.kind} needs at least one file or glob")
     if not isinstance(cfg.text_field, str) or not cfg.text_field:
         fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
     boolean(f"{key}.append_eos", cfg.append_eos)
+    if cfg.kind == "stdlib_chat":
+        cfg.format = "chat"
+    choice(f"{key}.format", cfg.format, FORMATS)
+    if cfg.format == "chat":
+        if cfg.kind not in ("jsonl", "parquet", "stdlib_chat"):
+            fail(f"{key}.format", f"kind {cfg.kind} holds no conversations; chat records come from jsonl, parquet "
+                                  f"or stdlib_chat")
+        if cfg.text_field == "text":
+            cfg.text_field = "messages"
+        choice(f"{key}.overlong", cfg.overlong, OVERLONG)
+        if cfg.template is not None and (not isinstance(cfg.template, str) or not cfg.template):
+            fail(f"{key}.template", f"must be the path of a tokenizer folder or .jinja file; got {cfg.template!r}")
+    elif cfg.template is not None or cfg.overlong != "truncate":
+        fail(f"{key}.{'template' if cfg.template is not None else 'overlong'}", "applies to format chat only")
     return cfg
 
 
@@ -191,6 +210,14 @@ def from_dict(values: dict) -> DataConfig:
     if not isinstance(raw_stages, list) or not raw_stages:
         fail("stages", "must be a list of at least one stage")
     stages = [_stage(i, s or {}, sources) for i, s in enumerate(raw_stages)]
+    for i, stage in enumerate(stages):
+        if len({sources[name].format for name in stage.mixture}) > 1:
+            fail(f"stages.{i}.mixture", "mixes chat and text sources; a stage packs either whole conversations "
+                                        "or documents")
+    if tokenizer.kind == "bytes":
+        for name, source in sources.items():
+            if source.template is not None:
+                fail(f"sources.{name}.template", "a chat template renders text that needs tokenizer.kind hf")
     names = [s.name for s in stages]
     for i, name in enumerate(names):
         if name in names[:i]:

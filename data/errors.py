@@ -19,7 +19,6 @@ _LOG_FIRST = 5  # skip warnings logged one by one per source; after that at most
 _LOG_EVERY_S = 10.0
 
 
-
 class Bad:
     """A record that could not be read or encoded; sources return it instead of raising.
 
@@ -40,6 +39,7 @@ _lock = threading.Lock()
 _skipped: collections.Counter = collections.Counter()
 _last_logged: dict[str, float] = {}
 _logged: collections.defaultdict = collections.defaultdict(set)  # source -> the first distinct records logged
+_overlong: collections.Counter = collections.Counter()  # (source, "truncated" | "dropped") -> conversations
 
 
 def skipped_counts() -> dict[str, int]:
@@ -48,9 +48,25 @@ def skipped_counts() -> dict[str, int]:
         return dict(_skipped)
 
 
+def overlong_counts() -> dict[str, dict[str, int]]:
+    """Conversations longer than their row so far in this process, by source: {"truncated": n, "dropped": n}
+    (worker processes keep their own counts)."""
+    with _lock:
+        out: dict[str, dict[str, int]] = {}
+        for (source, what), n in _overlong.items():
+            out.setdefault(source, {"truncated": 0, "dropped": 0})[what] = n
+        return out
+
+
+def count_overlong(source: str, what: str) -> None:
+    with _lock:
+        _overlong[source, what] += 1
+
+
 def reset_skipped_counts():
     with _lock:
         _skipped.clear()
+        _overlong.clear()
         _last_logged.clear()
         _logged.clear()
 

@@ -30,7 +30,9 @@ from glm5_jax.errors import DataError
 
 from . import config as data_config
 from .errors import MAX_CONSECUTIVE_SKIPS, ErrorPolicy
-from .packing import Encoder, Finalize, pack
+from .chat import ChatEncoder, GLMRenderer
+from .chat_template import TemplateRenderer
+from .packing import Encoder, Finalize, pack, pack_whole
 from .sources import open_source
 from .stages import Schedule, Stage
 from .tokenizer import build_tokenizer
@@ -82,6 +84,9 @@ class DataPipeline:
         self.schedule = Schedule(self.cfg.stages, self.process_count, accumulate)
         used = dict.fromkeys(name for s in self.cfg.stages for name in s.mixture)
         self.sources = {name: open_source(self.cfg.sources[name], self.policy) for name in used}
+        # Chat renderers are built here so a missing special token or a broken template fails before training.
+        self.renderers = {name: self._renderer(self.cfg.sources[name]) for name in used
+                          if self.cfg.sources[name].format == "chat"}
         for name, source in self.sources.items():
             if len(source) < self.process_count:
                 raise DataError(f"source {name}: {len(source)} records cannot be sharded over "
@@ -97,6 +102,15 @@ class DataPipeline:
                 if len(source) < count:
                     raise DataError(f"source {name}: {len(source)} records cannot be read as {count} data shards")
         return shard
+
+    def _renderer(self, source_cfg):
+        if source_cfg.template is None:
+            return GLMRenderer(self.tokenizer)
+        return TemplateRenderer(source_cfg.template, self.tokenizer)
+
+    def is_chat(self, stage: Stage) -> bool:
+        """Whether a stage packs whole conversations (its sources are chat sources) rather than documents."""
+        return any(name in self.renderers for name in stage.mixture)
 
     @property
     def vocab_size(self) -> int:
@@ -123,7 +137,10 @@ class DataPipeline:
             # Bad records in a row that prove a source unusable: a reader sees every record of the shard at
             # least once in any two epochs (a worker, in 2 * num_workers epochs' worth).
             limit = min(2 * shard_len * max(cfg.num_workers, 1) + cfg.read_buffer_size, MAX_CONSECUTIVE_SKIPS)
-            ds = ds.map(Encoder(name, self.tokenizer, self.policy, cfg.sources[name].append_eos, limit))
+            src = cfg.sources[name]
+            ds = ds.map(ChatEncoder(name, self.tokenizer, self.policy, self.renderers[name], stage.seq_len,
+                                    src.overlong, limit) if name in self.renderers else
+                        Encoder(name, self.tokenizer, self.policy, src.append_eos, limit))
             if self.holdout is not None:
                 ds = ds.map(HoldoutSplit(*self.holdout, name, limit))
             parts.append(ds)
@@ -131,7 +148,7 @@ class DataPipeline:
         ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=cfg.read_buffer_size))
-        it = pack(it, stage.seq_len)
+        it = pack_whole(it, stage.seq_len, stage.local_micro_rows) if self.is_chat(stage) else pack(it, stage.seq_len)
         it = it.batch(stage.local_micro_rows, drop_remainder=True)
         it = it.map(Finalize(self.tokenizer.pad_id))
         if cfg.num_workers:

@@ -77,11 +77,15 @@ class Encoder:
             ids = np.append(ids, np.int32(self.tokenizer.eos_id))
         return {"input_ids": ids.astype(np.int32, copy=False)}
 
-    def _skip(self, bad: Bad):
-        self.policy.handle(self.source, bad)
+    def _missed(self) -> int:
+        """Count one more record in a row that yields nothing; the count so far."""
         with self._lock:
             self._in_a_row += 1
-            n = self._in_a_row
+            return self._in_a_row
+
+    def _skip(self, bad: Bad):
+        self.policy.handle(self.source, bad)
+        n = self._missed()
         if n >= self.limit:
             raise DataError(f"source {self.source}: no usable record in {n} records in a row, so nothing to "
                             f"train on (last: {bad.where}: {bad.reason})")
@@ -94,6 +98,16 @@ def pack(ds, seq_len: int):
     return ConcatThenSplitIterDataset(ds, length_struct={"input_ids": seq_len})
 
 
+def pack_whole(ds, seq_len: int, bins: int):
+    """Pack ``{"input_ids", "scored"}`` conversations (each at most ``seq_len``) into rows without splitting
+    any: Grain's first-fit packer over ``bins`` open rows, which are padded and emitted together once a
+    conversation fits none of them."""
+    from grain.experimental import FirstFitPackIterDataset
+
+    return FirstFitPackIterDataset(ds, length_struct={"input_ids": seq_len, "scored": seq_len},
+                                   num_packing_bins=bins, shuffle_bins=False)
+
+
 class Finalize:
     """Grain's packed batch -> the batch contract above (targets, pad ids, fixed key names)."""
 
@@ -104,13 +118,18 @@ class Finalize:
         ids = np.asarray(batch["input_ids"], np.int32)
         seg = np.asarray(batch["input_ids_segment_ids"], np.int32)
         pos = np.asarray(batch["input_ids_positions"], np.int32)
-        return make_batch(ids, seg, pos, self.pad_id)
+        scored = np.asarray(batch["scored"], bool) if "scored" in batch else None
+        return make_batch(ids, seg, pos, self.pad_id, scored)
 
 
-def make_batch(ids: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, pad_id: int = 0) -> dict:
-    """The contract's four arrays from packed ids and segment ids (positions as given)."""
+def make_batch(ids: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, pad_id: int = 0,
+               scored: np.ndarray | None = None) -> dict:
+    """The contract's four arrays from packed ids and segment ids (positions as given). ``scored`` (chat):
+    a token is a target only where it is scored, so the loss mask is ``targets != IGNORE``."""
     targets = np.full(ids.shape, IGNORE, np.int32)
     same_piece = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] > 0)
+    if scored is not None:
+        same_piece &= scored[:, 1:]
     targets[:, :-1] = np.where(same_piece, ids[:, 1:], IGNORE)
     return {
         "input_ids": np.where(segment_ids > 0, ids, pad_id).astype(np.int32),

@@ -1,9 +1,11 @@
-"""Random-access document sources: JSONL, Parquet, ArrayRecord text, pre-tokenized ArrayRecord, stdlib.
+"""Random-access document sources: JSONL, Parquet, ArrayRecord text, pre-tokenized ArrayRecord, stdlib, and
+the embedded chat corpus.
 
 A source is a Grain data source (``len`` and ``[i]``), so the pipeline can shard it by process and shuffle it
 globally by index. ``source[i]`` returns ``(where, payload)``, where ``where`` names the file and the line,
-row or record, and the payload is ``str`` (text) or an int32 array (token ids); a record that cannot be read
-comes back as :class:`~glm5_jax.data.errors.Bad` rather than raising inside a Grain thread or worker.
+row or record, and the payload is ``str`` (text), an int32 array (token ids) or a list (a conversation's
+messages, format chat); a record that cannot be read comes back as :class:`~glm5_jax.data.errors.Bad` rather
+than raising inside a Grain thread or worker.
 Sources pickle without their open files, so worker processes reopen them.
 """
 
@@ -21,6 +23,7 @@ import numpy as np
 
 from glm5_jax.errors import DataError
 
+from .chat_corpus import stdlib_conversations
 from .corpus import stdlib_files
 from .errors import Bad, ErrorPolicy
 
@@ -128,9 +131,9 @@ class JsonlSource(Source):
 
     kind = "jsonl"
 
-    def __init__(self, name: str, paths: list[str], text_field: str, policy: ErrorPolicy):
+    def __init__(self, name: str, paths: list[str], text_field: str, policy: ErrorPolicy, chat: bool = False):
         super().__init__(name)
-        self.text_field = text_field
+        self.text_field, self.chat = text_field, chat
         self._files = _Files(paths)
         file_ids, starts, lengths, lines = [], [], [], []
         for i, path in enumerate(paths):
@@ -165,10 +168,15 @@ class JsonlSource(Source):
             return Bad(where, f"invalid UTF-8 at byte {e.start}")
         except json.JSONDecodeError as e:
             return Bad(where, f"not valid JSON ({e.msg} at column {e.colno})")
-        text = obj.get(self.text_field) if isinstance(obj, dict) else None
-        if not isinstance(text, str):
-            return Bad(where, f"no string field {self.text_field!r}")
-        return where, text
+        value = obj.get(self.text_field) if isinstance(obj, dict) else None
+        return _field(where, value, self.text_field, self.chat)
+
+
+def _field(where: str, value, field: str, chat: bool):
+    """(where, value) if the record's field holds a document (or, chat, a list of messages), else Bad."""
+    if chat:
+        return (where, value) if isinstance(value, list) else Bad(where, f"no list of messages in field {field!r}")
+    return (where, value) if isinstance(value, str) else Bad(where, f"no string field {field!r}")
 
 
 def _line_spans(path: str, chunk: int = 1 << 26):
@@ -198,17 +206,17 @@ class ParquetSource(Source):
     kind = "parquet"
     _cache_size = 8
 
-    def __init__(self, name: str, paths: list[str], text_field: str, policy: ErrorPolicy):
+    def __init__(self, name: str, paths: list[str], text_field: str, policy: ErrorPolicy, chat: bool = False):
         super().__init__(name)
         import pyarrow.parquet as pq
 
-        self.text_field = text_field
+        self.text_field, self.chat = text_field, chat
         kept, groups = [], []  # groups: (file number, row group, first global row, first row in file)
         total = 0
         for path in paths:
             try:
-                meta = pq.ParquetFile(path).metadata
-                columns = meta.schema.names
+                file = pq.ParquetFile(path)
+                meta, columns = file.metadata, file.schema_arrow.names  # top-level columns (a list is one)
             except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid / OSError subclasses for corrupt files
                 policy.handle(name, Bad(path, f"not a readable Parquet file ({str(e).splitlines()[0][:200]})"))
                 continue
@@ -265,6 +273,8 @@ class ParquetSource(Source):
             value = self._column(k)[index - first]
         except Exception as e:  # noqa: BLE001 - a corrupt row group surfaces only when read
             return Bad(where, f"cannot read row group {g} ({str(e).splitlines()[0][:200]})")
+        if self.chat:
+            return _field(where, value, self.text_field, True)
         if isinstance(value, bytes):
             return _decode(where, value)
         if not isinstance(value, str):
@@ -332,16 +342,35 @@ class TokenSource(_ArrayRecordFiles):
         return where, np.frombuffer(data, "<i4").astype(np.int32)
 
 
+class StdlibChatSource(Source):
+    """The embedded SFT corpus: conversations about the standard library's functions (data/chat_corpus.py)."""
+
+    kind = "stdlib_chat"
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.records = stdlib_conversations()
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        return f"stdlib_chat: record {index}", self.records[index]
+
+
 def open_source(cfg, policy: ErrorPolicy) -> Source:
     """The source a :class:`~glm5_jax.data.config.SourceConfig` describes; raises DataError if it is empty."""
     if cfg.kind == "stdlib":
         source = StdlibSource(cfg.name)
+    elif cfg.kind == "stdlib_chat":
+        source = StdlibChatSource(cfg.name)
     else:
         paths = expand_paths(cfg.name, cfg.paths, policy)
+        chat = cfg.format == "chat"
         if cfg.kind == "jsonl":
-            source = JsonlSource(cfg.name, paths, cfg.text_field, policy)
+            source = JsonlSource(cfg.name, paths, cfg.text_field, policy, chat)
         elif cfg.kind == "parquet":
-            source = ParquetSource(cfg.name, paths, cfg.text_field, policy)
+            source = ParquetSource(cfg.name, paths, cfg.text_field, policy, chat)
         elif cfg.kind == "arrayrecord":
             source = ArrayRecordTextSource(cfg.name, paths, policy)
         else:

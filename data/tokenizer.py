@@ -9,30 +9,58 @@ import numpy as np
 from glm5_jax.errors import ConfigError
 
 
-class ByteTokenizer:
-    """UTF-8 bytes as ids 3..258 after three specials: PAD 0, EOS 1, BOS 2.
+# The chat markers of GLM-5's chat format (docs/post-training.md), ids 259, 260, ... of the byte tokenizer.
+CHAT_TOKENS = ("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>", "<think>",
+               "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>", "<arg_value>", "</arg_value>",
+               "<tool_response>", "</tool_response>")
 
-    259 ids fit the tiny preset (vocab_size 512, pad_token_id 0, eos_token_id 1); nothing to download,
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 3..258 after three specials: PAD 0, EOS 1, BOS 2; then GLM-5's chat markers as
+    named special tokens 259..274 (`CHAT_TOKENS`), which plain text never produces.
+
+    275 ids fit the tiny preset (vocab_size 512, pad_token_id 0, eos_token_id 1); nothing to download,
     every string round-trips, and no text can be out of vocabulary.
     """
 
     pad_id, eos_id, bos_id = 0, 1, 2
     offset = 3
-    vocab_size = 256 + offset
+    chat_offset = 256 + offset
+    vocab_size = chat_offset + len(CHAT_TOKENS)
     name = "bytes"
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.offset
 
+    def special_id(self, text: str) -> int:
+        """Id of a chat marker such as ``<|user|>``."""
+        if text not in CHAT_TOKENS:
+            raise ConfigError(f"tokenizer: the byte tokenizer has no special token {text!r}; it has "
+                              f"{', '.join(CHAT_TOKENS)}")
+        return self.chat_offset + CHAT_TOKENS.index(text)
+
     def decode(self, ids) -> str:
+        """Text of ids; chat markers as their text (ids past the vocabulary as ``<id>``), PAD / EOS / BOS left
+        out."""
         ids = np.asarray(ids)
-        data = (ids[ids >= self.offset] - self.offset).astype(np.uint8).tobytes()
-        return data.decode("utf-8", errors="replace")
+        marks = np.flatnonzero(ids >= self.chat_offset)
+        parts, start = [], 0
+        for m in [*marks, len(ids)]:
+            piece = ids[start:m]
+            parts.append((piece[piece >= self.offset] - self.offset).astype(np.uint8).tobytes().decode(
+                "utf-8", errors="replace"))
+            if m < len(ids):
+                parts.append(self.token_text(ids[m]))
+            start = m + 1
+        return "".join(parts)
 
     def token_text(self, token_id: int) -> str:
         """Text of one id for display; specials in angle brackets."""
+        token_id = int(token_id)
+        if token_id >= self.chat_offset:
+            return CHAT_TOKENS[token_id - self.chat_offset] if token_id < self.vocab_size else f"<{token_id}>"
         specials = {self.pad_id: "<pad>", self.eos_id: "<eos>", self.bos_id: "<bos>"}
-        return specials.get(int(token_id)) or bytes([int(token_id) - self.offset]).decode("latin-1")
+        return specials.get(token_id) or bytes([token_id - self.offset]).decode("latin-1")
 
 
 class HFTokenizer:
@@ -85,6 +113,19 @@ class HFTokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, index of each token's first character in ``text``), specials of the text included."""
+        enc = self._tokenizer.encode(text, add_special_tokens=False)
+        return np.asarray(enc.ids, np.int32), np.asarray([s for s, _ in enc.offsets], np.int64)
+
+    def special_id(self, text: str) -> int:
+        """Id of an added (special) token by its text, e.g. ``<|user|>``."""
+        token_id = self._tokenizer.token_to_id(text)
+        if token_id is None:
+            raise ConfigError(f"tokenizer.path: {self.path} has no token {text!r} (the chat format needs it as an "
+                              f"added token)")
+        return int(token_id)
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -127,7 +127,7 @@ def _data_inspect(args):
         if value < minimum:
             raise InputError(f"{flag}: must be an integer >= {minimum}; got {value}")
     inspect(args.config, rows=args.rows, stage=args.stage, batches=args.batches, chars=args.chars,
-            overrides=args.override)
+            overrides=args.override, write_rows=args.write_rows, out=args.out)
 
 
 # ----- glm5 train / glm5 plot -----
@@ -285,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     insp.add_argument("--stage", default=None, help="stage to show (default: the first)")
     insp.add_argument("--batches", type=int, default=20, help="batches to time for the throughput figure")
     insp.add_argument("--chars", type=int, default=400, help="characters shown per row")
+    insp.add_argument("--write-rows", type=int, default=0, metavar="N", help="write the stage's first N rows to --out")
+    insp.add_argument("--out", default=None, metavar="FILE.npz", help="file for --write-rows (input_ids, targets, "
+                      "positions, segment_ids, loss_mask)")
     _key_values(insp, "--override", "data config override, e.g. stages.0.seq_len=256 (repeatable)")
     insp.set_defaults(run=_data_inspect)
     from glm5_jax.plan_command import add_parser as add_plan_parser

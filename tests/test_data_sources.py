@@ -127,10 +127,10 @@ def test_bad_input_skipped_with_location(tmp_path, caplog, case):
         expected, want_docs = ["broken.parquet: not a readable Parquet file"], DOCS
     else:
         records = [TOK.encode(d).astype("<i4") for d in DOCS[:3]]
-        records[1][2] = 300  # >= the byte tokenizer's vocab of 259
+        records[1][2] = 300  # >= the byte tokenizer's vocab of 275
         source = {"kind": "tokens", "paths": [write_arrayrecord(tmp_path / "k.array_record",
                                                                 [r.tobytes() for r in records])]}
-        expected = ["k.array_record: record 1: token id 300 at offset 2 is outside [0, vocab_size=259)"]
+        expected = ["k.array_record: record 1: token id 300 at offset 2 is outside [0, vocab_size=275)"]
         want_docs = [DOCS[0], DOCS[2]]
     errors.reset_skipped_counts()
     with caplog.at_level(logging.WARNING, logger="glm5_jax.data"):
