@@ -29,11 +29,6 @@ class ByteTokenizer:
         data = (ids[ids >= self.offset] - self.offset).astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
 
-    def token_text(self, token_id: int) -> str:
-        """Text of one id for display; specials in angle brackets."""
-        specials = {self.pad_id: "<pad>", self.eos_id: "<eos>", self.bos_id: "<bos>"}
-        return specials.get(int(token_id)) or bytes([int(token_id) - self.offset]).decode("latin-1")
-
 
 class HFTokenizer:
     """A ``tokenizer.json`` loaded through the ``tokenizers`` library.
@@ -88,9 +83,6 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
-
-    def token_text(self, token_id: int) -> str:
-        return self._tokenizer.id_to_token(int(token_id)) or f"<{int(token_id)}>"
 
 
 def build_tokenizer(cfg) -> ByteTokenizer | HFTokenizer:
