@@ -25,6 +25,7 @@ from flax import nnx
 
 from glm5_jax import config as config_lib
 from glm5_jax.checkpoint.naming import nest
+from glm5_jax.dotted import dotted_name
 from glm5_jax.errors import CheckpointError
 from glm5_jax.model import GLM5
 from glm5_jax.values import apply_overrides
@@ -82,7 +83,7 @@ def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 
 def named_variables(model) -> dict[str, nnx.Variable]:
     """Every variable of a model by dotted name (`layers.1.mlp.experts_gate`), the checkpoint's leaf names."""
-    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
+    return {dotted_name(path): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
 def _chunks(shape, index_dims: int, itemsize: int) -> list[int]:
