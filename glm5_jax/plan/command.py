@@ -55,9 +55,9 @@ def run(args):
         from glm5_jax.plan.measure import run as plan_step
 
         result = plan_step(args.config, args.override, args.layout, args.layout_override, len(devices),
-                          4096 if args.seq_len is None else args.seq_len, args.global_batch, limit, args.opt,
-                          device_list=devices, accumulate=1 if args.accumulate is None else args.accumulate,
-                          loss_overrides=args.loss, target=target)
+                           4096 if args.seq_len is None else args.seq_len, args.global_batch, limit, args.opt,
+                           device_list=devices, accumulate=1 if args.accumulate is None else args.accumulate,
+                           loss_overrides=args.loss, target=target)
         report.print_report(result)
         return
     rows = stages.plan_recipe(recipe, args.stage, devices, target, limit, on_row=report.print_stage_row)
