@@ -16,8 +16,8 @@ import numpy as np
 from flax import nnx
 
 from glm5_jax import config
-from glm5_jax.checkpoint import load_model
-from glm5_jax.generate import Generator
+from glm5_jax.checkpoint.store import load_model
+from glm5_jax.generate.runner import Generator
 from glm5_jax.model import GLM5
 
 

@@ -130,9 +130,6 @@ class HFTokenizer:
     def decode(self, ids) -> str:
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def token_text(self, token_id: int) -> str:
-        return self._tokenizer.id_to_token(int(token_id)) or f"<{int(token_id)}>"
-
 
 def build_tokenizer(cfg) -> ByteTokenizer | HFTokenizer:
     """The tokenizer a :class:`~glm5_jax.data.config.TokenizerConfig` names."""

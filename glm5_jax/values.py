@@ -226,3 +226,8 @@ def read_json(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
 
+
+
+def key_values(parser, flag: str, help: str):
+    """A repeatable `--flag KEY=VALUE` command-line option, collected into a list for `apply_overrides`."""
+    parser.add_argument(flag, action="append", default=[], metavar="KEY=VALUE", help=help)

@@ -6,7 +6,7 @@ import importlib.resources
 import math
 
 import yaml
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, PartitionSpec
 
 from glm5_jax.errors import ConfigError
 from glm5_jax.sharding.mesh import AXES
@@ -55,6 +55,3 @@ def partition_spec(axes, rules: Rules, mesh: Mesh, shape=None) -> PartitionSpec:
         spec.pop()
     return PartitionSpec(*spec)
 
-
-def named_sharding(axes, rules: Rules, mesh: Mesh, shape=None) -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(axes, rules, mesh, shape))

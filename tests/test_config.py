@@ -8,7 +8,7 @@ import pytest
 import transformers
 
 from glm5_jax import config
-from glm5_jax.checkpoint import abstract_leaves
+from glm5_jax.checkpoint.store import abstract_leaves
 from tests.conftest import TINY, run_cli
 
 

@@ -13,7 +13,7 @@ import psutil
 from safetensors.numpy import save_file
 
 from glm5_jax import config
-from glm5_jax.checkpoint import abstract_leaves
+from glm5_jax.checkpoint.store import abstract_leaves
 from glm5_jax.convert.names import hf_entries
 
 # ~0.9 GB of float32 tensors: 3 MoE layers + MTP with 64 experts, a 16K vocabulary.

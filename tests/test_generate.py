@@ -12,11 +12,11 @@ import pytest
 import torch
 from flax import nnx
 
-from glm5_jax.checkpoint import load_model
-from glm5_jax.generate import Generator, Sampling, speculative
+from glm5_jax.checkpoint.store import load_model
 from glm5_jax.generate import cache as cache_lib
-from glm5_jax.generate.runner import prefill_all
-from glm5_jax.generate.sampling import log_probs
+from glm5_jax.generate import speculative
+from glm5_jax.generate.runner import Generator, prefill_all
+from glm5_jax.generate.sampling import Sampling, log_probs
 from tests.conftest import TINY, add_mtp_shard, build_hf_model, run_cli
 
 NEW = 12  # generated tokens per row
@@ -284,9 +284,9 @@ def test_generate_cli_writes_sequences(tiny_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["empty", "too-long", "out-of-vocab", "tokenizer", "no-tokenizer"])
 def test_generate_cli_bad_input(case, tiny_ckpt, tmp_path, capsys, monkeypatch):
-    import glm5_jax.checkpoint
+    from glm5_jax.checkpoint import store
 
-    monkeypatch.setattr(glm5_jax.checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(store, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     ids = tmp_path / "ids.npy"
     args = {
         "empty": ["--prompt", "", "--tokenizer", "bytes"],

@@ -1,10 +1,13 @@
 """The seams of the codebase, checked statically: imports point one way, files stay small, one override
-function and one error family exist. (Reads the source; imports nothing from the package.)"""
+function and one error family exist, the command line is a dispatcher over the packages' command modules.
+(Reads the source; imports nothing from the package, but for one child process that builds the parser.)"""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGES = {"glm5_jax": ROOT / "glm5_jax", "glm5_jax.sharding": ROOT / "sharding", "glm5_jax.data": ROOT / "data"}
@@ -45,7 +48,7 @@ def _importers(prefix: str, forbidden: tuple[str, ...]) -> list[str]:
 def test_imports_point_one_way():
     assert _importers("glm5_jax.sharding", ("glm5_jax.model",)) == []
     assert _importers("glm5_jax.optim", ("glm5_jax.model", "glm5_jax.checkpoint", "glm5_jax.train")) == []
-    assert _importers("glm5_jax.train", ("glm5_jax.plan", "glm5_jax.cli", "glm5_jax.plan_command")) == []
+    assert _importers("glm5_jax.train", ("glm5_jax.plan", "glm5_jax.cli")) == []
     assert _importers("glm5_jax.model", ("glm5_jax.train", "glm5_jax.plan", "glm5_jax.checkpoint")) == []
 
 
@@ -67,3 +70,37 @@ def test_one_override_function_and_one_error_family():
     assert defs == ["glm5_jax.values.apply_overrides"]
     # Every user-facing error lives in glm5_jax.errors; the only other one is the trainer's internal signal.
     assert [e for e in errors if not e.startswith("glm5_jax.errors.")] == ["glm5_jax.train.trainer.CompileInterrupted"]
+
+
+def _is_command(module: str) -> bool:
+    return module.rsplit(".", 1)[-1] == "command"
+
+
+def test_cli_is_a_dispatcher_and_each_command_module_registers_its_subcommands():
+    cli = ROOT / "glm5_jax" / "cli.py"
+    assert len(cli.read_text().splitlines()) < 150
+    tree = ast.parse(cli.read_text())
+    # No subcommand is built or run in cli.py: no add_parser / set_defaults, no function besides the dispatch.
+    calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    assert not calls & {"add_parser", "set_defaults"}
+    assert {n.name for n in tree.body if isinstance(n, ast.FunctionDef)} == {
+        "build_parser", "_exit_stopped", "_stop", "_run", "main"}
+    commands = {m: path for m, path in _sources() if _is_command(m)}
+    assert {name for name in _imports("glm5_jax.cli", cli) if _is_command(name)} == set(commands)
+    for module, path in commands.items():
+        defs = {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert "register" in defs and [a.arg for a in defs["register"].args.args] == ["sub"], module
+        source = ast.get_source_segment(path.read_text(), defs["register"])
+        assert "add_parser(" in source and "set_defaults(run=" in source, module
+
+
+def test_only_the_cli_imports_a_command_module():
+    assert sorted(f"{m} imports {name}" for m, path in _sources() if m != "glm5_jax.cli"
+                  for name in _imports(m, path) if _is_command(name) and name != m) == []
+
+
+def test_building_the_command_line_imports_no_jax():
+    code = ("import sys; from glm5_jax import cli; cli.build_parser(); "
+            "print([m for m in ('jax', 'flax', 'orbax.checkpoint', 'numpy') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

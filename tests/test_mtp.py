@@ -8,7 +8,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from glm5_jax.checkpoint import load_model
+from glm5_jax.checkpoint.store import load_model
 
 DEPTHS = 3
 

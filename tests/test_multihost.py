@@ -18,8 +18,8 @@ import time
 import numpy as np
 import pytest
 
-from glm5_jax.launch_local import child_env as process_env
-from glm5_jax.launch_local import free_port
+from glm5_jax.launch.local import child_env as process_env
+from glm5_jax.launch.local import free_port
 from tests import train_util as u
 from tests.conftest import run_cli
 

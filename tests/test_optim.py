@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from glm5_jax import config
+from glm5_jax.dotted import dotted_name
 from glm5_jax.errors import ConfigError
 from glm5_jax.model import GLM5
 from glm5_jax.optim import (
@@ -27,7 +28,7 @@ from glm5_jax.optim import (
     state_shardings,
     summary,
 )
-from glm5_jax.optim.optimizer import lookup, path_name
+from glm5_jax.optim.optimizer import lookup
 from glm5_jax.train.setup import routing_table
 from tests.conftest import run_cli
 
@@ -187,7 +188,7 @@ def test_per_head_orthogonality(tiny):
 
     def update(opt):
         specs = {n: route(n, s, a, cfg, opt).spec for n, (s, a) in shapes.items()}
-        tx = scale_by_muon_split(lambda path: specs[path_name(path)], consistent_rms=0.2)
+        tx = scale_by_muon_split(lambda path: specs[dotted_name(path)], consistent_rms=0.2)
         return jax.jit(lambda g: tx.update(g, tx.init(g))[0])(grads)
 
     split, plain = update(OptimizerConfig()), update(OptimizerConfig(split_heads=False))
@@ -228,8 +229,8 @@ def test_split_off_equals_optax_muon_and_router_bias_frozen(tiny_moe):
     for _ in range(2):  # the second step exercises momentum and bias correction
         u, s = mine_step(grads_full, s, full)
         r, rs = ref_step(nnx.filter_state(grads_full, nnx.Param), rs, params)
-        mine = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(u)[0]}
-        theirs = {path_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(r)[0]}
+        mine = {dotted_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(u)[0]}
+        theirs = {dotted_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(r)[0]}
         biases = [n for n in mine if "e_score_correction_bias" in n]
         assert len(biases) == 1 and all(not mine[n].any() for n in biases)
         assert set(theirs) == set(mine) - set(biases)

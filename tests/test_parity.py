@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from glm5_jax.checkpoint import load_model
+from glm5_jax.checkpoint.store import load_model
 from tests.conftest import run_cli
 
 TOL = 1e-4  # max |ours - transformers| / max |logit|

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm5_jax import config, plan
+from glm5_jax import config
+from glm5_jax.plan import devices as plan_devices
+from glm5_jax.plan import measure as plan_measure
+from glm5_jax.plan import report as plan_report
 from glm5_jax.model import GLM5
 from tests.conftest import run_cli
 
@@ -59,7 +62,7 @@ FSDP4_TP2 = {"embed": ("fsdp", 4), **{n: ("tensor", 2) for n in ("vocab", "heads
 @pytest.fixture(scope="module")
 def dense_plan():
     assert len(jax.devices()) == 8
-    return plan.run("tiny", ONE_DENSE_LAYER, layout="dp8", devices=8, seq_len=16, global_batch=16)
+    return plan_measure.run("tiny", ONE_DENSE_LAYER, layout="dp8", devices=8, seq_len=16, global_batch=16)
 
 
 def test_plan_cli_end_to_end(capsys):
@@ -87,8 +90,8 @@ def test_param_bytes_match_shapes_and_mesh(dense_plan):
 
 def test_analytic_flops_match_cost_analysis(dense_plan):
     """Nothing loops more than once here, so XLA counts what the formula counts plus elementwise work."""
-    analytic = plan.per_device_total(dense_plan.flops)
-    assert plan.loops_once(dense_plan.flops) == analytic
+    analytic = plan_report.per_device_total(dense_plan.flops)
+    assert plan_report.loops_once(dense_plan.flops) == analytic
     ratio = dense_plan.xla_flops / analytic
     assert 1.0 <= ratio < 1.05, ratio  # measured 1.039: norms, softmax, optimizer elementwise on top
     names = [f.name for f in dense_plan.flops]
@@ -115,10 +118,10 @@ def test_more_devices_than_this_process_has_runs_in_a_child(capfd):
 
 
 def test_device_memory_sizes():
-    assert plan.parse_bytes("80GB") == 80 * 10**9 and plan.parse_bytes("80GiB") == 80 * 2**30
-    assert plan.parse_bytes("1.5TB") == 1.5e12 and plan.parse_bytes("512") == 512
+    assert plan_devices.parse_bytes("80GB") == 80 * 10**9 and plan_devices.parse_bytes("80GiB") == 80 * 2**30
+    assert plan_devices.parse_bytes("1.5TB") == 1.5e12 and plan_devices.parse_bytes("512") == 512
     with pytest.raises(config.ConfigError, match="^--device-memory: "):
-        plan.parse_bytes("lots")
+        plan_devices.parse_bytes("lots")
 
 
 def test_tpu_product_names_map_to_topologies():
@@ -128,9 +131,9 @@ def test_tpu_product_names_map_to_topologies():
              "tpu:v6e-1": "v6e:1x1", "tpu:v6e-256": "v6e:16x16", "tpu:tpu7x:2x2x1": "tpu7x:2x2x1",
              "tpu:v5p:4x8x8": "v5p:4x8x8"}
     for name, topology in cases.items():
-        target = plan.parse_target(name)
+        target = plan_devices.parse_target(name)
         assert (target.platform, target.topology) == ("tpu", topology), name
-    assert plan.parse_target("cpu").platform == "cpu"
+    assert plan_devices.parse_target("cpu").platform == "cpu"
 
 
 @pytest.mark.parametrize("target,message", [
@@ -150,4 +153,4 @@ def test_tpu_target_takes_its_devices_and_memory_from_the_topology(capsys):
     assert capsys.readouterr().err.strip() == ("glm5: error: --devices: the topology of --target tpu:v5p-8 gives "
                                                "the devices")
     with pytest.raises(config.ConfigError, match="^--device-memory: only for --target cpu"):
-        plan.device_memory([], plan.parse_target("tpu:v5p-8"), "80GB")
+        plan_devices.device_memory([], plan_devices.parse_target("tpu:v5p-8"), "80GB")

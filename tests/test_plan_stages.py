@@ -11,7 +11,9 @@ import re
 import pytest
 import yaml
 
-from glm5_jax import plan
+from glm5_jax.plan.devices import parse_bytes, parse_target
+from glm5_jax.plan.report import stage_table
+from glm5_jax.plan.stages import plan_recipe
 from glm5_jax.train import recipe as recipe_lib
 from glm5_jax.train import setup
 from tests.conftest import run_cli
@@ -55,8 +57,8 @@ def planned(tmp_path_factory):
     import jax
 
     recipe = recipe_lib.load(_recipe(tmp_path_factory.mktemp("recipe")))
-    rows = plan.plan_recipe(recipe, "all", jax.devices()[:8], plan.parse_target("cpu"), plan.parse_bytes("80GB"))
-    return rows, _text(plan.stage_table(rows))
+    rows = plan_recipe(recipe, "all", jax.devices()[:8], parse_target("cpu"), parse_bytes("80GB"))
+    return rows, _text(stage_table(rows))
 
 
 def test_every_stage_in_its_own_layout(planned):
@@ -82,7 +84,7 @@ def test_a_stage_that_does_not_fit_keeps_its_row(planned):
     tight = [dataclasses.replace(r, result=dataclasses.replace(r.result, device_memory=2**20)) if r.result else r
              for r in rows]
     assert [r.fits for r in tight] == [False, False, False]
-    table = _text(plan.stage_table(tight))
+    table = _text(stage_table(tight))
     for name, r in (("short", rows[0]), ("long", rows[1])):
         over = (r.result.memory.peak - 2**20) / 2**30
         assert re.search(rf"│ {name} .*│ no \({over:,.2f} GiB over\)", table), name

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import pytest
 
-from glm5_jax import plan
+from glm5_jax.plan import devices as plan_devices
+from glm5_jax.plan import measure
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.skipif(not plan.devices.libtpu_installed(),
+pytestmark = pytest.mark.skipif(not plan_devices.libtpu_installed(),
                                 reason="libtpu is not installed (the tpu extra: pip install -e '.[tpu]')")
 
 MOE = ["num_hidden_layers=2", "first_k_dense_replace=1", "num_nextn_predict_layers=0", "remat_policy=none"]
@@ -33,10 +34,10 @@ def test_tiny_step_compiles_for_v5p_8(capsys):
 
 
 def test_out_of_memory_is_the_verdict():
-    target = plan.parse_target("tpu:v5p-8")
-    devices = plan.tpu_devices(target)
+    target = plan_devices.parse_target("tpu:v5p-8")
+    devices = plan_devices.tpu_devices(target)
     assert len(devices) == 4 and devices[0].platform == "tpu"
-    result = plan.run("tiny", HUGE, None, [], None, 16, None, plan.device_memory(devices, target, None),
+    result = measure.run("tiny", HUGE, None, [], None, 16, None, plan_devices.device_memory(devices, target, None),
                       device_list=devices, target=target)
     assert not result.fits and result.memory.peak is None
     assert result.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM (95.74G)" in result.error

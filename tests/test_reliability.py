@@ -213,7 +213,7 @@ def test_export_of_truncated_array_names_it(checkpoint, tmp_path, capsys):
 
 
 def test_describe_read_error_of_ocdbt_message():
-    from glm5_jax.checkpoint import describe_read_error
+    from glm5_jax.checkpoint.store import describe_read_error
 
     exc = ValueError('OUT_OF_RANGE: Error reading "layers.0.self_attn.q_a_proj/0.0.0" in OCDBT database at local '
                      'file "/ck/0/params/": Requested byte range [733970, 756684) is not valid for value of size '

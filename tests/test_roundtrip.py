@@ -75,7 +75,7 @@ def test_our_checkpoint_exports_to_an_equal_transformers_model(tmp_path):
     """The other direction: a model initialised here, saved by Orbax (OCDBT), exported, run by transformers."""
     import jax.numpy as jnp
 
-    from glm5_jax.checkpoint import load_model
+    from glm5_jax.checkpoint.store import load_model
 
     ckpt, out = tmp_path / "init", tmp_path / "hf"
     assert run_cli("init", "--config", "tiny", "--out", ckpt, "--seed", "3", "--override", "pad_token_id=null") == 0

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from glm5_jax import config, plan
+from glm5_jax import config
+from glm5_jax.plan import measure as plan_measure
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.data import config as data_config
 from glm5_jax.data.loader import DataPipeline
@@ -55,7 +56,7 @@ def _trained_program(recipe):
 
 def _stats(compiled):
     m = compiled.memory_analysis()
-    return plan.xla_flops(compiled), int(m.temp_size_in_bytes), int(m.argument_size_in_bytes)
+    return plan_measure.xla_flops(compiled), int(m.temp_size_in_bytes), int(m.argument_size_in_bytes)
 
 
 @pytest.mark.parametrize("name,layout", [("tiny", {"mesh": {"data": 8}}),
@@ -72,11 +73,11 @@ def test_plan_compiles_the_trained_step(name, layout):
     stage, trained = _trained_program(recipe)
     assert stage.step.accumulate == 2 and stage.step.rows == 8
     # glm5 plan's path: the same model, layout, batch, accumulation and losses given as its arguments.
-    result = plan.run("tiny", [f"{k}={v}" for k, v in model.items()], None,
+    result = plan_measure.run("tiny", [f"{k}={v}" for k, v in model.items()], None,
                       [f"mesh.{k}={v}" for k, v in layout["mesh"].items()] +
                       [f"microbatches={layout.get('microbatches', 1)}"], 8, 32, 16, "80GB",
                       accumulate=2, loss_overrides=["mtp_weight=0.3", "balance_weight=1e-4", "bias_update_rate=1e-3"])
-    planned = plan.compile_step(result.inputs).compiled
+    planned = plan_measure.compile_step(result.inputs).compiled
     assert _stats(planned) == _stats(trained)
     assert result.memory.temp == _stats(trained)[1]
 

@@ -155,7 +155,7 @@ def test_start_at_a_later_stage_from_a_converted_hf_checkpoint(hf_model_dir, con
     assert "initialised from" in out, out
     logged = u.records(run_dir)
     assert [r["step"] for r in logged] == [4, 5] and {r["stage"] for r in logged} == {"long"}, logged
-    from glm5_jax.checkpoint import CheckpointReader
+    from glm5_jax.checkpoint.store import CheckpointReader
 
     reader = CheckpointReader(ckpt)
     trained = u.params(run_dir, 5)

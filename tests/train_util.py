@@ -96,7 +96,7 @@ def committed(run_dir) -> list[int]:
 
 
 def params(run_dir, step=None) -> dict[str, np.ndarray]:
-    from glm5_jax.checkpoint import CheckpointReader
+    from glm5_jax.checkpoint.store import CheckpointReader
 
     reader = CheckpointReader(os.path.join(run_dir, "checkpoints"), step)
     return {name: reader.open(name).read().result() for name in reader.names}

@@ -149,7 +149,7 @@ def _state_parts(args, options: dict, bench, state, it, work: str, result: dict)
         result["convert"] = conversion.measure(checkpoint, work, options["directions"], _out)
 
 
-def add_parser(sub):
+def register(sub):
     b = sub.add_parser("bench", help="benchmark a recipe stage's train step, data pipeline, checkpoints and "
                        "conversion (docs/bench.md)")
     b.add_argument("--config", required=True, help="recipe preset name (quickstart, glm5, ...) or YAML file; or a "

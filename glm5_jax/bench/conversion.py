@@ -37,7 +37,7 @@ def _convert(direction: str, source: str, out: str) -> dict:
     peak_rss_bytes}."""
     import numpy as np
 
-    from glm5_jax.checkpoint import abstract_leaves
+    from glm5_jax.checkpoint.store import abstract_leaves
     from glm5_jax.convert.hf import hf_to_orbax, orbax_to_hf
 
     rss_before = peak_rss()

@@ -1,15 +1,7 @@
-"""Model checkpoints in Orbax format: streaming writes, array-at-a-time reads, and model restore."""
+"""Model checkpoints in Orbax format: streaming writes, array-at-a-time reads, and model restore.
 
-from glm5_jax.checkpoint.store import (
-    CheckpointError,
-    CheckpointReader,
-    abstract_leaves,
-    atomic_output_dir,
-    describe_read_error,
-    load_model,
-    save_model,
-    write_streaming,
-)
+- `store`: the model checkpoint (write, read, restore); `naming`: dotted variable names; `outputs`: outputs
+  written whole or not at all; `manager`: the training checkpoint; `command`: `glm5 init` and `glm5 forward`.
 
-__all__ = ["CheckpointError", "CheckpointReader", "abstract_leaves", "atomic_output_dir", "describe_read_error", "load_model",
-           "save_model", "write_streaming"]
+Importing the package imports nothing else, so building the command line imports no JAX.
+"""

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from flax import nnx
 
+from glm5_jax.dotted import dotted_name
+
 
 def flatten(state) -> dict:
     """nnx State (arrays, ShapeDtypeStructs or shardings as values) -> {dotted name: value}."""
-    return {".".join(map(str, p)): (v.get_value() if isinstance(v, nnx.Variable) else v)
+    return {dotted_name(p): (v.get_value() if isinstance(v, nnx.Variable) else v)
             for p, v in nnx.to_flat_state(state)}
 
 
 def to_state(values: dict, template) -> nnx.State:
     """{dotted name: value} -> an nnx State shaped like `template` (variable types and metadata kept)."""
-    return nnx.from_flat_state([(p, v.replace(values[".".join(map(str, p))])) for p, v in nnx.to_flat_state(template)])
+    return nnx.from_flat_state([(p, v.replace(values[dotted_name(p)])) for p, v in nnx.to_flat_state(template)])
 
 
 def nest(flat: dict) -> dict:

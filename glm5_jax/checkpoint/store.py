@@ -9,7 +9,6 @@ any other checkpoint, onto any sharding.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -26,6 +25,7 @@ from flax import nnx
 
 from glm5_jax import config as config_lib
 from glm5_jax.checkpoint.naming import nest
+from glm5_jax.dotted import dotted_name
 from glm5_jax.errors import CheckpointError
 from glm5_jax.model import GLM5
 from glm5_jax.values import apply_overrides
@@ -83,54 +83,7 @@ def abstract_leaves(cfg) -> dict[str, jax.ShapeDtypeStruct]:
 
 def named_variables(model) -> dict[str, nnx.Variable]:
     """Every variable of a model by dotted name (`layers.1.mlp.experts_gate`), the checkpoint's leaf names."""
-    return {".".join(str(p) for p in path): var for path, var in nnx.to_flat_state(nnx.state(model))}
-
-
-_in_progress: set[str] = set()  # temporary outputs being written, for a command stopped by a signal
-
-
-@contextlib.contextmanager
-def in_progress(path: str):
-    """Mark `path` as a temporary output for the duration of the block (see `remove_in_progress`)."""
-    _in_progress.add(path)
-    try:
-        yield path
-    finally:
-        _in_progress.discard(path)
-
-
-def remove_in_progress():
-    """Delete every temporary output still being written (a command stopping without unwinding)."""
-    for path in list(_in_progress):
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool = False):
-    """Yield a temporary directory beside `out` that becomes `out` only when the block succeeds."""
-    out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"{out}: exists and is not a directory")
-    parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with in_progress(tmp):
-        os.makedirs(tmp)
-        try:
-            yield tmp
-            old = f"{tmp}-replaced"
-            if os.path.exists(out):
-                os.replace(out, old)  # the old output stays whole until the new one has its name
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+    return {dotted_name(path): var for path, var in nnx.to_flat_state(nnx.state(model))}
 
 
 def _chunks(shape, index_dims: int, itemsize: int) -> list[int]:

@@ -19,17 +19,10 @@ import numpy as np
 from safetensors import safe_open
 
 from glm5_jax import config as config_lib
-from glm5_jax.checkpoint import (
-    CheckpointError,
-    CheckpointReader,
-    abstract_leaves,
-    atomic_output_dir,
-    describe_read_error,
-    write_streaming,
-)
-from glm5_jax.checkpoint.store import CHUNK_BYTES
+from glm5_jax.checkpoint.outputs import atomic_output_dir
+from glm5_jax.checkpoint.store import CHUNK_BYTES, CheckpointReader, abstract_leaves, describe_read_error, write_streaming
 from glm5_jax.convert.names import Entry, hf_entries
-from glm5_jax.errors import ConversionError
+from glm5_jax.errors import CheckpointError, ConversionError
 from glm5_jax.progress import progress_bar
 from glm5_jax.values import apply_overrides, read_json
 

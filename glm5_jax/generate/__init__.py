@@ -1,8 +1,6 @@
-"""Generation: a latent decode cache, prefill and decode steps, sampling, MTP speculative decoding."""
+"""Generation: a latent decode cache, prefill and decode steps, sampling, MTP speculative decoding.
 
-from glm5_jax.generate.cache import DecodeCache, LayerCache, cache_bytes_per_token
-from glm5_jax.generate.runner import GenerationResult, Generator, check_max_length
-from glm5_jax.generate.sampling import Sampling
+- `cache`, `step`, `sampling`, `speculative`, `runner` (`Generator`); `command`: `glm5 generate`.
 
-__all__ = ["DecodeCache", "GenerationResult", "Generator", "LayerCache", "Sampling", "cache_bytes_per_token",
-           "check_max_length"]
+Importing the package imports nothing else, so building the command line imports no JAX.
+"""

@@ -17,8 +17,6 @@ import numpy as np
 
 from glm5_jax.model.transformer import layer_groups
 
-CACHE_AXES = (None, "batch", None, None)  # [layers, batch, slots, features]: rows split like the batch
-
 
 class LayerCache(NamedTuple):
     """One layer group's (or the MTP depths') cache."""
@@ -70,11 +68,6 @@ def from_entries(cfg, group_entries, mtp_entries, batch: int, length: int) -> De
                    for g, e in zip(layer_groups(cfg), group_entries))
     mtp = None if mtp_entries is None else _layer_cache(cfg, cfg.mtp_depths, True, batch, length, mtp_entries)
     return DecodeCache(groups, mtp)
-
-
-def cache_shardings(cache, par):
-    """NamedShardings of a cache (or its ShapeDtypeStructs) under Parallelism `par`."""
-    return jax.tree.map(lambda a: par.sharding(CACHE_AXES, a.shape), cache)
 
 
 def per_token_per_layer(cache: DecodeCache) -> list[int]:

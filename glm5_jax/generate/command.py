@@ -1,12 +1,11 @@
-"""`glm5 generate`: read and check the prompts (before the model loads), generate, print and save."""
+"""`glm5 generate`: its options; read and check the prompts (before the model loads), generate, print and save."""
 
 from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from glm5_jax.errors import ConfigError, InputError
+from glm5_jax.values import key_values
 
 
 def load_tokenizer(name: str):
@@ -22,21 +21,14 @@ def load_tokenizer(name: str):
     return HFTokenizer(path, eos_id=0)
 
 
-def read_prompts(args, cfg) -> tuple[list[np.ndarray], object]:
+def read_prompts(args, cfg) -> tuple[list, object]:
     """The prompts as 1-D int32 arrays and the tokenizer (None with --prompt-ids), all checked against the
     model config `cfg`."""
     tokenizer = None
     if args.prompt_ids:
-        try:
-            array = np.load(args.prompt_ids, allow_pickle=False)
-        except (OSError, ValueError) as e:
-            raise InputError(f"--prompt-ids {args.prompt_ids}: not a readable .npy file ({e})") from None
-        if array.ndim == 1:
-            array = array[None]
-        if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
-            raise InputError(f"--prompt-ids {args.prompt_ids}: need a 1-D or 2-D integer array [batch, length] "
-                              f"(rows right-padded with -1); got {array.dtype} {array.shape}")
-        prompts = [row[:_unpadded(row)].astype(np.int32) for row in array]
+        from glm5_jax.token_ids import read_ids
+
+        prompts = [row[:_unpadded(row)] for row in read_ids(args.prompt_ids, "--prompt-ids", one_row=True)]
         what = f"--prompt-ids {args.prompt_ids}"
     else:
         if not args.tokenizer:
@@ -59,12 +51,14 @@ def read_prompts(args, cfg) -> tuple[list[np.ndarray], object]:
 
 def _unpadded(row) -> int:
     """Length of a row without its trailing -1 padding."""
+    import numpy as np
+
     real = np.flatnonzero(row != -1)
     return int(real[-1]) + 1 if len(real) else 0
 
 
 def run(args):
-    from glm5_jax.checkpoint import CheckpointReader
+    from glm5_jax.checkpoint.store import CheckpointReader
 
     cfg = CheckpointReader(args.checkpoint, args.step).config
     if args.max_new_tokens < 1:
@@ -85,7 +79,7 @@ def run(args):
     if args.output and os.path.exists(args.output) and not args.overwrite:
         raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
 
-    from glm5_jax.checkpoint import load_model
+    from glm5_jax.checkpoint.store import load_model
     from glm5_jax.generate.runner import Generator
 
     par = None
@@ -113,8 +107,32 @@ def run(args):
     if result.accepted is not None:
         print(f"mean acceptance length: {result.accepted:.2f} tokens per step (mtp_depths {cfg.mtp_depths})")
     if args.output:
+        from glm5_jax.checkpoint.outputs import write_npy
+
         out = result.padded(-1)
-        tmp = f"{args.output}.tmp-{os.getpid()}.npy"
-        np.save(tmp, out)
-        os.replace(tmp, args.output)
+        write_npy(args.output, out)
         print(f"wrote {args.output}: ids {out.shape} int32 (prompt + generated; shorter rows padded with -1)")
+
+
+def register(sub):
+    g = sub.add_parser("generate", help="generate text or ids from a checkpoint (KV-latent cache, sparse decode)")
+    g.add_argument("--checkpoint", required=True)
+    g.add_argument("--step", type=int, default=None, help="step to load (default: latest committed)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeatable: one row each); needs --tokenizer")
+    src.add_argument("--prompt-ids", help=".npy int array [batch, length], rows right-padded with -1")
+    g.add_argument("--tokenizer", help="'bytes' (built-in byte tokenizer) or a tokenizer.json path")
+    g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per row (default 64)")
+    g.add_argument("--max-length", type=int, default=None,
+                   help="cache slots per row (default longest prompt + max-new-tokens)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed")
+    g.add_argument("--speculative", choices=("mtp",), default=None, help="MTP speculative decoding")
+    g.add_argument("--layout", default=None, help="layout preset (configs/layouts/NAME.yaml) or YAML file")
+    key_values(g, "--layout-override", "layout override, e.g. mesh.tensor=2 (repeatable)")
+    key_values(g, "--override", "model config override, e.g. dtype=bfloat16 (repeatable)")
+    g.add_argument("--output", default=None, help=".npy file for the sequences, int32 [batch, length]")
+    g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    g.set_defaults(run=run)

@@ -83,7 +83,7 @@ class Generator:
         self.cfg, self.sampling, self.speculative, self.par = cfg, sampling.validate(), speculative_mtp, par
         graphdef, state = nnx.split(model)
         if par is not None:
-            from glm5_jax.train.step import state_shardings
+            from glm5_jax.model.state import state_shardings
 
             state = jax.device_put(state, state_shardings(state, par))
         self.state = state

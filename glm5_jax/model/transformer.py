@@ -125,18 +125,9 @@ class DecoderLayer(nnx.Module):
         return h + y, topk_idx, latent, index_keys
 
 
-def run_stack(stack: DecoderLayer, h, cos, sin, segment_ids, topk_idx, remat_policy: str,
-              dsa_mode: str = "sparse"):
-    """Run a stacked DecoderLayer (leading `layers` axis on every variable) with lax.scan.
-
-    -> (h, topk_idx, LayerStats stacked over the group's layers).
-    """
-    graphdef, state = nnx.split(stack)
-    return scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy, dsa_mode)
-
-
 def scan_layers(graphdef, state, h, cos, sin, segment_ids, topk_idx, remat_policy: str, dsa_mode: str = "sparse"):
-    """`run_stack` on a split stack: `state` holds the stacked variables (leading `layers` axis)."""
+    """Run a split stack of DecoderLayers with lax.scan: `state` holds the stacked variables (leading `layers`
+    axis). -> (h, topk_idx, LayerStats stacked over the group's layers)."""
 
     def body(carry, layer_state):
         h, topk_idx = carry

@@ -12,27 +12,17 @@ import jax
 import optax
 from flax import nnx
 
+from glm5_jax.dotted import dotted_name
 from glm5_jax.optim.config import OptimizerConfig
 from glm5_jax.optim.muon import scale_by_muon_split
 from glm5_jax.optim.routing import MUON, Route, route_variables
 from glm5_jax.optim.schedules import learning_rate_schedule
 
 
-def path_name(path) -> str:
-    """Dotted name of a pytree key path (`layers.1.mlp.gate`, plus `.value` for an nnx Variable leaf)."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey / FlattenedIndexKey
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return ".".join(parts)
-
-
 def find_param(names, path) -> str | None:
     """The parameter a key path points into: the longest run of its dotted parts that is a name in `names`
     (a parameter's own path, optionally ending in `.value`, or an optimizer-state path that contains one)."""
-    parts = path_name(path).split(".")
+    parts = dotted_name(path).split(".")
     for length in range(len(parts), 0, -1):
         for start in range(len(parts) - length + 1):
             if (name := ".".join(parts[start:start + length])) in names:
@@ -43,7 +33,7 @@ def find_param(names, path) -> str | None:
 def lookup(routes: dict[str, Route], path) -> Route:
     name = find_param(routes, path)
     if name is None:
-        raise KeyError(f"{path_name(path)}: not a parameter the optimizer was built for")
+        raise KeyError(f"{dotted_name(path)}: not a parameter the optimizer was built for")
     return routes[name]
 
 
@@ -51,7 +41,7 @@ def state_shardings(opt_state, param_shardings, default):
     """Shardings for an optimizer state (real or from `jax.eval_shape(tx.init, params)`): every leaf that
     mirrors a parameter takes that parameter's sharding (from `param_shardings`, a tree with the params'
     key paths), every other leaf (step counts) `default`."""
-    by_name = {path_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+    by_name = {dotted_name(p): s for p, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
     by_name.update({n.removesuffix(".value"): s for n, s in list(by_name.items())})
 
     def pick(path, leaf):
@@ -65,7 +55,7 @@ def param_routes(params, model_cfg, opt: OptimizerConfig) -> dict[str, Route]:
     """Routes for a GLM5 module or its `nnx.Param` state (real or from `nnx.eval_shape`)."""
     if isinstance(params, nnx.Module):
         params = nnx.state(params, nnx.Param)
-    variables = {".".join(map(str, p)): v for p, v in nnx.to_flat_state(params)}
+    variables = {dotted_name(p): v for p, v in nnx.to_flat_state(params)}
     return route_variables(variables, model_cfg, opt)
 
 

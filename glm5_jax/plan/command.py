@@ -1,13 +1,11 @@
-"""`glm5 plan`: its options and their checks (one line, exit 2, before JAX starts), then the plan package.
-
-Apart from the package so that building the command line imports no JAX (`glm5_jax.plan` does).
-"""
+"""`glm5 plan`: its options and their checks (one line, exit 2, before JAX starts), then the plan package."""
 
 from __future__ import annotations
 
 import sys
 
 from glm5_jax.errors import ConfigError
+from glm5_jax.values import key_values
 
 _ONE_STEP_FLAGS = (("--layout", "layout", None), ("--seq-len", "seq_len", None), ("--global-batch", "global_batch", None),
                    ("--accumulate", "accumulate", None), ("--override", "override", []),
@@ -15,9 +13,10 @@ _ONE_STEP_FLAGS = (("--layout", "layout", None), ("--seq-len", "seq_len", None),
 
 
 def run(args):
-    from glm5_jax import plan
+    from glm5_jax.plan import devices as targets
+    from glm5_jax.plan import report, stages
 
-    target = plan.parse_target(args.target)
+    target = targets.parse_target(args.target)
     if (args.config is None) == (args.recipe is None):
         raise ConfigError("--config / --recipe: give one: --config MODEL plans one step, --recipe RECIPE its stages")
     if args.devices is not None and args.devices < 1:
@@ -33,41 +32,43 @@ def run(args):
                 raise ConfigError(f"{flag}: with --recipe the recipe's stages set it; override the recipe with "
                                   "KEY=VALUE arguments (e.g. stages.0.accumulate=4)")
         recipe = recipe_lib.load(args.recipe, args.overrides)  # every recipe error before JAX starts
-        plan.stages.select(recipe, args.stage)
+        stages.select(recipe, args.stage)
     elif args.stage is not None or args.overrides:
         raise ConfigError(f"{'--stage' if args.stage is not None else args.overrides[0]}: only with --recipe")
     if target.is_tpu:
-        devices = plan.tpu_devices(target)
+        devices = targets.tpu_devices(target)
     else:
-        n = args.devices or (8 if recipe is None else plan.devices_needed(recipe))
+        n = args.devices or (8 if recipe is None else stages.devices_needed(recipe))
         if n is None:
             raise ConfigError("--devices: the recipe's layout takes its size from the device count (-1): give "
                               "--devices N or the recipe's `devices`")
-        if not plan.cpu_devices_ready(n):  # JAX already started with fewer devices: a fresh process
-            code = plan.reexec_with_devices(n, args.argv)
+        if not targets.cpu_devices_ready(n):  # JAX already started with fewer devices: a fresh process
+            code = targets.reexec_with_devices(n, args.argv)
             if code:
                 sys.exit(code)
             return
         import jax
 
         devices = jax.devices("cpu")[:n]
-    limit = plan.device_memory(devices, target, args.device_memory)
+    limit = targets.device_memory(devices, target, args.device_memory)
     if recipe is None:
-        result = plan.run(args.config, args.override, args.layout, args.layout_override, len(devices),
-                          4096 if args.seq_len is None else args.seq_len, args.global_batch, limit, args.opt,
-                          device_list=devices, accumulate=1 if args.accumulate is None else args.accumulate,
-                          loss_overrides=args.loss, target=target)
-        plan.print_report(result)
+        from glm5_jax.plan.measure import run as plan_step
+
+        result = plan_step(args.config, args.override, args.layout, args.layout_override, len(devices),
+                           4096 if args.seq_len is None else args.seq_len, args.global_batch, limit, args.opt,
+                           device_list=devices, accumulate=1 if args.accumulate is None else args.accumulate,
+                           loss_overrides=args.loss, target=target)
+        report.print_report(result)
         return
-    rows = plan.plan_recipe(recipe, args.stage, devices, target, limit, on_row=plan.report.print_stage_row)
+    rows = stages.plan_recipe(recipe, args.stage, devices, target, limit, on_row=report.print_stage_row)
     if len(rows) == 1 and rows[0].result is not None:
-        plan.print_report(rows[0].result)
+        report.print_report(rows[0].result)
     first = next((r.result for r in rows if r.result is not None), None)
-    line = f"compiled by {plan.report.compiler(first)}" if first is not None else f"target {target.name}"
-    plan.print_stages(rows, f"{line}; {len(devices)} devices.")
+    line = f"compiled by {report.compiler(first)}" if first is not None else f"target {target.name}"
+    report.print_stages(rows, f"{line}; {len(devices)} devices.")
 
 
-def add_parser(sub, key_values):
+def register(sub):
     pl = sub.add_parser("plan", help="compile a train step (or every stage of a recipe) ahead of time for simulated "
                         "CPU devices or a TPU topology: memory and FLOPs")
     what = pl.add_mutually_exclusive_group()
