@@ -187,7 +187,7 @@ def apply_overrides(values: dict, overrides) -> dict:
     return values
 
 
-def overrides_mapping(overrides) -> dict:
+def dotted_values(overrides) -> dict:
     """{dotted key: value} of `key=value` strings (or of a mapping): overrides as a recipe section holds them."""
     return dict(_parsed(overrides))
 

@@ -104,3 +104,15 @@ def test_building_the_command_line_imports_no_jax():
             "print([m for m in ('jax', 'flax', 'orbax.checkpoint', 'numpy') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_one_step_builder():
+    """A train step is made in one place (`glm5_jax.train.step.make_step`, which `build_step` calls for a resolved
+    stage): no other module, test or benchmark constructs `TrainStep` or `EvalStep` itself."""
+    made = []
+    for path in sorted([*ROOT.glob("glm5_jax/**/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("benchmarks/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and (getattr(node.func, "id", None) or getattr(node.func, "attr", None)) in (
+                    "TrainStep", "EvalStep"):
+                made.append(str(path.relative_to(ROOT)))
+    assert made == ["glm5_jax/train/step.py"]

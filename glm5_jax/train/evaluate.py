@@ -108,7 +108,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     from glm5_jax.train import recipe as recipe_lib
     from glm5_jax.train.setup import resolve
     from glm5_jax.train.step import build_step
-    from glm5_jax.values import overrides_mapping
+    from glm5_jax.values import dotted_values
 
     if not 0 <= holdout < 1:
         raise ConfigError(f"--holdout: must be a fraction in [0, 1); got {holdout}")
@@ -117,7 +117,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     st = dcfg.stage(stage) if stage else dcfg.stages[0]
     recipe = recipe_lib.from_dict({
         "model": None, "init_from": checkpoint, "layout": layout, "data": data,
-        "data_overrides": {**overrides_mapping(data_overrides),  # one step's rows at a time: no batch ramp
+        "data_overrides": {**dotted_values(data_overrides),  # one step's rows at a time: no batch ramp
                            f"stages.{dcfg.stages.index(st)}.batch_ramp": None},
         "stages": [{"name": st.name, "steps": 1, "objective": objective,
                     "model_overrides": reader.config.to_dict()}]})  # (the step's config, RoPE as it trained)
