@@ -10,6 +10,7 @@ model and batch against its layout (`glm5_jax.model.layout_check.check_layout`).
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import optax
@@ -19,7 +20,7 @@ from glm5_jax import optim
 from glm5_jax.checkpoint.store import CheckpointReader
 from glm5_jax.data import config as data_config
 from glm5_jax.data.stages import Schedule, model_overrides
-from glm5_jax.errors import ConfigError
+from glm5_jax.errors import ConfigError, ConversionError
 from glm5_jax.model.layout_check import check_layout
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import layout_from_dict, load_layout
@@ -92,7 +93,21 @@ def _keyed(key: str, fn, *args):
         raise ConfigError(f"{key}: {e}") from None
 
 
+def is_hf_directory(path: str) -> bool:
+    """Whether `init_from` names a transformers directory (config.json beside safetensors) rather than a
+    checkpoint of ours."""
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
 def base_model(recipe: Recipe) -> config_lib.ModelConfig:
+    if recipe.init_from and is_hf_directory(recipe.init_from):
+        from glm5_jax.convert.hf import HFDirectory
+
+        try:
+            cfg = HFDirectory(recipe.init_from).config
+        except ConversionError as e:
+            raise ConfigError(f"init_from: {e}") from None
+        return config_lib.from_dict(apply_overrides(cfg.to_dict(), recipe.model_overrides))
     if recipe.init_from:
         cfg = CheckpointReader(recipe.init_from).config
         return config_lib.from_dict(apply_overrides(cfg.to_dict(), recipe.model_overrides))
@@ -175,6 +190,9 @@ def resolve(recipe: Recipe, devices=None) -> Run:
             raise ConfigError(f"stages.{i}.data_stage: data config {recipe.data!r} has no stage {name!r}; "
                               f"its stages: {', '.join(by_name)}")
         ds = by_name[name]
+        if st.objective == "sft" and any(dcfg.sources[m].format != "chat" for m in ds.mixture):
+            raise ConfigError(f"stages.{i}.objective: sft trains on conversations (chat sources: in-turn loss "
+                              f"masks); data stage {name!r} of {recipe.data!r} reads text sources")
         tokens = ds.tokens if st.steps is None else st.steps * ds.tokens_per_step
         if st.steps is not None and ds.batch_ramp is not None:
             raise ConfigError(f"stages.{i}.steps: data stage {name!r} has a batch_ramp; its token budget sets "

@@ -40,7 +40,7 @@ from glm5_jax.train.feed import feed_opener
 from glm5_jax.train.metrics import MetricsLog, model_flops_per_step, peak_flops
 from glm5_jax.train.peers import PeerMonitor, barrier
 from glm5_jax.train.recipe import Recipe
-from glm5_jax.train.setup import Run, StageSettings, resolve
+from glm5_jax.train.setup import Run, StageSettings, is_hf_directory, resolve
 
 
 @dataclasses.dataclass
@@ -141,6 +141,22 @@ def save_state(ckpt: CheckpointManager, state: TrainState, stage: StageSettings,
                            "config": stage.step.model_cfg.to_dict(), "recipe": recipe.to_dict()})
 
 
+def initial_checkpoint(run: Run, run_dir: str, out) -> str:
+    """The checkpoint `init_from` names; a transformers directory is converted once, to RUN_DIR/init-from-hf
+    (with the recipe's model overrides, e.g. param_dtype), and read from there."""
+    source = run.recipe.init_from
+    if not is_hf_directory(source):
+        return source
+    from glm5_jax.convert.hf import hf_to_orbax
+
+    converted = os.path.join(run_dir, "init-from-hf")
+    if not os.path.isdir(converted):
+        out(f"converting {os.path.abspath(source)} to {converted} (init_from a transformers directory)")
+        overrides = {k: v for k, v in run.model_cfg.to_dict().items() if k in run.recipe.model_overrides}
+        hf_to_orbax(source, converted, overrides=overrides, show_progress=False)
+    return converted
+
+
 def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, open_feed, out):
     """The run's state and data feed: from its newest readable checkpoint, else initialised (from
     `init_from` when set), at `start_stage` when that lies ahead. `open_feed(shards or None, states or None,
@@ -157,7 +173,7 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
         variables, opt_state, saved = unnest(restored["params"]), restored["opt_state"], dict(restored["train"])
     else:
         if recipe.init_from:
-            variables = load_variables(recipe.init_from, variables_abs)
+            variables = load_variables(initial_checkpoint(run, os.path.dirname(ckpt.directory), out), variables_abs)
         else:
             state = S.init_sharded(run.model_cfg, run.par, recipe.seed)
             variables = {**flatten(state.params), **flatten(state.buffers)}
