@@ -80,6 +80,8 @@ class StageRecipe:
     schedule: dict = dataclasses.field(default_factory=dict)  # learning-rate schedule (optimizer schedule keys)
     trainable: str = "all"  # "all" or "indexer" (DSA warm-up: everything else frozen)
     objective: str = "pretrain"  # what the stage optimises: pretrain | sft (glm5_jax.train.objectives)
+    qat: str | None = None  # int4: quantization-aware training of the routed experts (the model's `qat`; its
+    # group size is the model's qat_group_size); None: the model's own setting
     losses: dict = dataclasses.field(default_factory=dict)  # overrides of the recipe's `losses` for this stage
     model_overrides: dict = dataclasses.field(default_factory=dict)  # model config settings for this stage
     accumulate: int | str | None = None  # microbatches per step: N, or "auto"; None: the recipe's `accumulate`

@@ -198,8 +198,12 @@ def resolve(recipe: Recipe, devices=None) -> Run:
             raise ConfigError(f"stages.{i}.steps: data stage {name!r} has a batch_ramp; its token budget sets "
                               "the steps")
         stages.append(dataclasses.replace(ds, name=st.name, tokens=tokens))
-        over = {**model_overrides(ds.rope), **st.model_overrides}
-        cfgs.append(_keyed(f"stages.{i}.model_overrides", config_lib.from_dict, {**model_cfg.to_dict(), **over}))
+        over = {**model_overrides(ds.rope), **st.model_overrides, **({"qat": st.qat} if st.qat else {})}
+        try:
+            cfgs.append(config_lib.from_dict({**model_cfg.to_dict(), **over}))
+        except ConfigError as e:  # (the stage's qat option, or its model_overrides)
+            qat = st.qat and str(e).startswith("qat")
+            raise ConfigError(f"stages.{i}.{e}" if qat else f"stages.{i}.model_overrides: {e}") from None
         want = st.accumulate if st.accumulate is not None else recipe.accumulate
         accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, pars[i],
                                                   recipe.max_tokens_per_device, cfgs[i])
