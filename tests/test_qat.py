@@ -4,7 +4,6 @@ export, whose decompressed weights are the QAT forward's weights bit for bit."""
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -113,7 +112,6 @@ def test_int4_export_decompresses_to_the_qat_forward(hf_model_dir, tmp_path):
     computes `glm5 forward`'s logits."""
     from compressed_tensors.entrypoints.convert import convert_checkpoint
     from compressed_tensors.entrypoints.convert.converters import CompressedTensorsDequantizer
-    from safetensors.numpy import load_file
 
     from glm5_jax.checkpoint import CheckpointReader
     from glm5_jax.convert.names import hf_entries
@@ -194,3 +192,28 @@ def test_quantize_needs_a_qat_checkpoint(tmp_path, capsys):
     assert err == [f"glm5: error: --quantize int4: {ckpt} step 0 was trained with qat: none, so its forward uses "
                    "float expert weights; train (or fine-tune) with qat=int4"]
     assert not out.exists()
+
+
+def test_qat_under_expert_parallelism_matches_one_device():
+    """Experts sharded over `expert`, their input dimension over `fsdp` and `tensor`: the quantizer's groups
+    span shards, and loss and gradients still equal the single-device QAT step's."""
+    import dataclasses
+
+    from glm5_jax.model import GLM5
+    from glm5_jax.sharding import expert
+    from glm5_jax.sharding.context import Parallelism
+    from glm5_jax.sharding.layout import ParallelConfig
+    from glm5_jax.train import step as S
+    from tests.step_util import loss_and_grads, two_document_batch
+
+    cfg = config_lib.load("tiny", ["expert_matmul=tiled", "qat=int4", "qat_group_size=16", "num_hidden_layers=1",
+                                   "first_k_dense_replace=0", "num_nextn_predict_layers=0"])
+    state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
+    batch = two_document_batch(cfg.vocab_size, 8, 32, split=20)
+    (loss0, _), grads0 = loss_and_grads(state, batch)
+    par = dataclasses.replace(Parallelism.create(ParallelConfig(mesh=dict(expert=2, fsdp=2, tensor=2))),
+                              ragged_exchange=expert.emulated_ragged_all_to_all)
+    (loss, _), grads = loss_and_grads(S.place(state, par), batch, par)
+    assert abs(float(loss) - float(loss0)) <= 1e-5 * abs(float(loss0))
+    for g, g0 in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+        assert float(jnp.linalg.norm(g - g0)) <= 1e-5 * float(jnp.linalg.norm(g0))
