@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 EXPERT_MATMULS = ("auto", "ragged_dot", "tiled")
 ROPE_TYPES = ("default", "linear")
+QAT_MODES = ("none", "int4")
 
 
 @dataclasses.dataclass
@@ -77,6 +78,8 @@ class ModelConfig:
     logits_block: int = 2048  # positions per block of the LM / MTP heads in the training loss
     expert_matmul: str = "auto"  # ragged_dot (grouped GEMM), tiled (portable loop), auto: tiled on CPU only
     expert_tile: int = 64  # rows per tile of the tiled expert matmul
+    qat: str = "none"  # int4: the routed experts compute with fake-quantized INT4 weights (glm5_jax/model/quant.py)
+    qat_group_size: int = 128  # INT4 group: consecutive elements along an expert matrix's input dimension
 
     def __post_init__(self):
         if self.mlp_layer_types is None:
@@ -140,7 +143,7 @@ def _validate(cfg: ModelConfig):
         "num_attention_heads", "num_key_value_heads", "n_shared_experts", "n_routed_experts", "kv_lora_rank",
         "q_lora_rank", "qk_rope_head_dim", "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group",
         "num_experts_per_tok", "max_position_embeddings", "index_topk", "index_head_dim", "index_n_heads",
-        "mtp_depths", "attention_query_block", "logits_block", "expert_tile",
+        "mtp_depths", "attention_query_block", "logits_block", "expert_tile", "qat_group_size",
     )
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
@@ -183,6 +186,7 @@ def _validate(cfg: ModelConfig):
     choice("param_dtype", cfg.param_dtype, DTYPES)
     choice("remat_policy", cfg.remat_policy, REMAT_POLICIES)
     choice("expert_matmul", cfg.expert_matmul, EXPERT_MATMULS)
+    _validate_qat(cfg)
     rope = cfg.rope_parameters
     choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")
@@ -196,6 +200,17 @@ def _validate(cfg: ModelConfig):
         fail("attention_dropout", f"must be in [0, 1); got {cfg.attention_dropout}")
     if cfg.rms_norm_eps <= 0:
         fail("rms_norm_eps", f"must be positive; got {cfg.rms_norm_eps}")
+
+
+def _validate_qat(cfg: ModelConfig):
+    if choice("qat", cfg.qat, QAT_MODES) == "none":
+        return
+    if "sparse" not in cfg.mlp_layer_types and not cfg.has_mtp:
+        fail("qat", "int4 quantizes the routed experts, and this model has none (no sparse layer, no MTP layer)")
+    for dim, what in (("hidden_size", "gate/up"), ("moe_intermediate_size", "down")):
+        if getattr(cfg, dim) % cfg.qat_group_size:
+            fail("qat_group_size", f"must divide {dim} ({getattr(cfg, dim)}), the input dimension of the routed "
+                 f"experts' {what} projections; got {cfg.qat_group_size}")
 
 
 def from_dict(values: dict) -> ModelConfig:
@@ -276,10 +291,13 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
     return out
 
 
-def save_hf_config(cfg: ModelConfig, path: str, dtype: str | None = None):
+def save_hf_config(cfg: ModelConfig, path: str, dtype: str | None = None, quantization: dict | None = None):
+    """Write `to_hf_dict(cfg)`, with `dtype` and a `quantization_config` when given."""
     out = to_hf_dict(cfg)
     if dtype:
         out["dtype"] = dtype
+    if quantization:
+        out["quantization_config"] = quantization
     with open(path, "w") as f:
         json.dump(out, f, indent=2)
         f.write("\n")

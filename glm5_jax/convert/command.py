@@ -18,7 +18,7 @@ def run_orbax_to_hf(args):
     from glm5_jax.convert.hf import orbax_to_hf
 
     orbax_to_hf(args.checkpoint, args.out, step=args.step, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                overwrite=args.overwrite, show_progress=not args.quiet)
+                overwrite=args.overwrite, show_progress=not args.quiet, quantize=args.quantize)
     print(f"wrote {args.out}")
 
 
@@ -37,6 +37,9 @@ def register(sub):
     o2h.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                      help="tensor dtype in the safetensors files (router bias stays float32)")
     o2h.add_argument("--max-shard-size", default="5GB", help="largest safetensors file, e.g. 5GB, 500MB")
+    o2h.add_argument("--quantize", choices=("int4",), default=None,
+                     help="int4: routed experts in compressed-tensors pack-quantized (a QAT checkpoint's weights, "
+                          "bit for bit); the rest in --dtype")
     o2h.set_defaults(run=run_orbax_to_hf)
     for c in (h2o, o2h):
         c.add_argument("--overwrite", action="store_true", help="replace --out if it exists")

@@ -21,6 +21,7 @@ from safetensors import safe_open
 from glm5_jax import config as config_lib
 from glm5_jax.checkpoint.outputs import atomic_output_dir
 from glm5_jax.checkpoint.store import CHUNK_BYTES, CheckpointReader, abstract_leaves, describe_read_error, write_streaming
+from glm5_jax.convert.int4 import Int4Experts, quantization_config
 from glm5_jax.convert.names import Entry, hf_entries
 from glm5_jax.errors import CheckpointError, ConversionError
 from glm5_jax.progress import progress_bar
@@ -29,7 +30,8 @@ from glm5_jax.values import apply_overrides, read_json
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
-_ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+_ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
+             np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
 # Tensors that transformers keeps in float32 whatever the checkpoint dtype.
 FLOAT32_TENSORS = re.compile(r".*(\.mlp\.gate\.e_score_correction_bias|\.indexer\.weights_proj\.weight)$")
 
@@ -210,31 +212,44 @@ class _Blocks:
 
 
 def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: str = "bfloat16",
-                max_shard_size: str | int = "5GB", overwrite: bool = False, show_progress: bool = True):
-    """Export a checkpoint step as a transformers GLM-5 directory (safetensors + index + config.json)."""
+                max_shard_size: str | int = "5GB", quantize: str | None = None, overwrite: bool = False,
+                show_progress: bool = True):
+    """Export a checkpoint step as a transformers GLM-5 directory (safetensors + index + config.json).
+
+    quantize="int4" writes the routed experts as compressed-tensors INT4 (glm5_jax/convert/int4.py), for a
+    checkpoint trained with qat=int4, whose forward it reproduces.
+    """
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype: must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if quantize not in (None, "int4"):
+        raise ConversionError(f"--quantize: must be int4; got {quantize!r}")
     limit = parse_size(str(max_shard_size))
     reader = CheckpointReader(checkpoint, step)
     cfg = reader.config
+    if quantize and cfg.qat != quantize:
+        raise ConversionError(f"--quantize {quantize}: {checkpoint} step {reader.step} was trained with qat: {cfg.qat}, "
+                              f"so its forward uses float expert weights; train (or fine-tune) with qat={quantize}")
+    int4 = Int4Experts(cfg) if quantize else None
     leaves = abstract_leaves(cfg)
     absent = sorted(set(leaves) - set(reader.names))
     if absent:
         raise CheckpointError(f"{checkpoint} step {reader.step}: parameter {absent[0]} is missing")
     entries = hf_entries(cfg)
 
-    def out_dtype(e: Entry):
-        return np.dtype(np.float32 if FLOAT32_TENSORS.match(e.hf) else DTYPES[dtype])
+    def outputs(e: Entry, shape: tuple) -> list[tuple[str, tuple, np.dtype]]:
+        if int4 and int4.covers(e.hf):
+            return int4.layout(e.hf, shape)
+        return [(e.hf, shape, np.dtype(np.float32 if FLOAT32_TENSORS.match(e.hf) else DTYPES[dtype]))]
 
-    shards: list[list[tuple[Entry, tuple, np.dtype]]] = [[]]
+    shards: list[list[tuple[Entry, list]]] = [[]]
     used = total = 0
     for e in entries:
-        shape, dt = e.hf_shape(leaves[e.path].shape[len(e.index):]), out_dtype(e)
-        size = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        outs = outputs(e, e.hf_shape(leaves[e.path].shape[len(e.index):]))
+        size = sum(int(np.prod(shape, dtype=np.int64)) * dt.itemsize for _, shape, dt in outs)
         if shards[-1] and used + size > limit:
             shards.append([])
             used = 0
-        shards[-1].append((e, shape, dt))
+        shards[-1].append((e, outs))
         used += size
         total += size
     names = ([SINGLE_FILE] if len(shards) == 1 else
@@ -244,9 +259,9 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
 
     with atomic_output_dir(out, overwrite) as tmp, progress_bar("orbax -> hf", len(entries), show_progress) as advance:
         for file, shard in zip(names, shards):
-            writer = SafetensorsWriter(os.path.join(tmp, file), [(e.hf, s, d) for e, s, d in shard],
+            writer = SafetensorsWriter(os.path.join(tmp, file), [o for _, outs in shard for o in outs],
                                        {"format": "pt"})
-            for e, _shape, dt in shard:
+            for e, outs in shard:
                 if e.path not in arrays:
                     arrays[e.path] = reader.open(e.path)
                     if tuple(arrays[e.path].shape) != leaves[e.path].shape:
@@ -258,12 +273,17 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
                 except (ValueError, OSError) as exc:  # TensorStore: a truncated or corrupt data file
                     raise CheckpointError(f"{checkpoint} step {reader.step}: cannot read "
                                           f"{describe_read_error(exc, reader.item_dir)}") from None
-                writer.write(e.hf, e.to_hf(np.asarray(slot)).astype(dt))
+                weight = e.to_hf(np.asarray(slot))
+                tensors = (int4.tensors(e.hf, weight) if int4 and int4.covers(e.hf)
+                           else [(e.hf, weight.astype(outs[0][2]))])
+                for name, array in tensors:
+                    writer.write(name, array)
                 advance()
             writer.close()
         if len(shards) > 1:
-            weight_map = {e.hf: file for file, shard in zip(names, shards) for e, _, _ in shard}
+            weight_map = {name: file for file, shard in zip(names, shards) for _, outs in shard for name, _, _ in outs}
             with open(os.path.join(tmp, INDEX_FILE), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        config_lib.save_hf_config(cfg, os.path.join(tmp, "config.json"), dtype=dtype)
+        config_lib.save_hf_config(cfg, os.path.join(tmp, "config.json"), dtype=dtype,
+                                  quantization=quantization_config(cfg.qat_group_size) if int4 else None)
     return cfg

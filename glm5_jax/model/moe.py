@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from glm5_jax.model.params import RouterBias, make_param, stacked
+from glm5_jax.model.quant import fake_int4
 from glm5_jax.sharding.runners import runners
 
 
@@ -168,6 +169,8 @@ class MoE(nnx.Module):
         logits = flat.astype(jnp.float32) @ self.gate[...]
         idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
         w = lambda p: p[...].astype(self.dtype)
+        if cfg.qat == "int4":  # once per forward, groups along each matrix's input dim ([E, in, out])
+            w = lambda p: fake_int4(p[...].astype(self.dtype), cfg.qat_group_size, -2)
         run = runners()
         kind = expert_matmul_kind(cfg.expert_matmul, run.platform, run.pipeline_stages, run.expert_shards)
         experts = run.experts(functools.partial(grouped_experts, tile=cfg.expert_tile if kind == "tiled" else 0))

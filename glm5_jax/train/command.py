@@ -36,7 +36,7 @@ def run_eval(args):
     if args.batches < 1:
         raise ConfigError(f"--batches: must be a positive integer; got {args.batches}")
     r = evaluate_checkpoint(args.checkpoint, args.data, args.stage, args.batches, args.step, args.layout,
-                            args.data_override, args.holdout)
+                            args.data_override, args.holdout, args.objective)
     print(f"{r['checkpoint']} step {r['step']} on {args.data} stage {r['stage']} ({r['batches']} x {r['rows']} rows "
           f"x {r['seq_len']} tokens, {r['tokens']:,} scored): loss {r['loss']:.4f}, LM loss {r['lm']:.4f}, "
           f"perplexity {r['ppl']:.2f}")
@@ -78,6 +78,9 @@ def register(sub):
     ev.add_argument("--layout", default=None, help="layout preset or YAML file (default: all devices on data)")
     ev.add_argument("--holdout", type=float, default=0.0,
                     help="evaluate only the documents a run with eval.holdout=F held out (default 0: all)")
+    ev.add_argument("--objective", default="pretrain",
+                    help="the objective whose loss is reported: pretrain or sft (on chat data: the LM loss of the "
+                         "assistant's tokens either way; default pretrain)")
     key_values(ev, "--data-override", "data config override, e.g. stages.0.seq_len=256 (repeatable)")
     ev.set_defaults(run=run_eval)
     pl = sub.add_parser("plot", help="draw a run's loss and throughput curves (RUN_DIR/metrics.jsonl) to a PNG")
