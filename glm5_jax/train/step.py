@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from glm5_jax import optim
+from glm5_jax import optim, scopes
 from glm5_jax.checkpoint.naming import flatten, to_state
 from glm5_jax.data.loader import global_batch
 from glm5_jax.model import GLM5, layer_groups
@@ -121,7 +121,8 @@ def _accumulate(fn, batch: dict, count, constrain=lambda x: x):
     if batch["targets"].shape[0] == 1:
         return fn(micro(0))
     zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, micro(0)))
-    return jax.lax.fori_loop(0, count, lambda i, acc: jax.tree.map(jnp.add, acc, constrain(fn(micro(i)))), zero)
+    with jax.named_scope(scopes.ACCUMULATE):
+        return jax.lax.fori_loop(0, count, lambda i, acc: jax.tree.map(jnp.add, acc, constrain(fn(micro(i)))), zero)
 
 
 class EvalStep:
