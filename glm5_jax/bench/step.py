@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from glm5_jax.accounting import compiled as hlo, loops
+from glm5_jax.accounting import compiled as hlo
+from glm5_jax.accounting import loops
 
 
 def compile_step(bench, out) -> tuple[object, dict]:

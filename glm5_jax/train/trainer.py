@@ -29,6 +29,8 @@ import jax
 import numpy as np
 
 from glm5_jax import optim
+from glm5_jax.accounting.analytic import model_flops_per_step
+from glm5_jax.accounting.peak import peak_flops
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.errors import TrainingStopped
@@ -37,8 +39,6 @@ from glm5_jax.train.agree import agree
 from glm5_jax.train.distributed import maybe_initialize_distributed
 from glm5_jax.train.evaluate import Evaluator
 from glm5_jax.train.feed import feed_opener
-from glm5_jax.accounting.analytic import model_flops_per_step
-from glm5_jax.accounting.peak import peak_flops
 from glm5_jax.train.metrics import MetricsLog
 from glm5_jax.train.peers import PeerMonitor, barrier
 from glm5_jax.train.recipe import Recipe
