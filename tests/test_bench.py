@@ -8,7 +8,8 @@ import os
 import jax
 import pytest
 
-from glm5_jax import scopes
+from glm5_jax import config, scopes
+from glm5_jax.accounting import parts
 from glm5_jax.bench import storage
 from tests.conftest import run_cli
 
@@ -50,7 +51,15 @@ def test_bench_step_end_to_end(tmp_path):
     assert u["devices"] == 8 and 0.95 < f["ratio"] < 1.10, f["ratio"]
     assert f["dynamic_loops"] and all(d["trips"] is not None for d in f["dynamic_loops"])
     assert {d["scope"] for d in f["dynamic_loops"]} == {scopes.TOPK_MERGE}  # (one microbatch: no accumulation)
+    # The compiled step's parts, by scope, against the analytic count: the output head runs for the main
+    # prediction and every MTP depth, the router in every MoE layer and the MTP layer at every depth.
     assert sum(f["by_scope"].values()) == pytest.approx(f["compiled_per_device"])
+    cfg, part = config.load("tiny"), parts.by_part(f["by_scope"])
+    analytic = {c["name"]: c["per_device"] for c in f["components"]}
+    moe, depths = cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.mtp_depths
+    assert part["output heads (main and MTP depths)"] == pytest.approx((1 + depths) * analytic["output head"])
+    assert part["router"] == pytest.approx((moe + depths) / moe * analytic["MoE router"])
+    assert part["Muon Newton-Schulz"] > 0 and part["attention, indexer"] > part["router"]
     m = step["memory"]
     assert m["temp_plus_arguments_bytes"] == m["temp_bytes"] + m["argument_bytes"] and m["peak_rss_bytes"] > 0
 
