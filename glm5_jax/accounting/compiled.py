@@ -1,7 +1,7 @@
 """Matmul FLOPs of a compiled program, with every loop counted by its trip count.
 
 XLA's `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count (checked on a jitted
-`lax.scan` in tests/test_bench.py), so for the train step (layer scans, query-block maps, tiled expert loops,
+`lax.scan` in tests/test_accounting.py), so for the train step (layer scans, query-block maps, tiled expert loops,
 the pipeline's iterations) it sees a fraction of the work. This module walks the optimised HLO text
 (`compiled.as_text()`) instead: every computation, every instruction, with the FLOPs of each matrix product
 multiplied by the trip counts of the loops around it.
