@@ -57,9 +57,9 @@ def test_bench_step_end_to_end(tmp_path):
     cfg, part = config.load("tiny"), parts.by_part(f["by_scope"])
     analytic = {c["name"]: c["per_device"] for c in f["components"]}
     moe, depths = cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.mtp_depths
-    assert part["output heads (main and MTP depths)"] == pytest.approx((1 + depths) * analytic["output head"])
-    assert part["router"] == pytest.approx((moe + depths) / moe * analytic["MoE router"])
-    assert part["Muon Newton-Schulz"] > 0 and part["attention, indexer"] > part["router"]
+    assert part[parts.part(scopes.HEAD)] == pytest.approx((1 + depths) * analytic["output head"])
+    assert part[parts.part(scopes.ROUTER)] == pytest.approx((moe + depths) / moe * analytic["MoE router"])
+    assert part[parts.part(scopes.NEWTON_SCHULZ)] > 0 and part[parts.part(scopes.ATTENTION)] > 0
     m = step["memory"]
     assert m["temp_plus_arguments_bytes"] == m["temp_bytes"] + m["argument_bytes"] and m["peak_rss_bytes"] > 0
 

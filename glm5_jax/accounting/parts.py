@@ -42,5 +42,5 @@ def by_part(by_scope: dict[str, float]) -> dict[str, float]:
 
 
 def within(by_scope: dict[str, float], scope: str, but: str | None = None) -> float:
-    """FLOPs that ran inside `scope` (at any depth), leaving out those of part `but`."""
-    return sum(f for key, f in by_scope.items() if scope in _path(key) and (but is None or part(key) != but))
+    """FLOPs that ran inside `scope` (at any depth), leaving out those of the part of scope `but`."""
+    return sum(f for key, f in by_scope.items() if scope in _path(key) and (but is None or part(key) != part(but)))

@@ -143,7 +143,7 @@ def _during(d) -> str:
     return " / ".join(f"{t / median:.2f}" for t in during)
 
 
-EXPERTS = P.PARTS[0][0]  # the routed experts' part
+EXPERTS = P.part(scopes.ROUTED_EXPERTS)  # the routed experts' part
 
 
 def _experts(doc) -> float:
@@ -174,7 +174,7 @@ def excess_lines(results: str) -> list[str]:
     two, four, one = (_load(results, n) for n in ("bench-quickstart", "flops-mb4", "flops-one"))
     if not all(d and "step" in d for d in (two, four, one)):
         return []
-    piped = lambda d: P.within(d["step"]["flops"]["by_scope"], scopes.PIPELINE, but=EXPERTS)
+    piped = lambda d: P.within(d["step"]["flops"]["by_scope"], scopes.PIPELINE, but=scopes.ROUTED_EXPERTS)
     a, b = piped(two), piped(four)
     bubble = (2 + 2 - 1) / 2  # (M + S - 1) / M of the quickstart: 2 microbatches, 2 stages
     f = two["step"]["flops"]
@@ -182,8 +182,8 @@ def excess_lines(results: str) -> list[str]:
     experts = _experts(two) - _analytic(two, "MoE routed experts (active)")
     parts = _by_part(two)
     split = one["step"]["flops"]["analytic_model_per_device"] / f["analytic_model_per_device"]  # (as part_lines)
-    mtp = parts["MTP input projection"] - _by_part(one)["MTP input projection"] / split
-    ns = parts["Muon Newton-Schulz"] - _by_part(one)["Muon Newton-Schulz"] / split
+    mtp, ns = (parts[P.part(s)] - _by_part(one)[P.part(s)] / split
+               for s in (scopes.MTP_PROJECTION, scopes.NEWTON_SCHULZ))
     rest = excess - experts - a * (1 - 1 / bubble) - mtp - ns
     return [f"The quickstart's excess, {excess:.3e} FLOPs per device (ratio {f['ratio']:.3f}), term by term:", "",
             f"- routed experts {experts:+.3e}: compiled {_experts(two):.3e}, x{_experts(two) / (_experts(two) - experts):.1f}"
