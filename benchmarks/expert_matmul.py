@@ -6,7 +6,7 @@ GPU / TPU; XLA:CPU computes it densely, every row through every expert), `tile=T
 row tiles of T rows. For each it prints and writes (--json) the compile time, the median wall time of a
 forward + backward (inputs and the three expert weights differentiated), the analytic FLOPs of the active
 experts (6 x tokens x k x 3 D F), the compiled program's matmul FLOPs with loops at their trip counts
-(glm5_jax/bench/hlo_flops.py) and the compiler's temporaries. Routing is random (top-k of Gaussian logits).
+(glm5_jax/accounting/compiled.py) and the compiler's temporaries. Routing is random (top-k of Gaussian logits).
 
     .venv/bin/python benchmarks/expert_matmul.py [--tokens 8192] [--hidden 6144] [--ffn 2048] [--experts 16]
         [--topk 8] [--tile 64] [--dtype bfloat16] [--repeats 10] [--impls ragged_dot,tiled] [--json OUT]
@@ -26,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from glm5_jax.bench.hlo_flops import count_flops
+from glm5_jax.accounting.compiled import count_flops
 from glm5_jax.model.moe import grouped_experts
 
 IMPLS = ("ragged_dot", "tiled")

@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from glm5_jax import scopes
 from glm5_jax.sharding.context import Parallelism, constrain, current
 
 
@@ -161,7 +162,8 @@ def _pipeline(run_chunk, state, h, per_row, p: Chunks, par: Parallelism):
     store = constrain(jnp.broadcast_to(x, (S,) + x.shape), ("pipeline_stages", None) + hidden[1:])
     shifted = constrain(jnp.zeros((S,) + x.shape[1:], x.dtype), hidden)
     steps = M * R + S - 1
-    (store, _), stats = jax.lax.scan(iteration, (store, shifted), jnp.arange(steps))  # stats [steps, S, ...]
+    with jax.named_scope(scopes.PIPELINE):
+        (store, _), stats = jax.lax.scan(iteration, (store, shifted), jnp.arange(steps))  # stats [steps, S, ...]
     out = _from_first_stage(store, par, axes)  # [M, B / M, L, D]
     h = constrain(out.swapaxes(0, 1).reshape(h.shape), ("batch", "length", "act_embed"))
     # Sum each stage's per-iteration stats (zero outside its valid iterations) into its repeats, then order

@@ -1,4 +1,4 @@
-"""`glm5 bench`: loop-aware FLOP counting of compiled HLO, the disk speed helper, the command end to end."""
+"""`glm5 bench`: the disk speed helper, the command end to end (FLOP counting: tests/test_accounting.py)."""
 
 from __future__ import annotations
 
@@ -6,59 +6,12 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 import pytest
 
-from glm5_jax.bench import hlo_flops, loops, storage
+from glm5_jax import config, scopes
+from glm5_jax.accounting import parts
+from glm5_jax.bench import storage
 from tests.conftest import run_cli
-
-MATMUL = 2 * 8 * 32 * 32  # one [8, 32] @ [32, 32]
-
-
-def _scan(x, ws):
-    return jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), x, ws)[0]
-
-
-def test_cost_analysis_counts_a_loop_body_once_and_the_walker_counts_every_trip():
-    compiled = jax.jit(_scan).lower(jnp.ones((8, 32)), jnp.ones((5, 32, 32))).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    assert MATMUL <= cost["flops"] < 2 * MATMUL  # XLA: the body once (plus a few scalar ops)
-    count = hlo_flops.count_flops(compiled.as_text())
-    assert count.flops == 5 * MATMUL
-    assert count.once == MATMUL
-    assert count.loops == 1 and count.dynamic == []
-    assert sum(count.by_source.values()) == count.flops
-
-
-def test_nested_and_dynamic_loops():
-    def nested(x, ws):  # 3 outer trips of a 5-trip scan, then a loop whose count is an argument
-        x = jax.lax.fori_loop(0, 3, lambda i, c: _scan(c, ws), x)
-        return x
-
-    def dynamic(x, w, n):
-        return jax.lax.fori_loop(0, n, lambda i, c: jnp.tanh(c @ w), x)
-
-    x, ws = jnp.ones((8, 32)), jnp.ones((5, 32, 32))
-    count = hlo_flops.count_flops(jax.jit(nested).lower(x, ws).compile().as_text())
-    assert count.flops == 15 * MATMUL and count.loops == 2
-    text = jax.jit(dynamic).lower(x, ws[0], 7).compile().as_text()
-    assert hlo_flops.count_flops(text).flops == MATMUL  # no trip count known: once, and listed
-    seen = []
-    counted = hlo_flops.count_flops(text, lambda where: seen.append(where) or 7)
-    assert counted.flops == 7 * MATMUL
-    assert seen[0][1].endswith("dynamic") and seen[0][0].endswith("test_bench.py")
-    assert counted.dynamic == [{"source": ":".join(seen[0]), "trips": 7, "executions": 1.0}]
-
-
-def test_topk_merge_trips_by_hand():
-    # 128 positions, blocks of 16 queries, chunks of 16 keys: block b scans chunks 0..b, b merges.
-    assert loops.topk_merge_trips(128, 16, 16) == sum(range(8)) / 8
-    # two context shards: shard 1's blocks start at position 64 (merges 4..7)
-    assert loops.topk_merge_trips(128, 16, 16, context=2) == sum(range(8)) / 8
-    # chunks of 32 (index_topk 32): blocks 0..7 need chunks 1, 1, 2, 2, 3, 3, 4, 4
-    assert loops.topk_merge_trips(128, 32, 16) == (0 + 0 + 1 + 1 + 2 + 2 + 3 + 3) / 8
-
 
 def test_disk_speed(tmp_path):
     d = storage.disk_speed(str(tmp_path), size=4 << 20, block=1 << 20)
@@ -96,7 +49,17 @@ def test_bench_step_end_to_end(tmp_path):
     # The compiled step does the counted work: on 8 data-parallel devices each runs only its own tokens
     # through the experts (left to GSPMD, every device ran the whole batch's: 1.75).
     assert u["devices"] == 8 and 0.95 < f["ratio"] < 1.10, f["ratio"]
-    assert all(d["trips"] is not None for d in f["dynamic_loops"])  # the DSA top-k merge loops
+    assert f["dynamic_loops"] and all(d["trips"] is not None for d in f["dynamic_loops"])
+    assert {d["scope"] for d in f["dynamic_loops"]} == {scopes.TOPK_MERGE}  # (one microbatch: no accumulation)
+    # The compiled step's parts, by scope, against the analytic count: the output head runs for the main
+    # prediction and every MTP depth, the router in every MoE layer and the MTP layer at every depth.
+    assert sum(f["by_scope"].values()) == pytest.approx(f["compiled_per_device"])
+    cfg, part = config.load("tiny"), parts.by_part(f["by_scope"])
+    analytic = {c["name"]: c["per_device"] for c in f["components"]}
+    moe, depths = cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.mtp_depths
+    assert part[parts.part(scopes.HEAD)] == pytest.approx((1 + depths) * analytic["output head"])
+    assert part[parts.part(scopes.ROUTER)] == pytest.approx((moe + depths) / moe * analytic["MoE router"])
+    assert part[parts.part(scopes.NEWTON_SCHULZ)] > 0 and part[parts.part(scopes.ATTENTION)] > 0
     m = step["memory"]
     assert m["temp_plus_arguments_bytes"] == m["temp_bytes"] + m["argument_bytes"] and m["peak_rss_bytes"] > 0
 

@@ -1,4 +1,4 @@
-"""The analytic FLOP model (glm5_jax/model/flops.py): a pure function of the config and the layout's numbers,
+"""The analytic FLOP model (glm5_jax/accounting/analytic.py): a pure function of the config and the layout's numbers,
 which asks the model which expert kernels run. Checked against the program the model actually lowers to."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ import jax
 import pytest
 
 from glm5_jax import config
-from glm5_jax.model import flops as F
+from glm5_jax.accounting import analytic as F
 from glm5_jax.sharding.context import Parallelism
 from glm5_jax.sharding.layout import load_layout
-from glm5_jax.train.metrics import model_flops_per_step
 
 # One dense and two MoE layers (the pipeline needs one per stage), no MTP: tracing (no compile) takes seconds.
 MODEL = ["num_hidden_layers=3", "first_k_dense_replace=1", "num_nextn_predict_layers=0"]
@@ -94,7 +93,7 @@ def test_the_module_is_pure_and_the_trainer_uses_it():
     assert not any(m.split(".")[0] in ("jax", "jaxlib", "flax", "numpy") for m in imported), imported
     cfg = config.load("tiny")
     par = Parallelism.create(load_layout("ep4-dp2"), jax.devices()[:8])
-    assert model_flops_per_step(cfg, par, 16, 32, 3) == F.model_flops(cfg, F.work_of(cfg, par), 16, 32, 3)
+    assert F.model_flops_per_step(cfg, par, 16, 32, 3) == F.model_flops(cfg, F.work_of(cfg, par), 16, 32, 3)
     # The MFU of a DSA stage counts its own attention (the warm-up attends densely above index_topk).
-    assert model_flops_per_step(cfg, par, 16, 64, 3, "warmup") == F.model_flops(
-        cfg, F.work_of(cfg, par), 16, 64, 3, dsa_mode="warmup") != model_flops_per_step(cfg, par, 16, 64, 3)
+    assert F.model_flops_per_step(cfg, par, 16, 64, 3, "warmup") == F.model_flops(
+        cfg, F.work_of(cfg, par), 16, 64, 3, dsa_mode="warmup") != F.model_flops_per_step(cfg, par, 16, 64, 3)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -116,3 +117,53 @@ def test_one_step_builder():
                     "TrainStep", "EvalStep"):
                 made.append(str(path.relative_to(ROOT)))
     assert made == ["glm5_jax/train/step.py"]
+
+
+ATTRIBUTION = ("glm5_jax/accounting/loops.py", "glm5_jax/accounting/parts.py",
+               "glm5_jax/bench/summary.py")
+
+
+def _matched_strings(tree) -> list[str]:
+    """The string constants a module matches names against: operands of comparisons (`==`, `in`) and
+    arguments of `startswith` / `endswith`."""
+    out = []
+    for node in ast.walk(tree):
+        operands = []
+        if isinstance(node, ast.Compare):
+            operands = [node.left, *node.comparators]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") in ("startswith", "endswith"):
+            operands = node.args
+        for op in operands:
+            for sub in ast.walk(op):
+                if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+                    out.append(sub.value)
+    return out
+
+
+def test_accounting_by_scope_names_never_by_function_names():
+    """Compiled FLOPs and loop trip counts are attributed by the `glm5_jax.scopes` names only. No attribution
+    module matches a string naming a source file or a function or class of the traced code (`_accumulate`,
+    `scan_layers`, `SwiGLU`: a rename would silently move figures), none reads the by-function table, and
+    the parts it keys on are `scopes` constants."""
+    traced = ("glm5_jax.model", "glm5_jax.sharding", "glm5_jax.optim", "glm5_jax.train")
+    defined = {node.name for module, path in _sources() if module.startswith(traced)
+               for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    names = {n for n in defined if not (n.isalpha() and n.islower())}  # identifiers, not words such as `step`
+    found = []
+    for rel in ATTRIBUTION:
+        text = (ROOT / rel).read_text()
+        found += [f"{rel}: {s!r}" for s in _matched_strings(ast.parse(text))
+                  if set(re.findall(r"[A-Za-z_]\w*", s)) & names or ".py" in s]
+        found += [f"{rel} reads by_source"] if re.search(r"\bby_source\b", text) else []
+    assert found == []
+    parts = ast.parse((ROOT / "glm5_jax/accounting/parts.py").read_text())
+    table = next(n.value for n in parts.body if isinstance(n, ast.Assign) and n.targets[0].id == "PARTS")
+    keys = [k for row in table.elts for k in row.elts[1].elts]
+    assert keys and all(isinstance(k, ast.Attribute) and k.value.id == "scopes" for k in keys)
+    assert _importers("glm5_jax.scopes", ("glm5_jax",)) == []
+
+
+def test_one_accounting_package():
+    assert not (ROOT / "glm5_jax/model/flops.py").exists() and not (ROOT / "glm5_jax/bench/hlo_flops.py").exists()
+    for package in ("glm5_jax.model", "glm5_jax.sharding", "glm5_jax.optim"):
+        assert _importers(package, ("glm5_jax.accounting",)) == []

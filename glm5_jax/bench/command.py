@@ -99,7 +99,7 @@ def _out(message: str):
 def measure(args, options: dict, recipe, index: int, work: str) -> dict:
     """Run the selected parts on stage `index` of `recipe` in the directory `work`: the result document."""
     from glm5_jax.bench import build, report
-    from glm5_jax.model.flops import work_of
+    from glm5_jax.accounting.analytic import work_of
 
     parts = options["parts"]
     bench = build.build(recipe, index)

@@ -53,7 +53,7 @@ def _step_rows(r: dict) -> list[tuple[str, str, str]]:
     c, s, u, f, m = r["compile"], r["step"], r["utilisation"], r["flops"], r["memory"]
     sci = lambda x: _num(x, ".3e")
     mib = lambda x: _num(x, ",.1f", 2**20, " MiB")
-    top = list(f["by_source"].items())[:3]
+    top = list(f["by_scope"].items())[:3]
     return [
         ("compile", f"{c['lower_s']:.1f} s lower + {c['compile_s']:.1f} s compile", "TrainStep.lower / .compile"),
         ("step time", f"median {s['median_s']:.4f} s (min {s['min_s']:.4f}, max {s['max_s']:.4f})",
@@ -67,7 +67,7 @@ def _step_rows(r: dict) -> list[tuple[str, str, str]]:
          f", XLA cost_analysis {sci(f['xla_cost_analysis_per_device'])}"),
         ("analytic FLOPs", sci(f["analytic_per_device"]), f"per device (plan.measure.step_flops; model parts "
          f"{sci(f['analytic_model_per_device'])})"),
-        ("compiled / analytic", _num(f["ratio"], ".3f"), "largest compiled sources: " +
+        ("compiled / analytic", _num(f["ratio"], ".3f"), "largest compiled scopes: " +
          ", ".join(f"{k} {v / f['compiled_per_device']:.0%}" for k, v in top)),
         ("memory (compiled)", f"{mib(m['temp_plus_arguments_bytes'])} temp + args",
          f"per device: temp {mib(m['temp_bytes'])}, arguments {mib(m['argument_bytes'])}; peak with outputs "

@@ -5,9 +5,9 @@
 - step time: `warmup` steps, then `steps` timed ones, each a different batch of the stage's data pipeline
   (the trainer's `Feed`, read and put on the devices before the timed loop, so the figure is the step's
   alone), each timed from dispatch to the moment its outputs are ready;
-- tokens/s and MFU as the trainer's metrics compute them (`metrics.model_flops_per_step`, `peak_flops`);
-- FLOPs: the compiled program's matrix products with every loop at its trip count (`hlo_flops`), against
-  the analytic count `glm5 plan` prints (`plan.measure.step_flops`, per device);
+- tokens/s and MFU as the trainer computes them (`accounting.analytic.model_flops_per_step`, `peak_flops`);
+- FLOPs: the compiled program's matrix products with every loop at its trip count, by `glm5_jax.scopes`
+  name (`accounting.compiled`), against the analytic count `glm5 plan` prints (`plan.measure.step_flops`);
 - memory: the compiler's buffers (`plan.measure.memory`), this process's peak RSS, and a device's own peak
   where its runtime reports one (GPU / TPU `memory_stats`).
 """
@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from glm5_jax.bench import hlo_flops, loops
+from glm5_jax.accounting import compiled as hlo
+from glm5_jax.accounting import loops
 
 
 def compile_step(bench, out) -> tuple[object, dict]:
@@ -79,13 +80,14 @@ def time_steps(bench, state, batches, warmup: int, out) -> dict:
 def utilisation(bench, step: dict, compiled_flops: float | None) -> dict:
     """MFU as the trainer logs it (model FLOPs of the step's rows over step time x devices x peak), and the
     hardware FLOP utilisation of the compiled program's own matrix products (per device)."""
-    from glm5_jax.train.metrics import model_flops_per_step, peak_flops
+    from glm5_jax.accounting.analytic import model_flops_per_step
+    from glm5_jax.accounting.peak import peak_flops
 
     stage, device = bench.stage, bench.device
     peak = bench.recipe.metrics.peak_flops or peak_flops(device.device_kind, device.platform)
     source = ("recipe metrics.peak_flops" if bench.recipe.metrics.peak_flops else
               "nominal CPU figure (only comparable to itself)" if device.platform == "cpu" else
-              f"metrics.PEAK_FLOPS[{device.device_kind!r}]")
+              f"accounting.peak.PEAK_FLOPS[{device.device_kind!r}]")
     rows = step["microbatches"] * stage.data.micro_rows
     model = model_flops_per_step(stage.step.model_cfg, bench.run.par, rows, stage.data.seq_len,
                                  bench.program.depths, stage.step.loss_cfg.dsa)
@@ -102,8 +104,8 @@ def flop_counts(bench, compiled, count: float) -> dict:
     from glm5_jax.plan.measure import step_flops, step_inputs, xla_flops
 
     spec = bench.stage.step
-    counted = hlo_flops.count_flops(compiled.as_text(),
-                                    loops.step_trips(spec, bench.run.par.axis_size("length"), count))
+    counted = hlo.count_flops(compiled.as_text(),
+                              loops.step_trips(spec, bench.run.par.axis_size("length"), count))
     analytic = step_flops(step_inputs(bench.program, spec.model_cfg, bench.run.opt_base))
     total = sum(f.per_device for f in analytic)
     return {
@@ -113,7 +115,8 @@ def flop_counts(bench, compiled, count: float) -> dict:
         "ratio": counted.flops / total if total else float("nan"),
         "components": [{"name": f.name, "formula": f.formula, "per_device": f.per_device, "model": f.model}
                        for f in analytic],
-        "by_source": counted.by_source, "known_loops": counted.loops, "dynamic_loops": counted.dynamic,
+        "by_scope": counted.by_scope, "by_source": counted.by_source, "known_loops": counted.loops,
+        "dynamic_loops": counted.dynamic,
         "uncounted_custom_calls": counted.uncounted,
     }
 

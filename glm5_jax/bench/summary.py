@@ -13,6 +13,9 @@ import os
 import re
 import sys
 
+from glm5_jax import scopes
+from glm5_jax.accounting import parts as P
+
 BENCHES = (("bench-tiny", "tiny (1 device)"), ("bench-quickstart", "quickstart (8 devices)"),
            ("bench-checkpoint", "tiny, 352 MB state (1 device)"))
 # The quickstart step (tiny model, 16 x 128 tokens) compiled in five layouts, each changing one thing.
@@ -22,13 +25,6 @@ LADDER = (("flops-one", "one device", "the analytic count's own setting: every m
           ("flops-ep-ragged", "data 2 x expert 2 x tensor 2, ragged_dot", "the same with jax.lax.ragged_dot"),
           ("bench-quickstart", "pipeline 2 x expert 2 x tensor 2 (quickstart)", "the quickstart layout"),
           ("flops-mb4", "the quickstart with 4 microbatches", "the pipeline bubble (M + S - 1) / M: 1.5 -> 1.25"))
-# Model parts by the Python functions the compiled HLO's metadata names (the first match counts).
-PARTS = (("routed experts (grouped matmul)", ("moe.py:grouped_experts", "moe.py:TiledGroups")),
-         ("router", ("moe.py:MoE.",)), ("dense FFN, shared expert", ("moe.py:SwiGLU",)),
-         ("attention, indexer", ("model/mla.py", "model/dsa.py", "model/blocks.py")),
-         ("output heads (main and MTP depths)", ("GLM5.head",)), ("MTP input projection", ("MTP.combine",)),
-         ("Muon Newton-Schulz", ("muon",)), ("layer scans, source lost (backward)", ("scan_layers",)),
-         ("pipeline stage iterations", ("pipeline.py",)))
 SCRIPTS = ("data-throughput", "input-overlap", "generate-speed", "optimizer-compare", "long-context",
            "expert-matmul")
 METHOD = [
@@ -147,9 +143,11 @@ def _during(d) -> str:
     return " / ".join(f"{t / median:.2f}" for t in during)
 
 
+EXPERTS = P.part(scopes.ROUTED_EXPERTS)  # the routed experts' part
+
+
 def _experts(doc) -> float:
-    return sum(v for k, v in doc["step"]["flops"]["by_source"].items() if k.startswith("glm5_jax/model/moe.py:")
-               and ("grouped_experts" in k or "TiledGroups" in k))
+    return _by_part(doc)[EXPERTS]
 
 
 def ladder_lines(results: str) -> list[str]:
@@ -176,8 +174,7 @@ def excess_lines(results: str) -> list[str]:
     two, four, one = (_load(results, n) for n in ("bench-quickstart", "flops-mb4", "flops-one"))
     if not all(d and "step" in d for d in (two, four, one)):
         return []
-    piped = lambda d: sum(v for k, v in d["step"]["flops"]["by_source"].items()
-                          if "scan_layers" in k or "sharding/pipeline.py" in k)
+    piped = lambda d: P.within(d["step"]["flops"]["by_scope"], scopes.PIPELINE, but=scopes.ROUTED_EXPERTS)
     a, b = piped(two), piped(four)
     bubble = (2 + 2 - 1) / 2  # (M + S - 1) / M of the quickstart: 2 microbatches, 2 stages
     f = two["step"]["flops"]
@@ -185,16 +182,17 @@ def excess_lines(results: str) -> list[str]:
     experts = _experts(two) - _analytic(two, "MoE routed experts (active)")
     parts = _by_part(two)
     split = one["step"]["flops"]["analytic_model_per_device"] / f["analytic_model_per_device"]  # (as part_lines)
-    mtp = parts["MTP input projection"] - _by_part(one)["MTP input projection"] / split
-    ns = parts["Muon Newton-Schulz"] - _by_part(one)["Muon Newton-Schulz"] / split
+    mtp, ns = (parts[P.part(s)] - _by_part(one)[P.part(s)] / split
+               for s in (scopes.MTP_PROJECTION, scopes.NEWTON_SCHULZ))
     rest = excess - experts - a * (1 - 1 / bubble) - mtp - ns
     return [f"The quickstart's excess, {excess:.3e} FLOPs per device (ratio {f['ratio']:.3f}), term by term:", "",
             f"- routed experts {experts:+.3e}: compiled {_experts(two):.3e}, x{_experts(two) / (_experts(two) - experts):.1f}"
             " the analytic = 4 (XLA:CPU runs ragged_dot densely: every received row through all 4 local experts; "
             "under pipeline x expert parallelism `auto` cannot take the tiled loop on jax 0.10) x 2 (the dropless "
             "capacity buffer holds n_shards x copies rows, half of them empty) x 1.5 (the pipeline bubble);",
-            f"- the pipeline bubble {a * (1 - 1 / bubble):+.3e}: the pipelined group's layer scans and stage "
-            f"iterations, {a:.3e} with 2 microbatches and {b:.3e} with 4, x{b / a:.3f} = the bubble's "
+            f"- the pipeline bubble {a * (1 - 1 / bubble):+.3e}: the pipelined group's work but its routed experts "
+            f"(every product inside `{scopes.PIPELINE}`), {a:.3e} with 2 microbatches and {b:.3e} with 4, "
+            f"x{b / a:.3f} = the bubble's "
             f"(4 + 1) / 4 over (2 + 1) / 2 (x{(5 / 4) / bubble:.3f}): every stage computes M + S - 1 iterations for "
             "M microbatches, so 1 / 3 of the group's work here;",
             f"- MTP's input projection {mtp:+.3e} (not divided by the tensor axis) and Muon's Newton-Schulz "
@@ -254,13 +252,13 @@ def target_lines(results: str) -> list[str]:
 
 
 def source_lines(doc: dict | None, top: int = 12) -> list[str]:
-    """The largest compiled sources of a run next to its analytic components (per device)."""
+    """The largest compiled scope paths of a run next to its analytic components (per device)."""
     if doc is None or "step" not in doc:
         return ["(not measured)"]
     f = doc["step"]["flops"]
-    lines = ["| compiled: source (Python function in the HLO metadata) | FLOPs | analytic: component | FLOPs |",
+    lines = ["| compiled: scopes the matmul ran in (HLO metadata) | FLOPs | analytic: component | FLOPs |",
              "|---|---|---|---|"]
-    sources, parts = list(f["by_source"].items())[:top], f["components"]
+    sources, parts = list(f["by_scope"].items())[:top], f["components"]
     for i in range(max(len(sources), len(parts))):
         src = f"`{sources[i][0]}` | {sources[i][1]:.3e}" if i < len(sources) else " | "
         part = f"{parts[i]['name']} | {parts[i]['per_device']:.3e}" if i < len(parts) else " | "
@@ -270,11 +268,7 @@ def source_lines(doc: dict | None, top: int = 12) -> list[str]:
 
 
 def _by_part(doc: dict) -> dict[str, float]:
-    out = dict.fromkeys([name for name, _ in PARTS] + ["other"], 0.0)
-    for key, flops in doc["step"]["flops"]["by_source"].items():
-        part = next((name for name, keys in PARTS if any(k in key for k in keys)), "other")
-        out[part] += flops
-    return out
+    return P.by_part(doc["step"]["flops"]["by_scope"])
 
 
 def part_lines(one: dict | None, multi: dict | None) -> list[str]:
@@ -334,15 +328,15 @@ def render(results: str) -> str:
     lines += ["", "## Compiled FLOPs layout by layout (the quickstart step)", "",
               "The same step (tiny model, 16 rows x 128 tokens, MTP 3 depths, Muon-Split) compiled in five "
               "layouts; compiled FLOPs count every loop at its trip count (docs/bench.md). The routed-expert column "
-              "sums the compiled FLOPs whose source is the MoE's grouped matmul (`moe.py` `grouped_experts` / "
-              "`TiledGroups`).", ""]
+              f"sums the compiled FLOPs traced in the scope `{scopes.ROUTED_EXPERTS}` (the MoE's grouped matmul).",
+              ""]
     lines += ladder_lines(results)
     lines += [""] + excess_lines(results)
-    lines += ["", "The quickstart's compiled FLOPs by model part (the Python function each matmul's HLO metadata "
-              "names), against the one-device compile of the same step divided by the analytic count's split of "
-              "the work (what a perfect split of that program would leave each device):", ""]
+    lines += ["", "The quickstart's compiled FLOPs by model part (the innermost part scope, `glm5_jax.scopes`, that "
+              "each matmul's HLO metadata names), against the one-device compile of the same step divided by the "
+              "analytic count's split of the work (what a perfect split of that program would leave each device):", ""]
     lines += part_lines(_load(results, "flops-one"), _load(results, "bench-quickstart"))
-    lines += ["", "The quickstart's compiled FLOPs by source, next to the analytic components (per device):", ""]
+    lines += ["", "The quickstart's compiled FLOPs by scope path, next to the analytic components (per device):", ""]
     lines += source_lines(_load(results, "bench-quickstart"))
     lines += ["", "## The quickstart", ""] + quickstart_lines(results)
     lines += ["", "## benchmarks/*.py", ""] + script_lines(results)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5_jax import scopes
 from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.norms import LayerNorm
 from glm5_jax.model.params import make_param
@@ -41,11 +42,12 @@ class Indexer(nnx.Module):
     def project(self, x, c_q, cos, sin):
         """Indexer queries [B, L, Hi, Di], keys [B, L, Di] (the model dtype: stored, as large as x) and head
         weights [B, L, Hi] (float32)."""
-        k = self.k_norm(x @ self.wk[...].astype(self.dtype))
-        r = self.rope_dim
-        k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
-        w = (x.astype(jnp.float32) @ self.weights_proj[...]) * self.n_heads ** -0.5
-        return self.queries(c_q, cos, sin), k, w
+        with jax.named_scope(scopes.INDEXER):
+            k = self.k_norm(x @ self.wk[...].astype(self.dtype))
+            r = self.rope_dim
+            k = jnp.concatenate([apply_rope(k[..., :r], cos, sin), k[..., r:]], axis=-1)
+            w = (x.astype(jnp.float32) @ self.weights_proj[...]) * self.n_heads ** -0.5
+            return self.queries(c_q, cos, sin), k, w
 
     def queries(self, c_q, cos, sin):
         """Indexer queries [B, L, Hi, Di] of the attention's query latents c_q [B, L, q_lora_rank]."""
@@ -108,7 +110,8 @@ def select_topk(indexer: Indexer, q, k, w, segment_ids, topk: int, block: int):
                    in_axes=(("batch", "length", None, None), ("batch", None, None), ("batch", "length", None),
                             ("batch", "length"), ("batch", "length"), ("batch", None)),
                    out_axes=("batch", "length", None))
-    return fn(q, k, w, positions, segment_ids, segment_ids)
+    with jax.named_scope(scopes.INDEXER):
+        return fn(q, k, w, positions, segment_ids, segment_ids)
 
 
 def _local_topk(indexer: Indexer, q, k, w, q_pos, q_seg, k_seg, *, topk: int, block: int):
@@ -135,6 +138,7 @@ def _local_topk(indexer: Indexer, q, k, w, q_pos, q_seg, k_seg, *, topk: int, bl
 
         values, pick = jax.lax.top_k(scored(0)[0], topk)  # chunk 0 holds >= topk keys (length > topk)
         needed = jnp.minimum(jnp.max(pos) // chunk + 1, n_chunks)
-        return jax.lax.fori_loop(1, needed, merge, (values, pick.astype(jnp.int32)))[1]
+        with jax.named_scope(scopes.TOPK_MERGE):
+            return jax.lax.fori_loop(1, needed, merge, (values, pick.astype(jnp.int32)))[1]
 
     return map_blocks(block_topk, block, q, w, q_pos, q_seg)

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5_jax import scopes
 from glm5_jax.model.params import RouterBias, make_param, stacked
 from glm5_jax.model.quant import fake_int4
 from glm5_jax.sharding.runners import runners
@@ -23,7 +24,8 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x):
         w = lambda p: p[...].astype(self.dtype)
-        return (jax.nn.silu(x @ w(self.gate_proj)) * (x @ w(self.up_proj))) @ w(self.down_proj)
+        with jax.named_scope(scopes.FFN):
+            return (jax.nn.silu(x @ w(self.gate_proj)) * (x @ w(self.up_proj))) @ w(self.down_proj)
 
 
 def route(cfg, logits, bias):
@@ -74,7 +76,7 @@ def expert_matmul_kind(setting: str, platform: str, stages: int = 1, experts: in
     Under pipeline x expert parallelism `auto` takes ragged_dot on CPU too: jax 0.10 cannot differentiate
     the tiled loop inside the expert shard_map under the pipeline's vmap (a varying-axes mismatch in the
     scan's cotangents), so `layout_check` refuses an explicit "tiled" there. A pure function (no JAX): the
-    analytic FLOP count (glm5_jax/model/flops.py) asks it too.
+    analytic FLOP count (glm5_jax/accounting/analytic.py) asks it too.
     """
     if setting != "auto":
         return setting
@@ -127,14 +129,15 @@ def grouped_experts(x, idx, weights, gate, up, down, n_experts: int, tile: int =
     order = jnp.argsort(flat, stable=True)
     rows = x[order // k]
     sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)
-    if tile:
-        groups = TiledGroups(sizes, rows.shape[0], tile)
-        xt = groups.pad(rows)
-        h = jax.nn.silu(groups.matmul(xt, gate)) * groups.matmul(xt, up)
-        y = groups.unpad(groups.matmul(h, down))
-    else:
-        h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-        y = jax.lax.ragged_dot(h, down, sizes)
+    with jax.named_scope(scopes.ROUTED_EXPERTS):
+        if tile:
+            groups = TiledGroups(sizes, rows.shape[0], tile)
+            xt = groups.pad(rows)
+            h = jax.nn.silu(groups.matmul(xt, gate)) * groups.matmul(xt, up)
+            y = groups.unpad(groups.matmul(h, down))
+        else:
+            h = jax.nn.silu(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
+            y = jax.lax.ragged_dot(h, down, sizes)
     y = y * weights.reshape(-1)[order][:, None].astype(y.dtype)
     out = y[jnp.argsort(order)]  # back to token-major order
     return out.reshape(x.shape[0], k, -1).sum(axis=1), sizes
@@ -166,8 +169,9 @@ class MoE(nnx.Module):
         """
         cfg = self.cfg
         flat = x.reshape(-1, x.shape[-1])
-        logits = flat.astype(jnp.float32) @ self.gate[...]
-        idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
+        with jax.named_scope(scopes.ROUTER):
+            logits = flat.astype(jnp.float32) @ self.gate[...]
+            idx, weights = route(cfg, logits, self.e_score_correction_bias[...])
         w = lambda p: p[...].astype(self.dtype)
         if cfg.qat == "int4":  # once per forward, groups along each matrix's input dim ([E, in, out])
             w = lambda p: fake_int4(p[...].astype(self.dtype), cfg.qat_group_size, -2)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5_jax import scopes
 from glm5_jax.model.mla import MLA
 from glm5_jax.model.moe import MoE, SwiGLU
 from glm5_jax.model.norms import RMSNorm
@@ -102,8 +103,9 @@ class DecoderLayer(nnx.Module):
     def forward(self, h, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse", *, with_cache: bool = False):
         """`__call__`'s results plus, with `with_cache`, the attention's decode-cache entries (MLA.forward)."""
         h = constrain(h, HIDDEN)
-        a, topk_idx, kl, cache = self.self_attn.forward(self.input_layernorm(h), cos, sin, segment_ids, topk_idx,
-                                                        dsa_mode, with_cache=with_cache)
+        with jax.named_scope(scopes.ATTENTION):
+            a, topk_idx, kl, cache = self.self_attn.forward(self.input_layernorm(h), cos, sin, segment_ids,
+                                                            topk_idx, dsa_mode, with_cache=with_cache)
         h = h + a
         x = self.post_attention_layernorm(h)
         if self.moe:
@@ -161,7 +163,8 @@ class MTP(nnx.Module):
 
     def combine(self, h_prev, token_embeds):
         x = jnp.concatenate([self.enorm(token_embeds), self.hnorm(h_prev)], axis=-1)
-        return x @ self.eh_proj[...].astype(self.dtype)
+        with jax.named_scope(scopes.MTP_PROJECTION):
+            return x @ self.eh_proj[...].astype(self.dtype)
 
     def step(self, h_prev, token_embeds, cos, sin, segment_ids, dsa_mode: str = "sparse", *,
              with_cache: bool = False):
@@ -224,8 +227,9 @@ class GLM5(nnx.Module):
 
     def head(self, h):
         """float32 logits [B, L, ..., V] of hidden states [B, L, ..., D] (any axes between L and D)."""
-        logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
-                            preferred_element_type=jnp.float32)
+        with jax.named_scope(scopes.HEAD):
+            logits = jnp.einsum("...d,dv->...v", h, self.lm_head[...].astype(self.dtype),
+                                preferred_element_type=jnp.float32)
         return constrain(logits, ("batch", "length") + (None,) * (logits.ndim - 3) + ("act_vocab",))
 
     def __call__(self, input_ids, positions=None, segment_ids=None, *, mtp_depths: int | None = None,

@@ -23,6 +23,8 @@ from optax.contrib import MuonDimensionNumbers
 # Not re-exported by optax.contrib (0.2.8); optax's own NorMuon imports it from here too.
 from optax.contrib._muon import orthogonalize_via_newton_schulz
 
+from glm5_jax import scopes
+
 QUINTIC = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default Newton-Schulz coefficients
 
 
@@ -107,7 +109,8 @@ def _newton_schulz_per_matrix(x, spec: MatrixSpec, coeffs, ns_steps: int, eps: f
     if batch:  # the outermost batch axis (stacked layers) in a loop: temporaries of one layer at a time
         outer = one
         one = lambda y: jax.lax.map(outer, y)
-    return jnp.transpose(one(y), [order.index(a) for a in range(x.ndim)])
+    with jax.named_scope(scopes.NEWTON_SCHULZ):
+        return jnp.transpose(one(y), [order.index(a) for a in range(x.ndim)])
 
 
 class MuonSplitState(NamedTuple):

@@ -6,7 +6,7 @@ needed), so nothing of the model is allocated: the 744B configuration plans on a
 
 - `devices`: the target (`cpu`, `tpu:v5p-512`, ...) and its devices.
 - `measure`: the abstract inputs, the compile, memory and FLOPs (the FLOP model is the model's:
-  glm5_jax/model/flops.py).
+  glm5_jax/accounting/analytic.py).
 - `stages`: every stage of a recipe planned with the step that trains it (`--recipe R --stage all`).
 - `report`: the tables; `command`: `glm5 plan`, its options and their checks.
 

@@ -4,8 +4,8 @@ The step is `glm5_jax.train.step.TrainStep`, the program `glm5 train` runs, buil
 carry their shardings, so nothing of the model is allocated. Memory comes from two independent sources: an
 analytic per-device split of parameter and optimizer bytes (each array's shard shape under its sharding),
 and the compiler's `memory_analysis()` (arguments, outputs, donated aliases, temporaries). FLOPs come from
-the analytic count (glm5_jax/model/flops.py) next to `cost_analysis()`, which counts every loop body (layer
-scans, query-block maps, tiled expert loops, the accumulation loop) once. A TPU compile that does not fit
+the analytic count (glm5_jax/accounting/analytic.py) next to `cost_analysis()`, which counts every loop body
+(layer scans, query-block maps, tiled expert loops, the accumulation loop) once. A TPU compile that does not fit
 fails with RESOURCE_EXHAUSTED: that is the verdict, kept with the compiler's message.
 """
 
@@ -15,8 +15,8 @@ import dataclasses
 import math
 import time
 
+from glm5_jax.accounting import analytic as F
 from glm5_jax.errors import ConfigError
-from glm5_jax.model import flops as F
 from glm5_jax.plan.devices import Target, parse_bytes
 from glm5_jax.values import apply_overrides
 

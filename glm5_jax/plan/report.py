@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from glm5_jax.model import flops as F
+from glm5_jax.accounting import analytic as F
 from glm5_jax.plan.devices import GIB, versions
 from glm5_jax.plan.measure import PlanResult
 

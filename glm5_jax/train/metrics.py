@@ -1,10 +1,9 @@
 """Training metrics: JSONL log, TensorBoard event files, console lines / progress bar, MFU.
 
-MFU = model FLOPs per step (the analytic count of `glm5_jax.model.flops.analytic_flops`, model parts only:
-6 N T for the weights plus the attention core; no optimizer or rematerialisation work) divided by
-(step time x devices x peak FLOP/s of one device). Peak FLOP/s come from `PEAK_FLOPS` by device kind
-(dense bf16 matmul peaks from the vendors' data sheets) or `metrics.peak_flops`; CPU gets a nominal
-1e11 FLOP/s per device so the column is defined, not a measured peak: CPU MFU is only comparable to itself.
+MFU = model FLOPs per step (`glm5_jax.accounting.analytic.model_flops_per_step`, model parts only: 6 N T for
+the weights plus the attention core; no optimizer or rematerialisation work) divided by (step time x devices
+x peak FLOP/s of one device, `glm5_jax.accounting.peak.peak_flops` or `metrics.peak_flops`); the trainer
+computes it and logs it here.
 """
 
 from __future__ import annotations
@@ -13,31 +12,6 @@ import json
 import math
 import os
 import sys
-
-# (substring of jax Device.device_kind, lower-case) -> dense bf16 peak FLOP/s of one device.
-PEAK_FLOPS = (
-    ("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12), ("gh200", 989e12), ("b200", 2250e12),
-    ("a100", 312e12), ("l40s", 362e12), ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12),
-    ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12), ("v3", 123e12), ("cpu", 1e11),
-)
-CPU_NOMINAL = 1e11
-
-
-def peak_flops(device_kind: str, platform: str) -> float:
-    kind = device_kind.lower()
-    for key, value in PEAK_FLOPS:
-        if key in kind:
-            return value
-    return CPU_NOMINAL if platform == "cpu" else float("nan")
-
-
-def model_flops_per_step(cfg, par, batch: int, seq: int, mtp_depths: int = 0, dsa_mode: str = "sparse") -> float:
-    """Analytic model FLOPs of one train step (all devices): the model parts of `flops.analytic_flops`, in the
-    stage's DSA mode (the warm-up attends densely at every length and differentiates the indexer's KL)."""
-    from glm5_jax.model.flops import model_flops, work_of
-
-    return model_flops(cfg, work_of(cfg, par), batch, seq, mtp_depths=mtp_depths, dsa_mode=dsa_mode)
-
 
 def _finite(x):
     return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None

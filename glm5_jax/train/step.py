@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from glm5_jax import optim
+from glm5_jax import optim, scopes
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.model.state import ModelState, abstract_state, init_sharded, place, split, state_shardings
 from glm5_jax.sharding.context import Parallelism, use
@@ -62,7 +62,8 @@ def _accumulate(fn, batch: dict, count, constrain=lambda x: x):
     if next(iter(batch.values())).shape[0] == 1:
         return fn(micro(0))
     zero = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(fn, micro(0)))
-    return jax.lax.fori_loop(0, count, lambda i, acc: jax.tree.map(jnp.add, acc, constrain(fn(micro(i)))), zero)
+    with jax.named_scope(scopes.ACCUMULATE):
+        return jax.lax.fori_loop(0, count, lambda i, acc: jax.tree.map(jnp.add, acc, constrain(fn(micro(i)))), zero)
 
 
 class EvalStep:

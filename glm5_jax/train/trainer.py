@@ -28,6 +28,8 @@ import time
 import jax
 import numpy as np
 
+from glm5_jax.accounting.analytic import model_flops_per_step
+from glm5_jax.accounting.peak import peak_flops
 from glm5_jax.checkpoint.manager import ARRAYS, DOCUMENT, CheckpointManager, load_variables
 from glm5_jax.checkpoint.naming import flatten, nest, unnest
 from glm5_jax.data.shards import parse_state
@@ -37,7 +39,7 @@ from glm5_jax.train.agree import agree
 from glm5_jax.train.distributed import maybe_initialize_distributed
 from glm5_jax.train.evaluate import Evaluator
 from glm5_jax.train.feed import feed_opener
-from glm5_jax.train.metrics import MetricsLog, model_flops_per_step, peak_flops
+from glm5_jax.train.metrics import MetricsLog
 from glm5_jax.train.peers import PeerMonitor, barrier
 from glm5_jax.train.recipe import Recipe
 from glm5_jax.train.setup import Run, StageSettings, is_hf_directory, resolve

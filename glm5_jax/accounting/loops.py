@@ -1,23 +1,26 @@
 """Trip counts of the train step's loops whose count XLA cannot know at compile time.
 
 Two loops of the step run a count that depends on runtime values, so the compiled HLO carries no
-`known_trip_count` for them (glm5_jax/bench/hlo_flops.py counts them by what this module says):
+`known_trip_count` for them (glm5_jax/accounting/compiled.py counts them by what this module says). Each is
+built inside its own `glm5_jax.scopes` name, which is how the compiled loop is recognised:
 
-- the accumulation loop (`train/step.py` `_accumulate`: `fori_loop(0, count)` over the step's microbatches,
-  `count` an argument): it runs `count` times, the microbatches the benchmarked steps use;
-- the top-k merge loop of DSA's key selection (`model/dsa.py` `_local_topk.block_topk`:
+- `scopes.ACCUMULATE`, the accumulation loop (`glm5_jax/train/step.py`: `fori_loop(0, count)` over the step's
+  microbatches, `count` an argument): it runs `count` times, the microbatches the benchmarked steps use;
+- `scopes.TOPK_MERGE`, the top-k merge loop of DSA's key selection (`glm5_jax/model/dsa.py`:
   `fori_loop(1, needed)` over the key chunks up to a query block's last position, since later chunks hold
   keys none of its queries can see): `needed - 1` trips, which this module computes for every query block of
-  every sequence shard from the step's shapes, exactly as `_local_topk` computes `needed` (its query
-  positions are the row positions 0..L-1 of the sequence, whatever the packing). The mean over blocks and
-  shards is the per-execution count (every device runs the same program on its own shard).
+  every sequence shard from the step's shapes, exactly as the model computes `needed` (its query positions
+  are the row positions 0..L-1 of the sequence, whatever the packing). The mean over blocks and shards is the
+  per-execution count (every device runs the same program on its own shard).
 """
 
 from __future__ import annotations
 
+from glm5_jax import scopes
+
 
 def topk_merge_trips(seq_len: int, topk: int, block: int, context: int = 1) -> float:
-    """Mean trips of `_local_topk`'s merge loop per query block, over the blocks of all `context` shards."""
+    """Mean trips of the top-k merge loop per query block, over the blocks of all `context` shards."""
     local = seq_len // context
     chunk = max(topk, block)
     n_chunks = -(-seq_len // chunk)
@@ -32,15 +35,14 @@ def topk_merge_trips(seq_len: int, topk: int, block: int, context: int = 1) -> f
 
 
 def step_trips(spec, context: int, count: int):
-    """`dynamic_trips((file, function))` for the step of `spec` (train.step.StepConfig) with `context`
-    sequence shards, run on batches of `count` microbatches: the two loops above, None for any other."""
+    """`dynamic_trips(scope)` for the step of `spec` (train.step.StepConfig) with `context` sequence shards,
+    run on batches of `count` microbatches: the two loops above, None for any other."""
     cfg = spec.model_cfg
 
-    def trips(where: tuple[str, str]):
-        file, function = where
-        if file.endswith("train/step.py") and function == "_accumulate":
+    def trips(scope: str | None):
+        if scope == scopes.ACCUMULATE:
             return float(count)
-        if file.endswith("model/dsa.py") and function.endswith("block_topk"):
+        if scope == scopes.TOPK_MERGE:
             return topk_merge_trips(spec.seq_len, cfg.index_topk, cfg.attention_query_block, context)
         return None
 

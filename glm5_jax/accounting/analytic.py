@@ -1,10 +1,10 @@
 """The analytic FLOP count of one train step: a pure function of the model config and the layout's numbers.
 
-Used by `glm5 plan` (the per-component table next to XLA's cost analysis) and by the trainer's MFU
-(`glm5_jax.train.metrics`). Nothing here calls JAX: the layout enters as plain numbers (`Work`), and the
-expert kernels as the model's own choice (`glm5_jax.model.moe.expert_matmul_kind`,
-`glm5_jax.sharding.expert.dispatch_kind` / `received_rows`, pure functions the model runs by), so the count
-and the compiled program cannot disagree on which loop runs.
+Used by `glm5 plan` (the per-component table next to XLA's cost analysis), `glm5 bench` (against the compiled
+count, glm5_jax/accounting/compiled.py) and the trainer's MFU (`model_flops_per_step`). Nothing here calls JAX:
+the layout enters as plain numbers (`Work`), and the expert kernels as the model's own choice
+(`glm5_jax.model.moe.expert_matmul_kind`, `glm5_jax.sharding.expert.dispatch_kind` / `received_rows`, pure
+functions the model runs by), so the count and the compiled program cannot disagree on which loop runs.
 
 Matrix multiplies only, 2 FLOPs per multiply-add. T = batch * seq tokens. A weight W applied to every token
 costs 2|W|T forward and 4|W|T backward (input and weight gradients): 6|W|T. Per layer (D hidden, H heads,
@@ -215,6 +215,12 @@ def model_flops(cfg, work: Work, batch: int, seq: int, mtp_depths: int = 0, accu
     """Model FLOPs of one step (all devices): the model parts of `analytic_flops` (the trainer's MFU)."""
     return float(sum(f.flops for f in analytic_flops(cfg, work, batch, seq, mtp_depths=mtp_depths,
                                                      accumulate=accumulate, dsa_mode=dsa_mode) if f.model))
+
+
+def model_flops_per_step(cfg, par, batch: int, seq: int, mtp_depths: int = 0, dsa_mode: str = "sparse") -> float:
+    """Analytic model FLOPs of one train step (all devices) on layout `par`: the trainer's MFU numerator, in the
+    stage's DSA mode (the warm-up attends densely at every length and differentiates the indexer's KL)."""
+    return model_flops(cfg, work_of(cfg, par), batch, seq, mtp_depths=mtp_depths, dsa_mode=dsa_mode)
 
 
 def newton_schulz_flops(routes: dict, opt_cfg, shards: dict[str, int] | None = None, once: bool = False) -> float:

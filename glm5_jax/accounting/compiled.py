@@ -1,7 +1,7 @@
 """Matmul FLOPs of a compiled program, with every loop counted by its trip count.
 
 XLA's `compiled.cost_analysis()` counts a while loop's body once, whatever its trip count (checked on a jitted
-`lax.scan` in tests/test_bench.py), so for the train step (layer scans, query-block maps, tiled expert loops,
+`lax.scan` in tests/test_accounting.py), so for the train step (layer scans, query-block maps, tiled expert loops,
 the pipeline's iterations) it sees a fraction of the work. This module walks the optimised HLO text
 (`compiled.as_text()`) instead: every computation, every instruction, with the FLOPs of each matrix product
 multiplied by the trip counts of the loops around it.
@@ -11,13 +11,17 @@ multiplied by the trip counts of the loops around it.
   2 x (output elements) x (kernel elements / output features).
 - while: body x trip count, condition x (trip count + 1). XLA annotates loops whose count it knows
   (`known_trip_count` in the backend config). A loop whose count depends on runtime values has none: its
-  count comes from `dynamic_trips(source)`, keyed by the (file, function) of the Python line that built the
-  loop, and is 1 (XLA's own convention) when that gives None; each such loop is listed in `dynamic`.
+  count comes from `dynamic_trips(scope)`, keyed by the innermost `glm5_jax.scopes` name the loop was built
+  in (its `op_name`), and is 1 (XLA's own convention) when that gives None; each such loop is listed in
+  `dynamic`.
 - conditional: the most expensive branch (an upper bound); fusions, calls and async wrappers: their called
   computations once per execution.
 
-Elementwise work is not counted (the analytic count, glm5_jax/model/flops.py, counts matrix products only).
-Custom calls that are not matrix products (TopK, ...) are listed in `uncounted`.
+Every product is attributed to the `glm5_jax.scopes` names its `op_name` carries (`by_scope`: the declared
+scopes it ran in, outermost first, `(backward)` where the name stack says `transpose`), and, for reading
+only, to the Python function its stack frame names (`by_source`). Elementwise work is not counted (the
+analytic count, glm5_jax/accounting/analytic.py, counts matrix products only). Custom calls that are not
+matrix products (TopK, ...) are listed in `uncounted`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import math
 import os
 import re
 
+from glm5_jax import scopes
+
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s+->\s+.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s+=\s+(.*)$")
 _ARRAY = re.compile(r"[a-z]\w*\[([^\]]*)\]")
@@ -38,6 +44,9 @@ _TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 _FRAME = re.compile(r"\bstack_frame_id=(\d+)")
 _OP_NAME = re.compile(r'\bop_name="([^"]*)"')
 _GEMM_TARGETS = ("gemm", "matmul")
+_NAME = re.compile(r"[\w.]+")
+DECLARED = frozenset(v for k, v in vars(scopes).items() if k.isupper() and isinstance(v, str))
+UNSCOPED = "(no scope)"
 
 
 @dataclasses.dataclass
@@ -65,9 +74,10 @@ class Count:
 
     flops: float = 0.0  # matrix-product FLOPs, every loop at its trip count
     once: float = 0.0  # the same with every loop body counted once (what cost_analysis would see)
+    by_scope: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
     by_source: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
     loops: int = 0  # while loops with a known trip count
-    dynamic: list = dataclasses.field(default_factory=list)  # loops without one: {source, trips, executions}
+    dynamic: list = dataclasses.field(default_factory=list)  # loops without one: {scope, source, trips, ...}
     uncounted: dict = dataclasses.field(default_factory=lambda: collections.Counter())  # custom-call targets
 
 
@@ -235,6 +245,22 @@ def _called(ins: Instruction) -> list[tuple[str, str]]:
     return out
 
 
+def declared(op_name: str) -> list[str]:
+    """The `glm5_jax.scopes` names in a name stack, outermost first (`jit(f)/jvp(glm5.pipeline)/while/body/
+    transpose(jvp(glm5.attention))/dot_general` -> [glm5.pipeline, glm5.attention])."""
+    out = []
+    for name in _NAME.findall(op_name):
+        if name in DECLARED and (not out or out[-1] != name):
+            out.append(name)
+    return out
+
+
+def scope_key(op_name: str) -> str:
+    """`by_scope`'s key of a product: its declared scopes joined by `/` (or UNSCOPED), `(backward)` added
+    where the name stack says `transpose`."""
+    return "/".join(declared(op_name) or [UNSCOPED]) + (" (backward)" if "transpose(" in op_name else "")
+
+
 def source(module: Module, frame: int | None, root: str | None = None) -> tuple[str, str]:
     """(file, function) of a stack frame: the file relative to `root` (default: the package's parent)."""
     if frame is None or frame not in module.frames:
@@ -260,28 +286,29 @@ class _Walker:
             shapes, value = self.m.shapes[comp], 0.0
             for ins in self.m.computations[comp]:
                 value += matmul_flops(ins, shapes) or 0.0
-                for sub, trips in self._calls(ins, record=False):
+                for sub, trips in self._calls(ins, record=False, op_name=ins.op_name):
                     value += trips * self.total(sub)
             self._totals[comp] = value
         return self._totals[comp]
 
-    def _trips(self, ins: Instruction, record: bool, executions: float) -> float:
+    def _trips(self, ins: Instruction, record: bool, executions: float, op_name: str) -> float:
         m = _TRIPS.search(ins.attrs)
         if m:
             if record:
                 self.count.loops += 1
             return float(m.group(1))
-        where = source(self.m, ins.frame)
-        trips = self.dynamic_trips(where)
+        scope = (declared(op_name) or [None])[-1]
+        trips = self.dynamic_trips(scope)
         if record:
-            self.count.dynamic.append({"source": ":".join(where), "trips": trips, "executions": executions})
+            self.count.dynamic.append({"scope": scope, "source": ":".join(source(self.m, ins.frame)),
+                                       "trips": trips, "executions": executions})
         return 1.0 if trips is None else float(trips)
 
-    def _calls(self, ins: Instruction, record: bool, executions: float = 1.0) -> list[tuple[str, float]]:
+    def _calls(self, ins: Instruction, record: bool, executions: float = 1.0, op_name: str = "") -> list:
         """(computation, executions per execution of `ins`) of what `ins` calls."""
         called = [(r, c) for r, c in _called(ins) if c in self.m.computations]
         if ins.opcode == "while":
-            trips = self._trips(ins, record, executions)
+            trips = self._trips(ins, record, executions, ins.op_name or op_name)
             return [(c, trips + 1 if r == "condition" else trips) for r, c in called]
         if ins.opcode == "conditional":
             branches = [c for _, c in called]
@@ -300,21 +327,24 @@ class _Walker:
             if flops:
                 self.count.flops += flops * executions
                 self.count.once += flops * once
-                key = ":".join(source(self.m, where)) + (" (backward)" if "transpose(" in name else "")
-                self.count.by_source[key] += flops * executions
-            for sub, trips in self._calls(ins, record=True, executions=executions):
+                backward = " (backward)" if "transpose(" in name else ""
+                self.count.by_scope[scope_key(name)] += flops * executions
+                self.count.by_source[":".join(source(self.m, where)) + backward] += flops * executions
+            for sub, trips in self._calls(ins, record=True, executions=executions, op_name=name):
                 self.visit(sub, executions * trips, once, where, name)
 
 
 def count_flops(text: str, dynamic_trips=lambda where: None) -> Count:
     """Matmul FLOPs of the HLO module `text` (one device's program), loops at their trip counts.
 
-    `dynamic_trips((file, function))`: the mean trip count of a loop without a known one, built at that Python
-    function (None: count its body once and list it in `Count.dynamic` with trips None).
+    `dynamic_trips(scope)`: the mean trip count of a loop without a known one, given the innermost
+    `glm5_jax.scopes` name it was built in (None without one); None: count its body once and list it in
+    `Count.dynamic` with trips None.
     """
     module = parse(text)
     count = Count()
     _Walker(module, dynamic_trips, count).visit(module.entry, 1.0, 1.0)
+    count.by_scope = dict(sorted(count.by_scope.items(), key=lambda kv: -kv[1]))
     count.by_source = dict(sorted(count.by_source.items(), key=lambda kv: -kv[1]))
     count.uncounted = dict(count.uncounted)
     return count
