@@ -96,9 +96,9 @@ def open_feed(bench: Bench, out=print):
 
 
 def open_state(bench: Bench, checkpoints: str, feed, out=print):
-    """(trainer.TrainState, data feed, CheckpointManager) of a fresh run in `checkpoints`, by `trainer.restore_or_init`
+    """(run_state.TrainState, data feed, CheckpointManager) of a fresh run in `checkpoints`, by `run_state.restore_or_init`
     (a directory without checkpoints: the model initialised sharded, the optimizer state created on device)."""
-    from glm5_jax.train.trainer import open_checkpoints, restore_or_init
+    from glm5_jax.train.run_state import open_checkpoints, restore_or_init
 
     ckpt = open_checkpoints(bench.recipe, checkpoints)
     state, it = restore_or_init(bench.run, ckpt, bench.program, feed, out)

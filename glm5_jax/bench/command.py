@@ -118,7 +118,7 @@ def measure(args, options: dict, recipe, index: int, work: str) -> dict:
         result["data"] = data.measure(bench, feed, args.data_batches, _out)
     if parts == ["data"]:
         return result
-    _out("initialising the model and optimizer state (trainer.restore_or_init)")
+    _out("initialising the model and optimizer state (run_state.restore_or_init)")
     state, it, ckpt = build.open_state(bench, os.path.join(work, "run"), feed, _out)
     try:
         _state_parts(args, options, bench, state, it, work, result)

@@ -47,7 +47,7 @@ def read_batches(it, stage, n: int) -> list[tuple[dict, int]]:
 
 def one_step(bench, state, batch, count: int, index: int) -> tuple[float, float]:
     """Run the train step once on `batch` as the trainer does (learning rate: the stage schedule's at step
-    `index`), updating `state` (trainer.TrainState): (seconds from dispatch to ready outputs, loss)."""
+    `index`), updating `state` (run_state.TrainState): (seconds from dispatch to ready outputs, loss)."""
     stage = bench.stage
     lr = float(stage.schedule(index))
     t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def one_step(bench, state, batch, count: int, index: int) -> tuple[float, float]
 
 
 def time_steps(bench, state, batches, warmup: int, out) -> dict:
-    """Run the step on each batch in turn (the first `warmup` untimed), updating `state` (trainer.TrainState)."""
+    """Run the step on each batch in turn (the first `warmup` untimed), updating `state` (run_state.TrainState)."""
     stage = bench.stage
     times, losses = [], []
     for i, (batch, count) in enumerate(batches):
@@ -137,7 +137,7 @@ def memory(bench, compiled) -> dict:
 
 def run_step_part(bench, state, it, steps: int, warmup: int, out) -> tuple[dict, list]:
     """Everything the step part measures, {compile, step, flops, memory, utilisation}, and the batches it ran
-    (`state`, trainer.TrainState, is updated by the steps)."""
+    (`state`, run_state.TrainState, is updated by the steps)."""
     compiled, compile_times = compile_step(bench, out)
     out(f"reading {warmup + steps} batches of stage {bench.stage.name}")
     batches = read_batches(it, bench.stage, warmup + steps)

@@ -80,8 +80,8 @@ def disk_bytes(directory: str) -> int:
 
 
 def save(ckpt, step: int, bench, state, it):
-    """The trainer's checkpoint (`trainer.save_state`) of `state` as step `step`."""
-    from glm5_jax.train.trainer import save_state
+    """The trainer's checkpoint (`run_state.save_state`) of `state` as step `step`."""
+    from glm5_jax.train.run_state import save_state
 
     save_state(ckpt, dataclasses.replace(state, step=step), bench.stage, it, bench.recipe)
 
@@ -97,7 +97,7 @@ def save_once(bench, state, it, directory: str):
 
 def _manager(directory: str, policy, async_save: bool):
     from glm5_jax.checkpoint.manager import CheckpointManager
-    from glm5_jax.train.trainer import ITEMS
+    from glm5_jax.train.run_state import ITEMS
 
     return CheckpointManager(directory, dataclasses.replace(policy, async_save=async_save), ITEMS)
 

@@ -54,7 +54,6 @@ def step_inputs(step, cfg, opt_cfg) -> PlanInputs:
 def abstract_inputs(cfg, par, global_batch: int, seq_len: int, opt_cfg, loss_cfg=None, accumulate: int = 1,
                     trainable: str = "all") -> PlanInputs:
     """The train step of `global_batch` rows of `seq_len` as `accumulate` microbatches, and its arguments."""
-    from glm5_jax import optim
     from glm5_jax.train import losses
     from glm5_jax.train import step as S
 
