@@ -28,8 +28,8 @@ LADDER = (("flops-one", "one device", "the analytic count's own setting: every m
 SCRIPTS = ("data-throughput", "input-overlap", "generate-speed", "optimizer-compare", "long-context",
            "expert-matmul")
 METHOD = [
-    "- `glm5 bench` builds each stage's step as `glm5 train` does (`train.setup.resolve`, the trainer's optimizer, "
-    "`TrainStep`, `run_state.restore_or_init`, the trainer's data `Feed`) and times `lower()` and `compile()`, then "
+    "- `glm5 bench` builds each stage's step as `glm5 train` does (`train.setup.resolve`, "
+    "`train.step.build_step`, `run_state.restore_or_init`, the trainer's data `Feed`) and times `lower()` and `compile()`, then "
     "2 warm-up and N timed steps on different real batches (median, min, max; each step timed to its ready outputs);",
     "- tokens/s and MFU as the trainer logs them; compiled FLOPs: the matmuls of the optimised HLO with every loop at "
     "its trip count (XLA's `cost_analysis` counts a loop body once), against `glm5 plan`'s analytic count, per device;",
