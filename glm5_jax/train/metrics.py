@@ -139,6 +139,8 @@ def _truncate(path: str, step: int):
 
 def format_record(r: dict) -> str:
     parts = [f"step {r['step']:>6}", f"[{r['stage']}]", f"loss {r['loss']:.4f}"]
+    if r.get("scored_share") is not None:  # (sft: the assistant-token loss and the share of tokens scored)
+        parts += [f"lm {r['lm']:.4f}", f"scored {100 * r['scored_share']:.0f}%"]
     for key in ("mtp", "balance", "indexer_kl"):
         if r.get(key) is not None:
             parts.append(f"{key} {r[key]:.4g}")
