@@ -167,3 +167,12 @@ def test_one_accounting_package():
     assert not (ROOT / "glm5_jax/model/flops.py").exists() and not (ROOT / "glm5_jax/bench/hlo_flops.py").exists()
     for package in ("glm5_jax.model", "glm5_jax.sharding", "glm5_jax.optim"):
         assert _importers(package, ("glm5_jax.accounting",)) == []
+
+
+def test_lower_layers_know_nothing_above_them():
+    """The losses know no recipe, the checkpoint code no data format, the step no data loader, decoding no
+    training step."""
+    assert _importers("glm5_jax.train.losses", ("glm5_jax.train.recipe",)) == []
+    assert _importers("glm5_jax.train.step", ("glm5_jax.data",)) == []
+    assert _importers("glm5_jax.checkpoint", ("glm5_jax.data", "glm5_jax.train")) == []
+    assert _importers("glm5_jax.generate", ("glm5_jax.train",)) == []

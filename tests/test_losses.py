@@ -113,7 +113,7 @@ def test_loss_config_validation():
         LS.loss_config_from_dict({"mtp_weight": -0.1})
     with pytest.raises(ConfigError, match=r"^z_los: unknown loss config key \(did you mean 'z_loss'\?\)"):
         LS.loss_config_from_dict({"z_los": 0.1})
-    with pytest.raises(ConfigError, match=r"^trainable: must be one of all, indexer"):
+    with pytest.raises(ValueError, match=r"^trainable: must be one of all, indexer"):
         LS.trainable_mask({}, "mlp")
 
 

@@ -17,7 +17,6 @@ from flax import nnx
 from glm5_jax.errors import ConfigError
 from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.mla import DSA_MODES
-from glm5_jax.train.recipe import TRAINABLE
 from glm5_jax.values import check_keys
 
 
@@ -242,8 +241,8 @@ def trainable_mask(params, which: str):
     which: "all", or "indexer" (every `...self_attn.indexer.*` parameter, MTP's included: DSA warm-up).
     Use with `optax.masked(tx, mask)` or multiply updates by it.
     """
-    if which not in TRAINABLE:
-        raise ConfigError(f"trainable: must be one of {', '.join(TRAINABLE)}; got {which!r}")
+    if which not in ("all", "indexer"):  # (a recipe's `trainable` is checked where it is read)
+        raise ValueError(f"trainable: must be one of all, indexer; got {which!r}")
     def leaf(path, v):
         keep = which == "all" or is_indexer_path(path)
         return v.replace(keep) if _is_variable(v) else keep
