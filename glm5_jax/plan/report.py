@@ -138,7 +138,8 @@ def print_report(result: PlanResult, out=None):
     out.print(f"[bold]plan[/]: {cfg.num_hidden_layers} layers, mesh {describe(result.inputs.par.mesh)}, "
               f"global batch {result.global_batch} x seq {result.seq_len} as {spec.accumulate} microbatch(es), "
               f"pipeline microbatches {pc.microbatches}, expert dispatch {pc.expert_dispatch}, capacity factor "
-              f"{pc.capacity_factor}, dsa {spec.loss_cfg.dsa}, trainable {spec.trainable}")
+              f"{pc.capacity_factor}, dsa {spec.loss_cfg.dsa}, trainable {spec.trainable}, "
+              f"objective {spec.objective}, qat {spec.model_cfg.qat}")
     out.print(memory_table(result))
     out.print(flops_table(result))
     for line in notes(result):
