@@ -44,8 +44,8 @@ def test_sft_loss_equals_transformers_on_the_inspected_rows(tmp_path, hf_model_d
                 assert (rows["positions"][r][where] == np.arange(where.sum())).all()
                 logits = model(torch.tensor(ids[None], dtype=torch.long)).logits[0].double()
                 scored = torch.tensor(targets >= 0)
-                ce = torch.nn.functional.cross_entropy(logits[scored], torch.tensor(targets[targets >= 0], dtype=torch.long),
-                                                       reduction="sum")
+                labels = torch.tensor(targets[targets >= 0], dtype=torch.long)
+                ce = torch.nn.functional.cross_entropy(logits[scored], labels, reduction="sum")
                 total, count = total + float(ce), count + int(scored.sum())
     assert count == int(rows["loss_mask"].sum()) == result["tokens"]
     assert 0 < count < (rows["segment_ids"] > 0).sum()  # only the assistant's tokens are scored
@@ -58,7 +58,8 @@ def _recipe(**stage):
 
 
 @pytest.mark.parametrize("changes,data,message", [
-    ({"objective": "sft"}, "default", "stages.0.objective: sft trains on conversations"),
+    ({"objective": "sft"}, "default",
+     "stages.0.objective: sft trains on chat sources; data stage 'short' of 'default' reads text sources"),
     ({"objective": "sft", "losses": {"dsa": "warmup"}}, "sft", "stages.0.objective: sft: losses.dsa: warmup"),
     ({"objective": "rlhf"}, "sft", "stages.0.objective: must be one of pretrain, sft; got 'rlhf'"),
 ])

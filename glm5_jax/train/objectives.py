@@ -34,6 +34,7 @@ class LanguageModel:
     """`pretrain`: the GLM-5 training losses over a packed token batch (docs/losses.md)."""
 
     name = "pretrain"
+    data_format = None  # the data sources it needs (data/config.py FORMATS); None: any
     fields = TOKEN_FIELDS
     metric_names = ("lm", "mtp", "balance", "z", "indexer_kl")  # the loss's parts, as `loss` returns them
     step_metric_names = ("expert_load_max_over_mean", "dropped")  # from the step's summed expert loads
@@ -83,6 +84,7 @@ class SupervisedFineTuning(LanguageModel):
     """`sft`: the language-model terms over the tokens a chat data stage scores (its in-turn loss mask)."""
 
     name = "sft"
+    data_format = "chat"  # conversations, whose loss masks score the assistant's tokens
     metric_names = LanguageModel.metric_names + ("scored_share",)
 
     def __init__(self, model_cfg, loss_cfg: losses.LossConfig):

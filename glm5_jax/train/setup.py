@@ -190,9 +190,6 @@ def resolve(recipe: Recipe, devices=None) -> Run:
             raise ConfigError(f"stages.{i}.data_stage: data config {recipe.data!r} has no stage {name!r}; "
                               f"its stages: {', '.join(by_name)}")
         ds = by_name[name]
-        if st.objective == "sft" and any(dcfg.sources[m].format != "chat" for m in ds.mixture):
-            raise ConfigError(f"stages.{i}.objective: sft trains on conversations (chat sources: in-turn loss "
-                              f"masks); data stage {name!r} of {recipe.data!r} reads text sources")
         tokens = ds.tokens if st.steps is None else st.steps * ds.tokens_per_step
         if st.steps is not None and ds.batch_ramp is not None:
             raise ConfigError(f"stages.{i}.steps: data stage {name!r} has a batch_ramp; its token budget sets "
@@ -222,7 +219,11 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         cfg = cfgs[i]
         loss_cfg = _keyed(f"{key}.losses", losses.loss_config_from_dict, {**recipe.losses, **st.losses})
         step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable, st.objective)
-        objectives.make(st.objective, cfg, loss_cfg, f"{key}.objective")  # (its own checks, one line each)
+        objective = objectives.make(st.objective, cfg, loss_cfg, f"{key}.objective")  # (its own checks)
+        formats = sorted({dcfg.sources[m].format for m in ds.mixture})
+        if objective.data_format is not None and formats != [objective.data_format]:
+            raise ConfigError(f"{key}.objective: {st.objective} trains on {objective.data_format} sources; data stage "
+                              f"{st.data_stage or st.name!r} of {recipe.data!r} reads {', '.join(formats)} sources")
         settings.append(StageSettings(i, st.name, pars[i], ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
                                       float(loss_cfg.bias_update_rate)))
     return Run(recipe, model_cfg, dcfg, pars[0], opt_base, settings)

@@ -28,8 +28,8 @@ from glm5_jax.model.state import ModelState, abstract_state, init_sharded, place
 from glm5_jax.sharding.context import Parallelism, use
 from glm5_jax.train import losses, objectives
 
-__all__ = ["BATCH_AXES", "EvalStep", "ModelState", "StepConfig", "TrainStep", "abstract_state", "build_step", "make_step",
-           "init_sharded", "place", "split", "state_shardings"]
+__all__ = ["BATCH_AXES", "EvalStep", "ModelState", "StepConfig", "TrainStep", "abstract_state", "build_step",
+           "init_sharded", "make_step", "place", "split", "state_shardings"]
 
 BATCH_AXES = (None, "batch", "length")  # [microbatch, row, token]
 
