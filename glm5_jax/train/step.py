@@ -197,7 +197,8 @@ class TrainStep(EvalStep):
             return jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
 
     def loss_and_grads(self, params, buffers, batch, count=None):
-        """((loss, aux), grads) of the step's loss, no update: what the step differentiates, for tests."""
+        """((loss, aux), grads) of the step's loss, no update: what the step differentiates (to inspect or compare
+        gradients, e.g. across layouts)."""
         count = self.spec.accumulate if count is None else count
         with use(self.par):
             return jax.jit(self._loss_and_grads)(params, buffers, batch, jnp.int32(count))
