@@ -215,9 +215,10 @@ def make_step(spec: StepConfig, par: Parallelism, opt_cfg, abstract: ModelState,
 
 def build_step(run, stage, abstract: ModelState | None = None, tx: optax.GradientTransformation | None = None):
     """The train step of `stage` of the resolved `run` (`glm5_jax.train.setup.resolve`): the stage's step config
-    and layout, the run's optimizer over the base model's abstract state. `glm5 train`, `glm5 plan --recipe`,
+    in the run's layout (that of the stage the run starts in: one run trains in one layout, and a one-stage run's
+    is its stage's), the run's optimizer over the base model's abstract state. `glm5 train`, `glm5 plan --recipe`,
     `glm5 bench` and `glm5 eval` build their step here; `abstract` / `tx`: ones a caller already made of
     this run (the trainer's programs share them)."""
     abstract = abstract_state(run.model_cfg, run.recipe.seed) if abstract is None else abstract
     tx = optim.make_optimizer(run.opt_base, run.model_cfg, abstract.params) if tx is None else tx
-    return make_step(stage.step, stage.par, run.opt_base, abstract, tx)
+    return make_step(stage.step, run.par, run.opt_base, abstract, tx)
