@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from glm5_jax.errors import ConfigError
-from glm5_jax.values import apply_overrides, build, choice, fail, read_json, read_yaml_mapping
+from glm5_jax.values import apply_overrides, build, choice, fail, is_number, read_json, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ class ModelConfig:
             self.indexer_types = ["full"] * self.num_hidden_layers
         self.mlp_layer_types = list(self.mlp_layer_types)
         self.indexer_types = list(self.indexer_types)
+        if not isinstance(self.rope_parameters, dict):
+            fail("rope_parameters", f"must be a mapping like {{rope_type: default, rope_theta: 1000000.0}}; "
+                                    f"got {self.rope_parameters!r}")
         self.rope_parameters = dict(self.rope_parameters)
 
     # ----- derived sizes -----
@@ -190,11 +193,11 @@ def _validate(cfg: ModelConfig):
     rope = cfg.rope_parameters
     choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+    if not is_number(theta) or theta <= 0:
         fail("rope_parameters.rope_theta", f"must be a positive number; got {theta!r}")
     if rope.get("rope_type", "default") == "linear":
         factor = rope.get("factor")
-        if not isinstance(factor, (int, float)) or factor < 1:
+        if not is_number(factor) or factor < 1:
             fail("rope_parameters.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
     if not 0 <= cfg.attention_dropout < 1:
         fail("attention_dropout", f"must be in [0, 1); got {cfg.attention_dropout}")

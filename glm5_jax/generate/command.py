@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from glm5_jax.errors import ConfigError, InputError
 from glm5_jax.values import key_values
@@ -34,6 +35,11 @@ def read_prompts(args, cfg) -> tuple[list, object]:
         if not args.tokenizer:
             raise InputError("--prompt: needs --tokenizer (bytes or a tokenizer.json)")
         tokenizer = load_tokenizer(args.tokenizer)
+        for i, text in enumerate(args.prompt):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # bytes the locale could not decode arrive as lone surrogates
+                raise InputError(f"--prompt: prompt {i} is not valid UTF-8 text (at character {e.start})") from None
         prompts = [tokenizer.encode(text) for text in args.prompt]
         what = "--prompt"
     for i, p in enumerate(prompts):
@@ -98,6 +104,8 @@ def run(args):
         check_layout(cfg, par, len(prompts), None, "--layout")
     model, _ = load_model(args.checkpoint, args.step, overrides=args.override)
     gen = Generator(model, sampling, speculative_mtp=args.speculative == "mtp", par=par)
+    print(f"compiling the prefill and decode steps for {len(prompts)} rows x {max_length} slots, then generating "
+          "(the compile takes 10-60 s)", file=sys.stderr, flush=True)
     result = gen.generate(prompts, args.max_new_tokens, max_length)
     for i, s in enumerate(result.sequences):
         shown = tokenizer.decode(s) if tokenizer is not None else " ".join(map(str, s.tolist()))
