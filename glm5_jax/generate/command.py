@@ -35,11 +35,6 @@ def read_prompts(args, cfg) -> tuple[list, object]:
         if not args.tokenizer:
             raise InputError("--prompt: needs --tokenizer (bytes or a tokenizer.json)")
         tokenizer = load_tokenizer(args.tokenizer)
-        for i, text in enumerate(args.prompt):
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as e:  # bytes the locale could not decode arrive as lone surrogates
-                raise InputError(f"--prompt: prompt {i} is not valid UTF-8 text (at character {e.start})") from None
         prompts = [tokenizer.encode(text) for text in args.prompt]
         what = "--prompt"
     for i, p in enumerate(prompts):
@@ -63,9 +58,19 @@ def _unpadded(row) -> int:
     return int(real[-1]) + 1 if len(real) else 0
 
 
+def check_text(prompts) -> None:
+    """Each --prompt must be UTF-8 text: bytes the locale could not decode arrive as lone surrogates."""
+    for i, text in enumerate(prompts or ()):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"--prompt: prompt {i} is not valid UTF-8 text (at character {e.start})") from None
+
+
 def run(args):
     from glm5_jax.checkpoint.store import CheckpointReader
 
+    check_text(args.prompt)
     cfg = CheckpointReader(args.checkpoint, args.step).config
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be a positive integer; got {args.max_new_tokens}")
