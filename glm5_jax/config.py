@@ -148,6 +148,9 @@ def _validate(cfg: ModelConfig):
         "num_experts_per_tok", "max_position_embeddings", "index_topk", "index_head_dim", "index_n_heads",
         "mtp_depths", "attention_query_block", "logits_block", "expert_tile", "qat_group_size",
     )
+    for f in dataclasses.fields(cfg):  # every float setting is a finite number (NaN, inf or text is nonsense)
+        if f.type in ("float", float) and not is_number(getattr(cfg, f.name)):
+            fail(f.name, f"must be a finite number; got {getattr(cfg, f.name)!r}")
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
               f"got {cfg.num_key_value_heads}")

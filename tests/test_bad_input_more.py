@@ -51,6 +51,7 @@ def write_metrics(run_dir, records) -> None:
     (("data", "inspect", "--override", "stages.1.rope.rope_theta=.nan"), "stages.1.rope.rope_theta: must be a positive"),
     (("optimizer", "--config", "tiny", "--override", "rope_parameters.rope_theta=.inf"),
      "rope_parameters.rope_theta: must be a positive number; got inf"),
+    (("optimizer", "--config", "tiny", "--override", "rms_norm_eps=.nan"), "rms_norm_eps: must be a finite number"),
     (("launch", "local", "--processes", "2", "--port", "99999", "--", "data", "inspect"),
      "--port: must be a TCP port, 1 to 65535; got 99999"),
 ])
