@@ -10,7 +10,8 @@ import dataclasses
 
 from glm5_jax.config import ROPE_TYPES
 from glm5_jax.errors import ConfigError
-from glm5_jax.values import apply_overrides, boolean, build, check_keys, choice, fail, read_yaml_mapping
+from glm5_jax.values import (apply_overrides, boolean, build, check_keys, choice, fail, is_number,
+                             read_yaml_mapping)
 
 from .errors import ON_ERROR
 
@@ -147,11 +148,11 @@ def _rope(key: str, rope):
             fail(f"{key}.{k}", "unknown key; allowed: rope_type, rope_theta, factor")
     choice(f"{key}.rope_type", rope.setdefault("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")
-    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0):
+    if theta is not None and (not is_number(theta) or theta <= 0):
         fail(f"{key}.rope_theta", f"must be a positive number; got {theta!r}")
     if rope["rope_type"] == "linear":
         factor = rope.get("factor")
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        if not is_number(factor) or factor < 1:
             fail(f"{key}.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
     return rope
 
@@ -175,8 +176,8 @@ def _stage(i, values, sources) -> StageConfig:
     for name, weight in cfg.mixture.items():
         if name not in sources:
             fail(f"{key}.mixture.{name}", f"no such source; sources: {', '.join(sources)}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-            fail(f"{key}.mixture.{name}", f"weight must be a positive number; got {weight!r}")
+        if not is_number(weight) or weight <= 0:
+            fail(f"{key}.mixture.{name}", f"weight must be a positive finite number; got {weight!r}")
     cfg.rope = _rope(f"{key}.rope", cfg.rope)
     cfg.batch_ramp = _ramp(f"{key}.batch_ramp", cfg.batch_ramp, cfg)
     return cfg

@@ -5,6 +5,7 @@ throughput of this process, and optionally the first rows written to an ``.npz``
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import numpy as np
@@ -19,6 +20,7 @@ from .errors import overlong_counts, skipped_counts
 from .loader import DataPipeline
 from .packing import IGNORE, packing_stats
 
+_PIPED_WIDTH = 500
 _COLOURS = ("cyan", "magenta", "green", "yellow", "blue", "red")
 
 
@@ -126,7 +128,8 @@ def write_rows_npz(it, first: dict, n: int, out: str) -> None:
 def inspect(config: str, rows: int = 4, stage: str | None = None, batches: int = 20, chars: int = 400,
             overrides=(), console: Console | None = None, write_rows: int = 0, out: str | None = None) -> dict:
     """Print the report; return the measured figures (efficiency, tokens/s, ...)."""
-    console = console or Console()
+    # Piped (not a terminal): full width, so no table column is cut to fit a default 80 characters.
+    console = console or Console(width=None if sys.stdout.isatty() else _PIPED_WIDTH)
     check_out(write_rows, out)
     cfg = data_config.load(config, overrides)
     pipe = DataPipeline(cfg, 0, 1)

@@ -88,6 +88,7 @@ class DataPipeline:
         self.renderers = {name: self._renderer(self.cfg.sources[name]) for name in used
                           if self.cfg.sources[name].format == "chat"}
         for name, source in self.sources.items():
+            check_usable(name, source, self._encoder(name, _FirstBad(), None, PROBE_RECORDS + 1))
             if len(source) < self.process_count:
                 raise DataError(f"source {name}: {len(source)} records cannot be sharded over "
                                 f"{self.process_count} processes")
@@ -102,6 +103,14 @@ class DataPipeline:
                 if len(source) < count:
                     raise DataError(f"source {name}: {len(source)} records cannot be read as {count} data shards")
         return shard
+
+    def _encoder(self, name: str, policy: ErrorPolicy, seq_len: int | None, limit: int) -> Encoder:
+        """The encoder of source `name`'s records; `seq_len` None: conversations of any length fit."""
+        src = self.cfg.sources[name]
+        if name in self.renderers:
+            return ChatEncoder(name, self.tokenizer, policy, self.renderers[name], seq_len or 2**62, src.overlong,
+                               limit)
+        return Encoder(name, self.tokenizer, policy, src.append_eos, limit)
 
     def _renderer(self, source_cfg):
         if source_cfg.template is None:
@@ -137,10 +146,7 @@ class DataPipeline:
             # Bad records in a row that prove a source unusable: a reader sees every record of the shard at
             # least once in any two epochs (a worker, in 2 * num_workers epochs' worth).
             limit = min(2 * shard_len * max(cfg.num_workers, 1) + cfg.read_buffer_size, MAX_CONSECUTIVE_SKIPS)
-            src = cfg.sources[name]
-            ds = ds.map(ChatEncoder(name, self.tokenizer, self.policy, self.renderers[name], stage.seq_len,
-                                    src.overlong, limit) if name in self.renderers else
-                        Encoder(name, self.tokenizer, self.policy, src.append_eos, limit))
+            ds = ds.map(self._encoder(name, self.policy, stage.seq_len, limit))
             if self.holdout is not None:
                 ds = ds.map(HoldoutSplit(*self.holdout, name, limit))
             parts.append(ds)
@@ -167,6 +173,34 @@ class DataPipeline:
         run, restore the saved iterator state instead (:func:`restore_args`).
         """
         return PipelineIterator(self, start_step)
+
+
+PROBE_RECORDS = 1000  # records of each source read when the pipeline is built, until one is usable
+
+
+class _FirstBad(ErrorPolicy):
+    """Skips bad records silently, keeping the first (the probe of `check_usable`)."""
+
+    def __init__(self):
+        super().__init__("skip")
+        self.first = None
+
+    def handle(self, source: str, bad) -> None:
+        self.first = self.first or bad
+
+
+def check_usable(name: str, source, encoder: Encoder) -> None:
+    """Raise DataError unless one of the first PROBE_RECORDS records of `source` (in file order) encodes into a
+    document: a source with no usable record is found when the pipeline is built, before a train step compiles,
+    and reported in one line without a warning per skipped record."""
+    n = min(len(source), PROBE_RECORDS)
+    for i in range(n):
+        if encoder(source[i]) is not None:
+            return
+    bad = encoder.policy.first
+    first = f"first: {bad.where}: {bad.reason}" if bad is not None else "none of them is a document"
+    raise DataError(f"source {name}: no usable record in {'its' if n == len(source) else 'the first'} {n} records, "
+                    f"so nothing to train on ({first})")
 
 
 class HoldoutSplit:

@@ -56,6 +56,8 @@ class Encoder:
         self._lock = threading.Lock()
 
     def __call__(self, record):
+        if record is None:  # a record that is no document (sources.StdlibSource): nothing to count or log
+            return None
         if isinstance(record, Bad):
             return self._skip(record)
         where, payload = record

@@ -5,7 +5,7 @@ A source is a Grain data source (``len`` and ``[i]``), so the pipeline can shard
 globally by index. ``source[i]`` returns ``(where, payload)``, where ``where`` names the file and the line,
 row or record, and the payload is ``str`` (text), an int32 array (token ids) or a list (a conversation's
 messages, format chat); a record that cannot be read comes back as :class:`~glm5_jax.data.errors.Bad` rather
-than raising inside a Grain thread or worker.
+than raising inside a Grain thread or worker, and a record that is no document (stdlib) as None.
 Sources pickle without their open files, so worker processes reopen them.
 """
 
@@ -33,19 +33,22 @@ _GLOB_CHARS = set("*?[")
 
 
 def expand_paths(name: str, patterns: list[str], policy: ErrorPolicy) -> list[str]:
-    """Files matching the patterns, sorted per pattern, each file once; missing ones skipped or raised."""
+    """Files matching the patterns, sorted per pattern, each file once. A missing file is a bad record (skipped
+    or raised); a glob that matches no file and a directory are mistakes in the config: a DataError."""
     files: list[str] = []
     for pattern in patterns:
         expanded = os.path.expanduser(os.path.expandvars(pattern))
-        matches = sorted(glob.glob(expanded, recursive=True)) if _GLOB_CHARS & set(expanded) else (
+        is_glob = bool(_GLOB_CHARS & set(expanded))
+        matches = sorted(glob.glob(expanded, recursive=True)) if is_glob else (
             [expanded] if os.path.isfile(expanded) else [])
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
             hint = " (an environment variable in it is not set)" if "$" in expanded else ""
-            what = ("pattern matches no files" if _GLOB_CHARS & set(expanded) else
-                    "is a directory, not a data file (use a glob such as DIR/*.jsonl)" if os.path.isdir(expanded)
-                    else "no such file")
-            policy.handle(name, Bad(expanded, what + hint))
+            if is_glob or os.path.isdir(expanded):
+                what = ("pattern matches no files" if is_glob else
+                        "is a directory, not a data file (use a glob such as DIR/*.jsonl)")
+                raise DataError(f"source {name}: {expanded}: {what}{hint}")
+            policy.handle(name, Bad(expanded, "no such file" + hint))
         files.extend(m for m in matches if m not in files)
     return files
 
@@ -102,7 +105,12 @@ def _decode(where: str, data: bytes):
 
 
 class StdlibSource(Source):
-    """One document per standard-library ``.py`` file (see :mod:`glm5_jax.data.corpus`)."""
+    """One document per standard-library ``.py`` file (see :mod:`glm5_jax.data.corpus`).
+
+    The few files that are not UTF-8 (the test suite's files in legacy encodings, such as
+    ``module_koi8_r.py``) stay in the list, since the shuffle (so the batches) depends on its length, but read
+    as no document (None): skipped without a warning, as they are part of the corpus, not bad input.
+    """
 
     kind = "stdlib"
 
@@ -117,9 +125,11 @@ class StdlibSource(Source):
         path = self.files[index]
         try:
             with open(path, "rb") as f:
-                return _decode(path, f.read())
+                data = f.read()
         except OSError as e:
             return Bad(path, f"cannot read ({e.strerror})")
+        record = _decode(path, data)
+        return None if isinstance(record, Bad) else record
 
 
 class JsonlSource(Source):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -17,7 +18,7 @@ from glm5_jax.checkpoint import command as checkpoint
 from glm5_jax.checkpoint.outputs import remove_in_progress
 from glm5_jax.convert import command as convert
 from glm5_jax.data import command as data
-from glm5_jax.errors import Glm5Error
+from glm5_jax.errors import ConfigError, Glm5Error
 from glm5_jax.generate import command as generate
 from glm5_jax.launch import command as launch
 from glm5_jax.plan import command as plan
@@ -28,8 +29,17 @@ from glm5_jax.train import command as train
 COMMANDS = (convert, checkpoint, data, plan, bench, train, generate, launch)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a missing or unknown option, a value of the wrong type) are one `glm5: error:`
+    line like every other (a ConfigError, exit status 2), not a usage block; subcommands' parsers are its kind."""
+
+    def error(self, message: str):
+        message = re.sub(r"^argument ([^:]+): ", r"\1: ", message)
+        raise ConfigError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="glm5", description="GLM-5 training stack in JAX/Flax.")
+    p = _Parser(prog="glm5", description="GLM-5 training stack in JAX/Flax.")
     p.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
@@ -82,7 +92,11 @@ def _run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except Glm5Error as e:
+        print(f"glm5: {e.kind}: {e}", file=sys.stderr)
+        return e.exit_status
     args.argv = list(sys.argv[1:] if argv is None else argv)  # (`glm5 plan` may re-execute itself with them)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:

@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from glm5_jax.errors import ConfigError
-from glm5_jax.values import apply_overrides, build, choice, fail, read_json, read_yaml_mapping
+from glm5_jax.values import apply_overrides, build, choice, fail, is_number, read_json, read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,9 @@ class ModelConfig:
             self.indexer_types = ["full"] * self.num_hidden_layers
         self.mlp_layer_types = list(self.mlp_layer_types)
         self.indexer_types = list(self.indexer_types)
+        if not isinstance(self.rope_parameters, dict):
+            fail("rope_parameters", f"must be a mapping like {{rope_type: default, rope_theta: 1000000.0}}; "
+                                    f"got {self.rope_parameters!r}")
         self.rope_parameters = dict(self.rope_parameters)
 
     # ----- derived sizes -----
@@ -145,6 +148,9 @@ def _validate(cfg: ModelConfig):
         "num_experts_per_tok", "max_position_embeddings", "index_topk", "index_head_dim", "index_n_heads",
         "mtp_depths", "attention_query_block", "logits_block", "expert_tile", "qat_group_size",
     )
+    for f in dataclasses.fields(cfg):  # every float setting is a finite number (NaN, inf or text is nonsense)
+        if f.type in ("float", float) and not is_number(getattr(cfg, f.name)):
+            fail(f.name, f"must be a finite number; got {getattr(cfg, f.name)!r}")
     if cfg.num_key_value_heads != cfg.num_attention_heads:
         fail("num_key_value_heads", f"MLA needs one KV head per query head ({cfg.num_attention_heads}); "
               f"got {cfg.num_key_value_heads}")
@@ -190,11 +196,11 @@ def _validate(cfg: ModelConfig):
     rope = cfg.rope_parameters
     choice("rope_parameters.rope_type", rope.get("rope_type", "default"), ROPE_TYPES)
     theta = rope.get("rope_theta")
-    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+    if not is_number(theta) or theta <= 0:
         fail("rope_parameters.rope_theta", f"must be a positive number; got {theta!r}")
     if rope.get("rope_type", "default") == "linear":
         factor = rope.get("factor")
-        if not isinstance(factor, (int, float)) or factor < 1:
+        if not is_number(factor) or factor < 1:
             fail("rope_parameters.factor", f"linear scaling needs a factor >= 1; got {factor!r}")
     if not 0 <= cfg.attention_dropout < 1:
         fail("attention_dropout", f"must be in [0, 1); got {cfg.attention_dropout}")

@@ -25,9 +25,14 @@ def read_ids(path: str, what: str, shape: tuple | None = None, one_row: bool = F
         # np.load reads a non-.npy file as a pickle, then refuses it: "pickled (object) data", "Failed to interpret".
         why = "" if "pickle" in str(e) else f" ({str(e).splitlines()[0][:120]})"
         raise InputError(f"{what} {path}: not a .npy file{why}; save the ids with numpy.save") from None
-    if one_row and isinstance(array, np.ndarray) and array.ndim == 1:
+    if isinstance(array, np.lib.npyio.NpzFile):
+        names = ", ".join(array.files)
+        array.close()
+        raise InputError(f"{what} {path}: a .npz archive (of {names or 'no arrays'}), not a .npy file; save the "
+                         "ids array alone with numpy.save")
+    if one_row and array.ndim == 1:
         array = array[None]
-    if not isinstance(array, np.ndarray) or array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
         raise InputError(f"{what} {path}: need a {'1-D or ' if one_row else ''}2-D integer array [batch, seq]; "
                          f"got {array.dtype} {array.shape}")
     if array.size == 0:

@@ -39,6 +39,16 @@ def positive_int(key: str, v, allow_none: bool = False):
         fail(key, f"must be a positive integer{' or null' if allow_none else ''}; got {v!r}")
 
 
+def directory(key: str, v, allow_none: bool = False):
+    """A directory path the run creates or reuses: a non-empty string, not the path of an existing file."""
+    if v is None and allow_none:
+        return
+    if not isinstance(v, str) or not v:
+        fail(key, f"must be a directory path{' or null' if allow_none else ''}; got {v!r}")
+    if os.path.exists(v) and not os.path.isdir(v):
+        fail(key, f"{v} is a file, not a directory")
+
+
 def boolean(key: str, v):
     if not isinstance(v, bool):
         fail(key, f"must be true or false; got {v!r}")
@@ -218,14 +228,21 @@ _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def read_json(path: str) -> dict:
+    """The JSON object (a mapping) of a config file such as an HF config.json."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: must hold a JSON object of keys and values; got a {type(values).__name__}")
+    return values
 
 
 def key_values(parser, flag: str, help: str):

@@ -40,6 +40,11 @@ BREAKAGES = {
                    "model_type: only 'glm_moe_dsa' (GLM-5) is supported; got 'deepseek_v3'"),
     "bad-config-value": (lambda p: edit_config(p, index_topk=0), "index_topk: must be a positive integer, got 0"),
     "no-weights": (lambda p: os.remove(os.path.join(p, "model.safetensors")), "neither model.safetensors nor"),
+    "int-tensor": (lambda p: edit_tensors(p, lambda t: t.update({"model.norm.weight":
+                                                                 t["model.norm.weight"].astype("int32")})),
+                   "tensor model.norm.weight has dtype I32; a parameter must be floating point"),
+    "config-list": (lambda p: open(os.path.join(p, "config.json"), "w").write("[1, 2]"),
+                    "config.json: must hold a JSON object of keys and values; got a list"),
 }
 
 

@@ -241,9 +241,8 @@ def test_bad_template_and_tokens_are_one_line(tmp_path, hf_folder):
     hf = {"kind": "hf", "path": str(hf_folder / "tokenizer.json"), "eos_token": "<|endoftext|>"}
     template = tmp_path / "t.jinja"
     template.write_text("{{ raise_exception('no ' + messages[0].role) }}")
-    it = bad_pipeline(tmp_path, [qa(0)], template=str(template), tokenizer=hf).iterator()
-    with pytest.raises(DataError, match=r"bad.jsonl:1: the chat template failed to render: no user"):
-        next(it)
+    with pytest.raises(DataError, match=r"no usable record .*bad.jsonl:1: the chat template failed to render: no user"):
+        bad_pipeline(tmp_path, [qa(0)], template=str(template), tokenizer=hf)
     template.write_text("{% for m in messages %}")
     with pytest.raises(ConfigError, match=r"t.jinja: not a valid Jinja template \(line 1"):
         bad_pipeline(tmp_path, [qa(0)], template=str(template), tokenizer=hf)

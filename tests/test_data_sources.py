@@ -146,8 +146,9 @@ def test_bad_input_skipped_with_location(tmp_path, caplog, case):
 
 
 def test_source_without_records(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match="source src: no records"):
-        DataPipeline(config({"kind": "jsonl", "paths": [str(tmp_path / "none*.jsonl")]}), 0, 1)
+        DataPipeline(config({"kind": "jsonl", "paths": [str(tmp_path / "empty.jsonl")]}), 0, 1)
 
 
 @pytest.mark.parametrize("values,message", [

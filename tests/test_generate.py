@@ -271,8 +271,9 @@ def test_generate_cli_writes_sequences(tiny_ckpt, tmp_path, capsys):
     capsys.readouterr()
     assert run_cli("generate", "--checkpoint", tiny_ckpt, "--prompt-ids", tmp_path / "ids.npy",
                    "--max-new-tokens", 8, "--speculative", "mtp", "--output", tmp_path / "out.npy") == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "tokens/s" in out and "mean acceptance length" in out
+    assert "compiling the prefill and decode steps for 2 rows x 28 slots, then generating" in err, err
     seqs = np.load(tmp_path / "out.npy")
     assert seqs.dtype == np.int32 and seqs.shape[0] == 2
     assert seqs[0, :20].tolist() == list(range(3, 23)) and seqs[1, :7].tolist() == list(range(40, 47))

@@ -109,7 +109,7 @@ def test_loss_config_validation():
     assert LS.loss_config_from_dict({"dsa": "warmup", "z_loss": 1}).z_loss == 1.0
     with pytest.raises(ConfigError, match=r"^loss.dsa: must be one of sparse, warmup, sparse_adapt; got 'dense'"):
         LS.loss_config_from_dict({"dsa": "dense"}, prefix="loss.")
-    with pytest.raises(ConfigError, match=r"^mtp_weight: must be a number >= 0; got -0.1"):
+    with pytest.raises(ConfigError, match=r"^mtp_weight: must be a finite number >= 0; got -0.1"):
         LS.loss_config_from_dict({"mtp_weight": -0.1})
     with pytest.raises(ConfigError, match=r"^z_los: unknown loss config key \(did you mean 'z_loss'\?\)"):
         LS.loss_config_from_dict({"z_los": 0.1})

@@ -118,10 +118,11 @@ def test_more_devices_than_this_process_has_runs_in_a_child(capfd):
 
 
 def test_device_memory_sizes():
-    assert plan_devices.parse_bytes("80GB") == 80 * 10**9 and plan_devices.parse_bytes("80GiB") == 80 * 2**30
-    assert plan_devices.parse_bytes("1.5TB") == 1.5e12 and plan_devices.parse_bytes("512") == 512
+    size = lambda text: plan_devices.parse_bytes(text, "--device-memory")
+    assert size("80GB") == 80 * 10**9 and size("80GiB") == 80 * 2**30
+    assert size("1.5TB") == 1.5e12 and size("512") == 512
     with pytest.raises(config.ConfigError, match="^--device-memory: "):
-        plan_devices.parse_bytes("lots")
+        size("lots")
 
 
 def test_tpu_product_names_map_to_topologies():

@@ -57,7 +57,7 @@ def planned(tmp_path_factory):
     import jax
 
     recipe = recipe_lib.load(_recipe(tmp_path_factory.mktemp("recipe")))
-    rows = plan_recipe(recipe, "all", jax.devices()[:8], parse_target("cpu"), parse_bytes("80GB"))
+    rows = plan_recipe(recipe, "all", jax.devices()[:8], parse_target("cpu"), parse_bytes("80GB", "--device-memory"))
     return rows, _text(stage_table(rows))
 
 

@@ -37,7 +37,7 @@ def check(args) -> dict:
                                ("--data-batches", args.data_batches, 1)):
         if value < least:
             raise ConfigError(f"{flag}: must be an integer >= {least}; got {value}")
-    disk = parse_bytes(args.disk_bytes)
+    disk = parse_bytes(args.disk_bytes, "--disk-bytes")
     if disk < 1 << 20:
         raise ConfigError(f"--disk-bytes: must be at least 1MiB; got {args.disk_bytes}")
     directions = _listed("--convert-directions", args.convert_directions, DIRECTIONS)

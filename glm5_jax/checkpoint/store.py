@@ -153,6 +153,9 @@ class CheckpointReader:
             raise CheckpointError(f"{directory}: no such checkpoint directory")
         steps = ocp.utils.checkpoint_steps(directory)
         committed = sorted(s for s in steps if ocp.utils.is_checkpoint_finalized(os.path.join(directory, str(s))))
+        if not committed and os.path.isfile(os.path.join(directory, "config.json")):
+            raise CheckpointError(f"{directory}: a Hugging Face model directory, not an Orbax checkpoint; convert it "
+                                  f"first: glm5 convert hf-to-orbax --hf-dir {directory} --out CKPT, then pass CKPT")
         if not committed:
             raise CheckpointError(f"{directory}: holds no committed checkpoint step")
         if step is None:

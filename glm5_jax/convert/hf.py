@@ -32,6 +32,7 @@ SINGLE_FILE = "model.safetensors"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 _ST_DTYPE = {np.dtype(np.float32): "F32", np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float16): "F16",
              np.dtype(np.int32): "I32", np.dtype(np.int64): "I64"}
+_FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")
 # Tensors that transformers keeps in float32 whatever the checkpoint dtype.
 FLOAT32_TENSORS = re.compile(r".*(\.mlp\.gate\.e_score_correction_bias|\.indexer\.weights_proj\.weight)$")
 
@@ -63,12 +64,14 @@ class HFDirectory:
             raise ConversionError(f"{self.path}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
         self.file_of: dict[str, str] = {}
         self.shape_of: dict[str, tuple[int, ...]] = {}
+        self.dtype_of: dict[str, str] = {}  # safetensors dtype names: F32, BF16, I64, ...
         for name in files:
             try:
                 with safe_open(os.path.join(self.path, name), framework="np") as f:
                     for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                         self.file_of[key] = name
                         self.shape_of[key] = tuple(f.get_slice(key).get_shape())
+                        self.dtype_of[key] = f.get_slice(key).get_dtype()
             except Exception as e:  # safetensors raises several types for missing or corrupt files
                 raise ConversionError(f"{os.path.join(self.path, name)}: unreadable safetensors file ({e})") from None
         self._open: tuple[str, object] | None = None  # one file open at a time keeps mapped pages few
@@ -90,8 +93,8 @@ class HFDirectory:
         return self._open[1].get_tensor(name)
 
 
-def _checked_entries(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
-    """Entries for cfg, after checking the HF tensors match them exactly (names and shapes)."""
+def _checked_entries(cfg, shapes: dict[str, tuple], dtypes: dict[str, str], leaves) -> list[Entry]:
+    """Entries for cfg, after checking the HF tensors match them exactly (names, shapes, floating dtypes)."""
     entries = hf_entries(cfg)
     expected = {e.hf for e in entries}
     unexpected = sorted(set(shapes) - expected)
@@ -106,6 +109,9 @@ def _checked_entries(cfg, shapes: dict[str, tuple], leaves) -> list[Entry]:
         if tuple(shapes[e.hf]) != want:
             raise ConversionError(f"tensor {e.hf} has shape {list(shapes[e.hf])}, but config.json implies "
                                   f"{list(want)}")
+        if dtypes[e.hf] not in _FLOAT_DTYPES:
+            raise ConversionError(f"tensor {e.hf} has dtype {dtypes[e.hf]}; a parameter must be floating point "
+                                  f"({', '.join(_FLOAT_DTYPES)})")
     return entries
 
 
@@ -118,7 +124,7 @@ def hf_to_orbax(hf_dir: str, out: str, *, overrides=(), overwrite: bool = False,
     hf = HFDirectory(hf_dir)
     cfg = config_lib.from_dict(apply_overrides(hf.config.to_dict(), overrides))
     leaves = abstract_leaves(cfg)
-    entries = _checked_entries(cfg, hf.shape_of, leaves)
+    entries = _checked_entries(cfg, hf.shape_of, hf.dtype_of, leaves)
     by_leaf: dict[str, list[Entry]] = defaultdict(list)
     for e in entries:
         by_leaf[e.path].append(e)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from glm5_jax.errors import ConfigError, InputError
 from glm5_jax.values import key_values
@@ -57,9 +58,19 @@ def _unpadded(row) -> int:
     return int(real[-1]) + 1 if len(real) else 0
 
 
+def check_text(prompts) -> None:
+    """Each --prompt must be UTF-8 text: bytes the locale could not decode arrive as lone surrogates."""
+    for i, text in enumerate(prompts or ()):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InputError(f"--prompt: prompt {i} is not valid UTF-8 text (at character {e.start})") from None
+
+
 def run(args):
     from glm5_jax.checkpoint.store import CheckpointReader
 
+    check_text(args.prompt)
     cfg = CheckpointReader(args.checkpoint, args.step).config
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be a positive integer; got {args.max_new_tokens}")
@@ -98,6 +109,8 @@ def run(args):
         check_layout(cfg, par, len(prompts), None, "--layout")
     model, _ = load_model(args.checkpoint, args.step, overrides=args.override)
     gen = Generator(model, sampling, speculative_mtp=args.speculative == "mtp", par=par)
+    print(f"compiling the prefill and decode steps for {len(prompts)} rows x {max_length} slots, then generating "
+          "(the compile takes 10-60 s)", file=sys.stderr, flush=True)
     result = gen.generate(prompts, args.max_new_tokens, max_length)
     for i, s in enumerate(result.sequences):
         shown = tokenizer.decode(s) if tokenizer is not None else " ".join(map(str, s.tolist()))

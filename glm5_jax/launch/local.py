@@ -58,6 +58,8 @@ def launch_local(command: list[str], processes: int, devices: int, port: int | N
         raise ConfigError(f"--processes: must be a positive integer; got {processes}")
     if devices < 1:
         raise ConfigError(f"--devices-per-process: must be a positive integer; got {devices}")
+    if port is not None and not 1 <= port <= 65535:
+        raise ConfigError(f"--port: must be a TCP port, 1 to 65535; got {port}")
     if stop_after <= 0:
         raise ConfigError(f"--stop-after: must be a positive number of seconds; got {stop_after}")
     command = command[1:] if command[:1] == ["--"] else command

@@ -37,8 +37,9 @@ TARGET_FORMS = ("cpu", "tpu:v5p-N (N TensorCores, 2 per chip)", "tpu:v5e-N / tpu
 TPU_ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
-def parse_bytes(text: str, key: str = "--device-memory") -> int:
-    """`80GB` -> 80e9, `80GiB` -> 80 * 2**30, `512MB`, `1.5TB`, a bare number of bytes."""
+def parse_bytes(text: str, key: str) -> int:
+    """`80GB` -> 80e9, `80GiB` -> 80 * 2**30, `512MB`, `1.5TB`, a bare number of bytes; `key` (the flag) names
+    it in errors."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(text), re.IGNORECASE)
     if not m:
         raise ConfigError(f"{key}: expected a size such as 80GB, 80GiB or 512MB; got {text!r}")
@@ -135,7 +136,7 @@ def tpu_devices(target: Target) -> list:
 def device_memory(devices, target: Target, given: str | None) -> int | None:
     """Bytes of one device: `--device-memory` on CPU (default 80GB); the TPU kind's HBM (`TPU_MEMORY`)."""
     if not target.is_tpu:
-        return parse_bytes("80GB" if given is None else given)
+        return parse_bytes("80GB" if given is None else given, "--device-memory")
     if given is not None:
         raise ConfigError("--device-memory: only for --target cpu (on a TPU target the compiler knows the HBM)")
     return TPU_MEMORY.get(devices[0].device_kind)

@@ -228,7 +228,7 @@ def run(model: str, overrides=(), layout: str | None = None, layout_overrides=()
     layout_cfg = load_layout(layout, list(layout_overrides))
     opt_cfg = unit_rate_optimizer(apply_overrides({}, list(opt_overrides)))  # as `glm5 train` runs it
     loss_cfg = losses.loss_config_from_dict(apply_overrides({}, list(loss_overrides)), "--loss ")
-    limit = parse_bytes(device_memory) if isinstance(device_memory, str) else device_memory
+    limit = parse_bytes(device_memory, "--device-memory") if isinstance(device_memory, str) else device_memory
     device_list = list(device_list if device_list is not None else jax.devices("cpu")[:devices or None])
     par = Parallelism.create(layout_cfg, device_list)
     if global_batch is None:

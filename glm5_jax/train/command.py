@@ -69,8 +69,8 @@ def register(sub):
                     help="recipe overrides, e.g. max_steps=40 stages.0.steps=100 optimizer.weight_decay=0.1")
     tr.set_defaults(run=run_train)
     ev = sub.add_parser("eval", help="loss and perplexity of a checkpoint on a data config's stage")
-    ev.add_argument("--checkpoint", required=True, help="checkpoint directory (a run's checkpoints/ or a converted "
-                    "HF model)")
+    ev.add_argument("--checkpoint", required=True, help="checkpoint directory: a run's checkpoints/, or an HF model "
+                    "converted with glm5 convert hf-to-orbax")
     ev.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     ev.add_argument("--data", required=True, help="data preset name or YAML file")
     ev.add_argument("--stage", default=None, help="data stage (default: the first): its seq_len and rows per step")

@@ -17,7 +17,7 @@ from flax import nnx
 from glm5_jax.errors import ConfigError
 from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.mla import DSA_MODES
-from glm5_jax.values import check_keys
+from glm5_jax.values import check_keys, is_number
 
 
 @dataclasses.dataclass
@@ -36,8 +36,8 @@ class LossConfig:
             if f.name == "dsa":
                 if value not in DSA_MODES:
                     raise ConfigError(f"{prefix}dsa: must be one of {', '.join(DSA_MODES)}; got {value!r}")
-            elif isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-                raise ConfigError(f"{prefix}{f.name}: must be a number >= 0; got {value!r}")
+            elif not is_number(value) or value < 0:
+                raise ConfigError(f"{prefix}{f.name}: must be a finite number >= 0; got {value!r}")
         return self
 
 

@@ -17,6 +17,7 @@ from glm5_jax.values import (
     apply_overrides,
     boolean,
     build,
+    directory,
     is_int,
     is_number,
     positive_int,
@@ -158,10 +159,8 @@ def validate(r: Recipe) -> Recipe:
     positive_int("max_nonfinite_in_a_row", r.max_nonfinite_in_a_row)
     if not is_int(r.seed):
         raise ConfigError(f"seed: must be an integer; got {r.seed!r}")
-    if r.compilation_cache is not None and not isinstance(r.compilation_cache, str):
-        raise ConfigError(f"compilation_cache: must be a directory path or null; got {r.compilation_cache!r}")
-    if not isinstance(r.run_dir, str) or not r.run_dir:
-        raise ConfigError(f"run_dir: must be a directory path; got {r.run_dir!r}")
+    directory("compilation_cache", r.compilation_cache, allow_none=True)
+    directory("run_dir", r.run_dir)
     c = r.checkpoint
     positive_int("checkpoint.interval_steps", c.interval_steps, allow_none=True)
     positive_int("checkpoint.max_to_keep", c.max_to_keep, allow_none=True)

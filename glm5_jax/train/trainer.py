@@ -161,6 +161,8 @@ class Reporter:
                             "lr": lr, "tokens": int(m["tokens"]), "rows": rows, "tokens_per_s": tokens / dt,
                             "mfu": flops / dt / (self.peak * self.devices), "step_time": dt,
                             "skipped": c["skipped_total"],
+                            # The first step this process trained after restoring a checkpoint (plots mark it).
+                            **({"resumed_from": step - 1} if step == self.first_step and step > 1 else {}),
                             **{k: float(m[k]) for k in objective.metric_names + objective.step_metric_names
                                if k in m}})
             self.losses[step] = loss
