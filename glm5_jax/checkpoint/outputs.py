@@ -1,5 +1,10 @@
 """Outputs written whole or not at all: a temporary name while they are written, the final name at the end.
 
+Every command checks its outputs before the work starts (`check_output`: the parent folder exists and is
+writable on a file system that is neither read-only nor full, and a file does not go where a folder is); a write
+that fails midway (disk full) ends in one `OutputError` line naming the path and the cause (`writing`), and the
+temporary output is removed.
+
 Every temporary name is registered while it is written, so a command stopped by a signal before it can
 unwind removes them (`remove_in_progress`). This module imports no JAX: the command line calls it while it
 stops, whatever the command had imported.
@@ -8,10 +13,11 @@ stops, whatever the command had imported.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 
-from glm5_jax.errors import CheckpointError
+from glm5_jax.errors import CheckpointError, Glm5Error, OutputError
 
 _in_progress: set[str] = set()  # temporary outputs being written, for a command stopped by a signal
 
@@ -35,22 +41,80 @@ def remove_in_progress():
             os.remove(path)
 
 
+# The causes a write can fail with that the user must fix, as the OS words them (and Orbax / TensorStore quote).
+_CAUSES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO)
+
+
+def check_output(path: str, flag: str, directory: bool = False, inside: bool = False) -> str:
+    """The absolute `path` of an output (`flag` names it in errors), checked before any work: its parent folder
+    exists, is writable and not on a read-only or full file system; a file output is not a folder (a folder
+    output not a file). `inside`: a folder written into and made when missing (a run directory): the folder
+    itself, or its nearest existing ancestor, is checked."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    where = f"{flag} {path}" if flag else path
+    if inside:
+        parent = path
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent):
+            raise OutputError(f"{where}: {parent} is not a directory")
+    elif not os.path.isdir(parent):
+        raise OutputError(f"{where}: folder {parent} does not exist")
+    if directory and os.path.exists(path) and not os.path.isdir(path):
+        raise OutputError(f"{where}: exists and is not a directory")
+    if not directory and os.path.isdir(path):
+        raise OutputError(f"{where}: is a directory; name a file")
+    fs = os.statvfs(parent)
+    if fs.f_flag & os.ST_RDONLY:
+        raise OutputError(f"{where}: folder {parent} is on a read-only file system")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{where}: folder {parent} is not writable")
+    if fs.f_bavail == 0:
+        raise OutputError(f"{where}: no space left on device (folder {parent})")
+    return path
+
+
+def write_cause(exc: BaseException) -> str | None:
+    """The OS-level cause of a failed write ('no space left on device'), also when a library quotes it inside
+    its own exception; None for any other failure (a bug, which keeps its traceback)."""
+    if isinstance(exc, OSError) and exc.errno in _CAUSES:
+        return os.strerror(exc.errno).lower()
+    text = str(exc)
+    for code in _CAUSES:
+        if os.strerror(code) in text:
+            return os.strerror(code).lower()
+    return None
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out: str, overwrite: bool = False):
+def writing(path: str, what: str = "while writing"):
+    """A write failure in the block from a cause the user can fix becomes one `OutputError` naming `path`."""
+    try:
+        yield
+    except Glm5Error:
+        raise
+    except Exception as e:
+        cause = write_cause(e)
+        if cause is None:
+            raise
+        raise OutputError(f"{path}: {cause} {what}") from None
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str, overwrite: bool = False, flag: str = "--out"):
     """Yield a temporary directory beside `out` that becomes `out` only when the block succeeds."""
-    out = os.path.abspath(out)
+    out = check_output(out, flag, directory=True)
     if os.path.exists(out) and not overwrite:
         raise CheckpointError(f"{out}: already exists (pass --overwrite to replace it)")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise CheckpointError(f"{out}: exists and is not a directory")
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(out)}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with in_progress(tmp):
-        os.makedirs(tmp)
         try:
-            yield tmp
+            with writing(out):
+                os.makedirs(tmp)
+                yield tmp
             old = f"{tmp}-replaced"
             if os.path.exists(out):
                 os.replace(out, old)  # the old output stays whole until the new one has its name
@@ -60,15 +124,26 @@ def atomic_output_dir(out: str, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_npy(path: str, array):
-    """Save `array` as the .npy file `path`, which holds the old file or the new one, never a part."""
-    import numpy as np
-
-    tmp = f"{path}.tmp-{os.getpid()}.npy"
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """Yield a temporary name beside the file `path` (with its extension) that becomes `path` only when the
+    block succeeds: `path` holds the old file or the new one, never a part."""
+    path = os.path.abspath(path)
+    stem, ext = os.path.splitext(os.path.basename(path))
+    tmp = os.path.join(os.path.dirname(path), f".{stem}.tmp-{os.getpid()}{ext}")
     with in_progress(tmp):
         try:
-            np.save(tmp, array)
-            os.replace(tmp, path)
+            with writing(path):
+                yield tmp
+                os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+
+def write_npy(path: str, array):
+    """Save `array` as the .npy file `path` (see `atomic_file`)."""
+    import numpy as np
+
+    with atomic_file(path) as tmp:
+        np.save(tmp, array)
