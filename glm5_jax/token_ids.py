@@ -39,8 +39,8 @@ def read_ids(path: str, what: str, shape: tuple | None = None, one_row: bool = F
     low, high = int(array.min()), int(array.max())  # (Python ints: exact for every integer dtype)
     bounds = np.iinfo(np.int32)
     if low < bounds.min or high > bounds.max:
-        raise InputError(f"{what} {path}: values [{low}, {high}] of type {array.dtype} do not fit int32; ids and "
-                         f"positions lie in [{0 if minimum is None else minimum}, {bounds.max}]")
+        raise InputError(f"{what} {path}: values [{low}, {high}] ({array.dtype}) lie outside int32, the type of "
+                         "token ids and positions")
     if minimum is not None and low < minimum:
         raise InputError(f"{what} {path}: values must be >= {minimum}; got {low}")
     return array.astype(np.int32)

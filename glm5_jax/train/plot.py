@@ -27,10 +27,10 @@ def plot(run_dir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = check_output(out or os.path.join(run_dir, "curves.png"), "--out")
     records = read_records(run_dir)
     if not records:
         raise ConfigError(f"{run_dir}: metrics.jsonl holds no records yet")
-    out = check_output(out or os.path.join(run_dir, "curves.png"), "--out")
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, label in (("loss", "loss"), ("lm", "LM"), ("mtp", "MTP"), ("indexer_kl", "indexer KL")):
