@@ -174,7 +174,7 @@ def test_full_disk_and_misplaced_outputs(ckpt, mount, tmp_path, capsys):
     np.save(ids, np.ones((1, 4), np.int32))
     assert run_cli("forward", "--checkpoint", ckpt, "--input-ids", ids, "--output", tmp_path) == 2
     assert f"--output {tmp_path}: is a directory; name a file" in one_error_line(capsys)
-    assert os.listdir(full) == ["filler"] and os.listdir(tmp_path) == ["ids.npy", "mnt"]
+    assert os.listdir(full) == ["filler"] and sorted(os.listdir(tmp_path)) == ["ids.npy", "mnt"]
 
 
 def test_disk_fills_midway(ckpt, mount, tmp_path, capsys):

@@ -128,7 +128,7 @@ class CheckpointManager:
         except Glm5Error:
             raise
         except Exception as e:
-            cause = write_cause(e)
+            cause = write_cause(e, self.directory)
             if cause is None:
                 raise
             self._in_flight = None

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import shutil
+import sys
 
 from glm5_jax.errors import CheckpointError, Glm5Error, OutputError
 
@@ -75,16 +77,50 @@ def check_output(path: str, flag: str, directory: bool = False, inside: bool = F
     return path
 
 
-def write_cause(exc: BaseException) -> str | None:
-    """The OS-level cause of a failed write ('no space left on device'), also when a library quotes it inside
-    its own exception; None for any other failure (a bug, which keeps its traceback)."""
+def write_cause(exc: BaseException, path: str) -> str | None:
+    """The OS-level cause of a failed write to `path` ('no space left on device'), also when a library quotes it
+    inside its own exception or only says it wrote less (then a full file system is the cause); None for any
+    other failure (a bug, which keeps its traceback)."""
     if isinstance(exc, OSError) and exc.errno in _CAUSES:
         return os.strerror(exc.errno).lower()
     text = str(exc)
     for code in _CAUSES:
         if os.strerror(code) in text:
             return os.strerror(code).lower()
+    folder = os.path.abspath(path)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if isinstance(exc, OSError) and os.statvfs(folder).f_bavail == 0:  # NumPy: "N requested and M written"
+        return os.strerror(errno.ENOSPC).lower()
     return None
+
+
+class _QuietWriteFailures(logging.Filter):
+    """Drops the log records of a failed write whose cause `writing` reports in its one line (Orbax logs each
+    failed array from its background threads; asyncio, each task whose failure nobody awaited)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return not any(os.strerror(code) in text for code in _CAUSES)
+
+
+def quiet_write_failures():
+    """Leave the report of a failed write to its one line (the command line calls this unless --verbose): no log
+    record quoting its cause, and none of the tracebacks TensorStore's callbacks print when the event loop of
+    Orbax's failed save has closed under them."""
+    for name in ("absl", "asyncio"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietWriteFailures) for f in logger.filters):
+            logger.addFilter(_QuietWriteFailures())
+    if not getattr(sys.unraisablehook, "quiet_write_failures", False):
+        previous = sys.unraisablehook
+
+        def hook(unraisable):
+            if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+                previous(unraisable)
+
+        hook.quiet_write_failures = True
+        sys.unraisablehook = hook
 
 
 @contextlib.contextmanager
@@ -95,7 +131,7 @@ def writing(path: str, what: str = "while writing"):
     except Glm5Error:
         raise
     except Exception as e:
-        cause = write_cause(e)
+        cause = write_cause(e, path)
         if cause is None:
             raise
         raise OutputError(f"{path}: {cause} {what}") from None
