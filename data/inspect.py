@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from glm5_jax.checkpoint.outputs import atomic_file, check_output
 from glm5_jax.errors import InputError
 
 from . import config as data_config
@@ -107,11 +108,9 @@ def check_out(write_rows: int, out: str | None) -> None:
         raise InputError("--write-rows and --out go together: --write-rows N --out FILE.npz")
     if out is None:
         return
-    folder = os.path.dirname(os.path.abspath(out))
     if not out.endswith(".npz") or os.path.isdir(out):
         raise InputError(f"--out: {out}: must be a file name ending in .npz")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise InputError(f"--out: {out}: the folder {folder} does not exist or is not writable")
+    check_output(out, "--out")
 
 
 def write_rows_npz(it, first: dict, n: int, out: str) -> None:
@@ -122,7 +121,8 @@ def write_rows_npz(it, first: dict, n: int, out: str) -> None:
         batches.append(next(it))
     rows = {k: np.concatenate([b[k] for b in batches])[:n] for k in ("input_ids", "targets", "positions",
                                                                        "segment_ids")}
-    np.savez(out, **rows, loss_mask=rows["targets"] != IGNORE)
+    with atomic_file(out) as tmp:
+        np.savez(tmp, **rows, loss_mask=rows["targets"] != IGNORE)
 
 
 def inspect(config: str, rows: int = 4, stage: str | None = None, batches: int = 20, chars: int = 400,

@@ -15,7 +15,7 @@ import threading
 
 from glm5_jax.bench import command as bench
 from glm5_jax.checkpoint import command as checkpoint
-from glm5_jax.checkpoint.outputs import remove_in_progress
+from glm5_jax.checkpoint.outputs import quiet_write_failures, remove_in_progress
 from glm5_jax.convert import command as convert
 from glm5_jax.data import command as data
 from glm5_jax.errors import ConfigError, Glm5Error
@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     if not args.verbose:
         logging.getLogger("absl").setLevel(logging.ERROR)
+        quiet_write_failures()
     # `glm5 train` stops at a step boundary and checkpoints (its own handlers); every other command stops at
     # once, exit status 128 + signal number, and leaves no partial output.
     if args.command == "train" or threading.current_thread() is not threading.main_thread():

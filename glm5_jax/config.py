@@ -225,6 +225,11 @@ def from_dict(values: dict) -> ModelConfig:
 
 
 
+# A model YAML states its sizes: these keys, or a `preset:` it starts from (the defaults are the 744B model).
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
+             "num_attention_heads", "n_routed_experts")
+
+
 def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfig:
     """Load a model config from a preset name, a YAML file, or an HF ``config.json``, then apply overrides."""
     if os.path.isdir(source):
@@ -232,9 +237,25 @@ def load(source: str, overrides: list[str] | tuple[str, ...] = ()) -> ModelConfi
     if source.endswith(".json"):
         values = hf_to_dict(read_json(source))
     else:
-        values = read_yaml_mapping(source, "models", "model")
-        values = values.get("model", values)
+        values = read_model_yaml(source)
     return from_dict(apply_overrides(values, overrides))
+
+
+def read_model_yaml(source: str, seen: tuple[str, ...] = ()) -> dict:
+    """A model YAML's values: its `preset:` (a preset name or YAML file) overlaid with its own keys, or every
+    size key (SIZE_KEYS) given; an empty or size-less file is an error, never the 744B defaults."""
+    values = read_yaml_mapping(source, "models", "model")
+    values = dict(values.get("model", values))
+    preset = values.pop("preset", None)
+    if preset is not None:
+        if not isinstance(preset, str) or preset in seen:
+            raise ConfigError(f"{source}: preset: must name another model preset or YAML file; got {preset!r}")
+        return {**read_model_yaml(preset, (*seen, source)), **values}
+    missing = [k for k in SIZE_KEYS if k not in values]
+    if missing:
+        raise ConfigError(f"{source}: a model file names the preset it starts from (preset: tiny, say) or sets "
+                          f"its sizes; missing {', '.join(missing)}")
+    return values
 
 
 

@@ -37,6 +37,20 @@ class CheckpointReadError(CheckpointError):
     """No step of a run's checkpoint directory could be restored."""
 
 
+class OutputError(Glm5Error, RuntimeError):
+    """An output that cannot be written (no parent folder, a folder where a file goes, a read-only or full file
+    system): names the path and the cause; nothing partial is left."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A training checkpoint save that failed (disk full, read-only): the last committed step is intact and the
+    uncommitted one was removed."""
+
+
+class MemoryTooSmall(Glm5Error, RuntimeError):
+    """The state a command would materialise does not fit the memory it has: names both figures."""
+
+
 class ConversionError(Glm5Error, RuntimeError):
     """Input that cannot be converted between HF safetensors and Orbax: names the file or tensor."""
 

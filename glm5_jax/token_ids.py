@@ -10,9 +10,11 @@ import numpy as np
 from glm5_jax.errors import InputError
 
 
-def read_ids(path: str, what: str, shape: tuple | None = None, one_row: bool = False) -> np.ndarray:
+def read_ids(path: str, what: str, shape: tuple | None = None, one_row: bool = False,
+             minimum: int | None = None) -> np.ndarray:
     """The int32 array [batch, seq] saved at `path` (the flag `what` names it in errors); with `one_row` a
-    1-D array is one row; with `shape` the array must have it."""
+    1-D array is one row; with `shape` the array must have it; with `minimum` no value may lie below it.
+    The values are checked before the cast to int32: an id no int32 holds is refused, never wrapped around."""
     if os.path.isdir(path):
         raise InputError(f"{what} {path}: is a directory, not a .npy file")
     try:
@@ -39,4 +41,11 @@ def read_ids(path: str, what: str, shape: tuple | None = None, one_row: bool = F
         raise InputError(f"{what} {path}: is empty (shape {list(array.shape)}); need at least one token per row")
     if shape is not None and array.shape != shape:
         raise InputError(f"{what} {path}: shape {array.shape} differs from --input-ids {shape}")
+    low, high = int(array.min()), int(array.max())  # (Python ints: exact for every integer dtype)
+    bounds = np.iinfo(np.int32)
+    if low < bounds.min or high > bounds.max:
+        raise InputError(f"{what} {path}: values [{low}, {high}] ({array.dtype}) lie outside int32, the type of "
+                         "token ids and positions")
+    if minimum is not None and low < minimum:
+        raise InputError(f"{what} {path}: values must be >= {minimum}; got {low}")
     return array.astype(np.int32)

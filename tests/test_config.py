@@ -58,7 +58,7 @@ def test_invalid_values_raise_one_line(override, message):
 
 def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("hidden_size: 64\nnum_attention_heads: [4]\n")
+    bad.write_text("preset: tiny\nhidden_size: 64\nnum_attention_heads: [4]\n")
     code = run_cli("forward", "--checkpoint", tmp_path, "--input-ids", tmp_path / "x.npy", "--output", tmp_path / "y")
     assert code == 2 and capsys.readouterr().err.count("\n") == 1
     with pytest.raises(config.ConfigError, match="num_attention_heads: must be a positive integer"):

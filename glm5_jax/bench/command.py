@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 
+from glm5_jax.checkpoint.outputs import check_output
 from glm5_jax.errors import ConfigError
 
 PARTS = ("step", "data", "checkpoint", "convert")
@@ -45,8 +46,9 @@ def check(args) -> dict:
         raise ConfigError("--convert-directions: hf-to-orbax converts the orbax-to-hf output; list both")
     if args.work_dir is not None and not os.path.isdir(args.work_dir):
         raise ConfigError(f"--work-dir: {args.work_dir} is not a directory")
-    if args.json is not None and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise ConfigError(f"--json: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
+    check_output(args.work_dir or tempfile.gettempdir(), "--work-dir", directory=True, inside=True)
+    if args.json is not None:
+        check_output(args.json, "--json")
     return {"parts": _listed("--parts", args.parts, PARTS), "disk_bytes": disk, "directions": directions}
 
 

@@ -143,8 +143,8 @@ def write_json(result: dict, path: str):
     """The result document as JSON (non-finite numbers as null), written atomically."""
     clean = json.loads(json.dumps(result, default=str),
                        parse_constant=lambda c: None)  # NaN / Infinity -> null
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    from glm5_jax.checkpoint.outputs import atomic_file
+
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
         json.dump(clean, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)

@@ -3,8 +3,6 @@ logits for a batch of token ids): their options, checks and runs."""
 
 from __future__ import annotations
 
-import os
-
 from glm5_jax.errors import InputError
 from glm5_jax.values import key_values
 
@@ -14,10 +12,12 @@ def run_init(args):
 
     from glm5_jax import config
     from glm5_jax.checkpoint.outputs import atomic_output_dir
-    from glm5_jax.checkpoint.store import save_model
+    from glm5_jax.checkpoint.store import abstract_leaves, save_model
+    from glm5_jax.memory import check_fits
     from glm5_jax.model import GLM5
 
     cfg = config.load(args.config, args.override)
+    check_fits("init: the model's parameters", abstract_leaves(cfg))
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         save_model(GLM5(cfg, rngs=nnx.Rngs(args.seed)), cfg, tmp)
     print(f"wrote {args.out} (step 0): randomly initialised {args.config} model, seed {args.seed}")
@@ -28,18 +28,14 @@ def run_forward(args):
     import numpy as np
     from flax import nnx
 
-    from glm5_jax.checkpoint.outputs import write_npy
+    from glm5_jax.checkpoint.outputs import check_output, write_npy
     from glm5_jax.checkpoint.store import CheckpointReader, load_model
     from glm5_jax.token_ids import read_ids
 
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    if not os.path.isdir(out_dir):
-        raise InputError(f"--output {args.output}: folder {out_dir} does not exist")
-    if os.path.isdir(args.output):
-        raise InputError(f"--output {args.output}: is a directory; name a .npy file")
+    check_output(args.output, "--output")
     ids = read_ids(args.input_ids, "--input-ids")
-    positions = read_ids(args.positions, "--positions", ids.shape) if args.positions else None
-    segments = read_ids(args.segment_ids, "--segment-ids", ids.shape) if args.segment_ids else None
+    positions = read_ids(args.positions, "--positions", ids.shape, minimum=0) if args.positions else None
+    segments = read_ids(args.segment_ids, "--segment-ids", ids.shape, minimum=0) if args.segment_ids else None
     vocab = CheckpointReader(args.checkpoint, args.step).config.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
         raise InputError(f"--input-ids {args.input_ids}: ids must lie in [0, {vocab}); got [{ids.min()}, {ids.max()}]")

@@ -32,8 +32,9 @@ import jax
 import orbax.checkpoint as ocp
 
 from glm5_jax.checkpoint.naming import nest, unnest
+from glm5_jax.checkpoint.outputs import write_cause
 from glm5_jax.checkpoint.store import CheckpointReader
-from glm5_jax.errors import CheckpointReadError
+from glm5_jax.errors import CheckpointReadError, CheckpointWriteError, Glm5Error
 
 log = logging.getLogger("glm5.train")
 
@@ -52,6 +53,7 @@ class CheckpointManager:
         self.policy, self.items = policy, dict(items)
         self.mngr = self._open()
         self.last_saved: int | None = None
+        self._in_flight: int | None = None  # the step an asynchronous save is writing
         self._saved_at = time.monotonic()
         self.sigterm = False
 
@@ -101,18 +103,54 @@ class CheckpointManager:
         if set(values) != set(self.items):
             raise ValueError(f"checkpoint save: items {sorted(values)} differ from the declared {sorted(self.items)}")
         save = {ARRAYS: ocp.args.PyTreeSave, DOCUMENT: ocp.args.JsonSave}
-        self.mngr.save(step, args=ocp.args.Composite(**{k: save[self.items[k]](v) for k, v in values.items()}),
-                       force=True)
+        self.wait()  # (Orbax waits for the save in flight too; here its failure names its own step)
+        with self._saving(step):
+            self._in_flight = step
+            self.mngr.save(step, args=ocp.args.Composite(**{k: save[self.items[k]](v) for k, v in values.items()}),
+                           force=True)
         if not self.policy.async_save:
-            self.mngr.wait_until_finished()
+            self.wait()
         self.last_saved, self._saved_at = step, time.monotonic()
+
+    def wait(self):
+        """Wait for the save in flight; its failure (raised here by Orbax's background writer) is this one's."""
+        if self._in_flight is not None:
+            with self._saving(self._in_flight):
+                self.mngr.wait_until_finished()
+            self._in_flight = None
+
+    @contextlib.contextmanager
+    def _saving(self, step: int):
+        """A save of `step` that fails from a cause the user can fix (disk full, read-only) ends the run in one
+        `CheckpointWriteError` line; the uncommitted step is removed, the committed ones stay as they were."""
+        try:
+            yield
+        except Glm5Error:
+            raise
+        except Exception as e:
+            cause = write_cause(e, self.directory)
+            if cause is None:
+                raise
+            self._in_flight = None
+            self._remove_uncommitted(step)
+            raise CheckpointWriteError(f"{os.path.dirname(self.directory)}: {cause} while saving step {step}") from None
+
+    def _remove_uncommitted(self, step: int):
+        if jax.process_index() != 0:  # (the run directory is shared: one process removes it)
+            return
+        for name in os.listdir(self.directory):
+            path = os.path.join(self.directory, name)
+            if name.split(".")[0] == str(step) and not ocp.utils.is_checkpoint_finalized(path):
+                shutil.rmtree(path, ignore_errors=True)
 
     def close(self):
         """Wait for a save in flight, then release the manager (again: nothing)."""
         if self.mngr is not None:
-            self.mngr.wait_until_finished()
-            self.mngr.close()
-            self.mngr = None
+            try:
+                self.wait()
+            finally:
+                self.mngr.close()
+                self.mngr = None
 
     # -- restore ----------------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from glm5_jax import config as config_lib
 from glm5_jax.checkpoint.naming import nest
 from glm5_jax.dotted import dotted_name
 from glm5_jax.errors import CheckpointError
+from glm5_jax.memory import check_fits
 from glm5_jax.model import GLM5
 from glm5_jax.values import apply_overrides
 
@@ -200,6 +201,7 @@ def load_model(directory: str, step: int | None = None, overrides=()) -> tuple[G
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = nest({name: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
                     for name, v in named_variables(model).items()})
+    check_fits(f"{reader.directory} step {reader.step}: the model's parameters", target)
     with ocp.CheckpointManager(reader.directory, item_handlers={PARAMS: ocp.PyTreeCheckpointHandler()}) as mngr:
         restored = mngr.restore(reader.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))))[PARAMS]

@@ -14,6 +14,7 @@ import re
 import struct
 from collections import defaultdict
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors import safe_open
@@ -24,6 +25,7 @@ from glm5_jax.checkpoint.store import CHUNK_BYTES, CheckpointReader, abstract_le
 from glm5_jax.convert.int4 import Int4Experts, quantization_config
 from glm5_jax.convert.names import Entry, hf_entries
 from glm5_jax.errors import CheckpointError, ConversionError
+from glm5_jax.memory import check_fits
 from glm5_jax.progress import progress_bar
 from glm5_jax.values import apply_overrides, read_json
 
@@ -131,6 +133,7 @@ def hf_to_orbax(hf_dir: str, out: str, *, overrides=(), overwrite: bool = False,
     missing = sorted(set(leaves) - set(by_leaf))
     if missing:  # a variable of ours that no HF tensor fills would be left uninitialised
         raise ConversionError(f"no HF tensor maps to parameter {missing[0]}")
+    _check_largest_slot(entries, leaves)
     index_dims = {name: len(es[0].index) for name, es in by_leaf.items()}
     # Leaves in the order of their first tensor's file, so reads mostly move forward through the files.
     order = sorted(by_leaf, key=lambda n: min((hf.file_of[e.hf], e.hf) for e in by_leaf[n]))
@@ -143,6 +146,12 @@ def hf_to_orbax(hf_dir: str, out: str, *, overrides=(), overwrite: bool = False,
     with atomic_output_dir(out, overwrite) as tmp, progress_bar("hf -> orbax", len(order), show_progress) as advance:
         write_streaming(tmp, cfg, {n: leaves[n] for n in order}, index_dims, fill, progress=advance)
     return cfg
+
+
+def _check_largest_slot(entries: list[Entry], leaves: dict):
+    """Conversion holds one tensor (one slot of a stacked array) at a time, in float32: the largest must fit."""
+    largest = max(math.prod(leaves[e.path].shape[len(e.index):]) for e in entries)
+    check_fits("convert: its largest tensor (in float32)", [jax.ShapeDtypeStruct((largest,), np.float32)])
 
 
 # ----------------------------------------------------------------------------------------------- writing
@@ -241,6 +250,7 @@ def orbax_to_hf(checkpoint: str, out: str, *, step: int | None = None, dtype: st
     if absent:
         raise CheckpointError(f"{checkpoint} step {reader.step}: parameter {absent[0]} is missing")
     entries = hf_entries(cfg)
+    _check_largest_slot(entries, leaves)
 
     def outputs(e: Entry, shape: tuple) -> list[tuple[str, tuple, np.dtype]]:
         if int4 and int4.covers(e.hf):

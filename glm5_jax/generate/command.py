@@ -87,8 +87,12 @@ def run(args):
     check_max_length(cfg, max_length)
     if max_length <= longest:
         raise ConfigError(f"--max-length: {max_length} leaves no room after the longest prompt ({longest} tokens)")
-    if args.output and os.path.exists(args.output) and not args.overwrite:
-        raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
+    if args.output:
+        from glm5_jax.checkpoint.outputs import check_output
+
+        check_output(args.output, "--output")
+        if os.path.exists(args.output) and not args.overwrite:
+            raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
 
     from glm5_jax.checkpoint.store import load_model
     from glm5_jax.generate.runner import Generator

@@ -129,6 +129,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     check_vocab("--data", build_tokenizer(dcfg.tokenizer).vocab_size, run.model_cfg)
     program = build_step(run, run.stages[0])
     pipe = eval_data(dcfg, st.name, st.seq_len, program.spec.rows, holdout, auto_shards(program))
+    from glm5_jax.memory import check_fits
+
+    check_fits(f"{reader.directory} step {reader.step}: the model's parameters", program.abstract_variables())
     variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint")
     params = {k: variables[k] for k in program.param_shardings}
     buffers = {k: variables[k] for k in program.buffer_shardings}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+from glm5_jax.checkpoint.outputs import atomic_file, check_output
 from glm5_jax.errors import InputError
 from glm5_jax.train.metrics import read_record
 
@@ -55,10 +56,10 @@ def plot(run_dir: str, out: str | None = None) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = check_output(out or os.path.join(run_dir, "curves.png"), "--out")
     records = read_records(run_dir)
     if not records:
         raise InputError(f"{run_dir}: metrics.jsonl holds no records yet")
-    out = out or os.path.join(run_dir, "curves.png")
     steps = [r["step"] for r in records]
     fig, (ax_loss, ax_tput) = plt.subplots(1, 2, figsize=(12, 4.5))
     for key, label in (("loss", "loss"), ("lm", "LM"), ("mtp", "MTP"), ("indexer_kl", "indexer KL")):
@@ -98,10 +99,11 @@ def plot(run_dir: str, out: str | None = None) -> str:
     ax_tput.grid(alpha=0.3)
     fig.suptitle(f"{title(run_dir)}: steps {steps[0]}-{steps[-1]}")
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)
+    try:
+        with atomic_file(out) as tmp:
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from glm5_jax.checkpoint.manager import ARRAYS, DOCUMENT, CheckpointManager, load_variables
 from glm5_jax.checkpoint.naming import flatten, nest, unnest
 from glm5_jax.data.shards import parse_state
+from glm5_jax.memory import check_fits
 from glm5_jax.train import step as S
 from glm5_jax.train.recipe import Recipe
 from glm5_jax.train.setup import Run, StageSettings, is_hf_directory
@@ -72,6 +73,7 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
     start_step)`: the data feed."""
     recipe = run.recipe
     params_abs, buffers_abs, opt_abs, *_ = program.abstract_args()
+    check_fits("the model and optimizer state", (params_abs, buffers_abs, opt_abs))
 
     variables_abs = {**params_abs, **buffers_abs}
     found = ckpt.restore_latest({"params": nest(variables_abs), "opt_state": opt_abs},

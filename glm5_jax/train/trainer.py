@@ -30,6 +30,7 @@ import jax
 from glm5_jax.accounting.analytic import model_flops_per_step
 from glm5_jax.accounting.peak import peak_flops
 from glm5_jax.checkpoint.manager import CheckpointManager
+from glm5_jax.checkpoint.outputs import check_output, writing
 from glm5_jax.errors import TrainingStopped
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
@@ -191,6 +192,7 @@ def layout_end(run: Run, step: int) -> int:
 
 def train(recipe: Recipe, out=print) -> dict:
     """Run `recipe` to its end (or max_steps / SIGTERM). Returns a summary dict (final step, losses, ...)."""
+    run_dir = check_output(recipe.run_dir, "run_dir", directory=True, inside=True)
     _setup_cache(recipe)
     launch = maybe_initialize_distributed(recipe.distributed.init_timeout, recipe.distributed.peer_timeout)
     out = _process_output(out)
@@ -201,12 +203,12 @@ def train(recipe: Recipe, out=print) -> dict:
     evaluator = Evaluator(run) if recipe.eval.enabled else None
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, abstract, out)
-    run_dir = os.path.abspath(recipe.run_dir)
     created = not os.path.exists(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     progress = {"trained": False}
     try:
-        with contextlib.ExitStack() as stack:
+        # (writing: a metrics or evaluation log that cannot be written; a failed save says so itself)
+        with writing(run_dir, "while training"), contextlib.ExitStack() as stack:
             ckpt = open_checkpoints(recipe, os.path.join(run_dir, "checkpoints"))
             stack.callback(ckpt.close)
             monitor = PeerMonitor(recipe.distributed.peer_timeout, lambda: (ckpt.committed_steps() or [None])[-1])
