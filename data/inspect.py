@@ -125,6 +125,13 @@ def write_rows_npz(it, first: dict, n: int, out: str) -> None:
         np.savez(tmp, **rows, loss_mask=rows["targets"] != IGNORE)
 
 
+def _counts() -> dict:
+    """Records skipped and conversations truncated / dropped so far in this process."""
+    overlong = overlong_counts().values()
+    return {"skipped": sum(skipped_counts().values()), "truncated": sum(c["truncated"] for c in overlong),
+            "dropped": sum(c["dropped"] for c in overlong)}
+
+
 def inspect(config: str, rows: int = 4, stage: str | None = None, batches: int = 20, chars: int = 400,
             overrides=(), console: Console | None = None, write_rows: int = 0, out: str | None = None) -> dict:
     """Print the report; return the measured figures (efficiency, tokens/s, ...)."""
@@ -132,6 +139,7 @@ def inspect(config: str, rows: int = 4, stage: str | None = None, batches: int =
     console = console or Console(width=None if sys.stdout.isatty() else _PIPED_WIDTH)
     check_out(write_rows, out)
     cfg = data_config.load(config, overrides)
+    before = _counts()  # (the counters are the process's: report what this inspection adds)
     pipe = DataPipeline(cfg, 0, 1)
     console.print(stage_table(pipe))
     st = pipe.schedule.by_name(stage) if stage else pipe.schedule.stages[0]
@@ -156,12 +164,10 @@ def inspect(config: str, rows: int = 4, stage: str | None = None, batches: int =
     it.close()
     stats = [packing_stats(b) for b in [first, *measured]]
     tokens, real, loss = (sum(s[k] for s in stats) for k in ("tokens", "real", "loss"))
-    overlong = overlong_counts()
+    counts = {k: v - before[k] for k, v in _counts().items()}
     result = {"stage": st.name, "efficiency": real / tokens, "loss_fraction": loss / tokens,
               "tokens_per_second": batches * st.local_batch * st.seq_len / seconds if batches else float("nan"),
-              "skipped": sum(skipped_counts().values()),
-              "truncated": sum(c["truncated"] for c in overlong.values()),
-              "dropped": sum(c["dropped"] for c in overlong.values())}
+              **counts}
     console.print(f"\npacking efficiency {result['efficiency']:.2%} (non-pad tokens / all, {len(stats)} batches); "
                   f"{result['loss_fraction']:.2%} of tokens have a target; {result['skipped']} bad records skipped")
     if chat:
