@@ -19,3 +19,8 @@ def peak_flops(device_kind: str, platform: str) -> float:
         if key in kind:
             return value
     return CPU_NOMINAL if platform == "cpu" else float("nan")
+
+
+def device_peak(configured: float | None, device) -> float:
+    """The peak FLOP/s of one device for MFU: the recipe's `metrics.peak_flops` when set, else the table's."""
+    return configured or peak_flops(device.device_kind, device.platform)

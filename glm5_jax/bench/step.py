@@ -81,10 +81,10 @@ def utilisation(bench, step: dict, compiled_flops: float | None) -> dict:
     """MFU as the trainer logs it (model FLOPs of the step's rows over step time x devices x peak), and the
     hardware FLOP utilisation of the compiled program's own matrix products (per device)."""
     from glm5_jax.accounting.analytic import model_flops_per_step
-    from glm5_jax.accounting.peak import peak_flops
+    from glm5_jax.accounting.peak import device_peak
 
     stage, device = bench.stage, bench.device
-    peak = bench.recipe.metrics.peak_flops or peak_flops(device.device_kind, device.platform)
+    peak = device_peak(bench.recipe.metrics.peak_flops, device)
     source = ("recipe metrics.peak_flops" if bench.recipe.metrics.peak_flops else
               "nominal CPU figure (only comparable to itself)" if device.platform == "cpu" else
               f"accounting.peak.PEAK_FLOPS[{device.device_kind!r}]")

@@ -214,12 +214,13 @@ def _restore_args(target):
     return ocp.checkpoint_utils.construct_restore_args(target)
 
 
-def load_variables(directory: str, abstract: dict, key: str = "init_from") -> dict:
-    """Every variable of a model checkpoint (a converted HF model or another run's training checkpoint)
-    restored straight into `abstract`'s shardings ({dotted name: ShapeDtypeStruct})."""
+def load_variables(directory: str, abstract: dict, key: str = "init_from", step: int | None = None) -> dict:
+    """Every variable of a model checkpoint's step (default its newest committed one; a converted HF model or
+    another run's training checkpoint) restored straight into `abstract`'s shardings ({dotted name:
+    ShapeDtypeStruct})."""
     from glm5_jax.errors import ConfigError
 
-    reader = CheckpointReader(directory)
+    reader = CheckpointReader(directory, step)
     missing = sorted(set(abstract) - set(reader.names))
     if missing:
         raise ConfigError(f"{key}: {reader.directory} lacks variables this model needs, e.g. {missing[0]}")

@@ -132,7 +132,7 @@ def evaluate_checkpoint(checkpoint: str, data: str, stage: str | None = None, ba
     from glm5_jax.memory import check_fits
 
     check_fits(f"{reader.directory} step {reader.step}: the model's parameters", program.abstract_variables())
-    variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint")
+    variables = load_variables(reader.directory, program.abstract_variables(), key="--checkpoint", step=reader.step)
     params = {k: variables[k] for k in program.param_shardings}
     buffers = {k: variables[k] for k in program.buffer_shardings}
     result = run_eval(program, params, buffers, device_batches(pipe, program, batches))

@@ -13,6 +13,9 @@ import math
 import os
 import sys
 
+from glm5_jax.checkpoint.outputs import writing
+
+
 def _finite(x):
     return x if isinstance(x, (int, str)) or (isinstance(x, float) and math.isfinite(x)) else None
 
@@ -42,11 +45,12 @@ class MetricsLog:
             return
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.eval_path = os.path.join(run_dir, "eval.jsonl")
-        os.makedirs(run_dir, exist_ok=True)
-        for path in (self.path, self.eval_path):
-            _truncate(path, resume_step)
-        self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run, closed in close()
-        self.eval_file = open(self.eval_path, "a", buffering=1)  # noqa: SIM115
+        with writing(run_dir, "while opening the metrics logs"):
+            os.makedirs(run_dir, exist_ok=True)
+            for path in (self.path, self.eval_path):
+                _truncate(path, resume_step)
+            self.file = open(self.path, "a", buffering=1)  # noqa: SIM115 - open for the run, closed in close()
+            self.eval_file = open(self.eval_path, "a", buffering=1)  # noqa: SIM115
         self.tb = None
         if tensorboard:
             try:
@@ -72,8 +76,7 @@ class MetricsLog:
     def write(self, record: dict):
         if not self.primary:
             return
-        self.file.write(json.dumps({k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}) + "\n")
-        self.file.flush()
+        _append(self.file, self.path, {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()})
         if self.tb is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and math.isfinite(v):
@@ -85,9 +88,7 @@ class MetricsLog:
         `eval/...` scalars in TensorBoard."""
         if not self.primary:
             return
-        row = {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()}
-        self.eval_file.write(json.dumps(row) + "\n")
-        self.eval_file.flush()
+        _append(self.eval_file, self.eval_path, {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()})
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "stage") and isinstance(v, (int, float)) and math.isfinite(v):
@@ -135,6 +136,13 @@ def _truncate(path: str, step: int):
     with open(tmp, "wb") as f:
         f.writelines(keep)
     os.replace(tmp, path)
+
+
+def _append(f, path: str, record: dict):
+    """One JSON line to an open log; a write that fails (disk full, ...) is one line naming the file."""
+    with writing(path, "while training"):
+        f.write(json.dumps(record) + "\n")
+        f.flush()
 
 
 def format_record(r: dict) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 from glm5_jax.checkpoint.manager import ARRAYS, DOCUMENT, CheckpointManager, load_variables
 from glm5_jax.checkpoint.naming import flatten, nest, unnest
 from glm5_jax.data.shards import parse_state
+from glm5_jax.errors import ConfigError
 from glm5_jax.memory import check_fits
 from glm5_jax.train import step as S
 from glm5_jax.train.recipe import Recipe
@@ -57,6 +58,9 @@ def initial_checkpoint(run: Run, run_dir: str, out) -> str:
     source = run.recipe.init_from
     if not is_hf_directory(source):
         return source
+    if jax.process_count() > 1:
+        raise ConfigError(f"init_from: {source} is a transformers directory, which one process converts; convert "
+                          "it first (glm5 convert hf-to-orbax --hf-dir DIR --out CKPT) and set init_from=CKPT")
     from glm5_jax.convert.hf import hf_to_orbax
 
     converted = os.path.join(run_dir, "init-from-hf")
@@ -93,7 +97,7 @@ def restore_or_init(run: Run, ckpt: CheckpointManager, program: S.TrainStep, ope
     counters = {"nonfinite_in_a_row": 0, "skipped_total": 0, "tokens_seen": 0,
                 "rng": np.asarray(jax.random.key_data(jax.random.key(recipe.seed))).tolist()}
     counters.update({k: saved[k] for k in counters if k in saved})
-    start = next((s.data.start_step for s in run.stages if s.name == recipe.start_stage), 0)
+    start = run.start_step
     if step is not None:
         out(f"resumed from {ckpt.directory} step {step}")
     elif recipe.init_from:

@@ -70,6 +70,11 @@ class Run:
     def total_steps(self) -> int:
         return self.stages[-1].data.end_step
 
+    @property
+    def start_step(self) -> int:
+        """The first step of the recipe's `start_stage` (0 without one)."""
+        return next((s.data.start_step for s in self.stages if s.name == self.recipe.start_stage), 0)
+
 
 def unit_rate_optimizer(values: dict) -> optim.OptimizerConfig:
     """The optimizer as the train step runs it: learning rate 1 and no schedule (the step scales each update by
@@ -199,7 +204,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         try:
             cfgs.append(config_lib.from_dict({**model_cfg.to_dict(), **over}))
         except ConfigError as e:  # (the stage's qat option, or its model_overrides)
-            qat = st.qat and str(e).startswith("qat")
+            qat = st.qat and str(e).startswith("qat:")
             raise ConfigError(f"stages.{i}.{e}" if qat else f"stages.{i}.model_overrides: {e}") from None
         want = st.accumulate if st.accumulate is not None else recipe.accumulate
         accumulate[st.name] = choose_accumulation(f"stages.{i}", want, ds.global_batch, ds.seq_len, pars[i],

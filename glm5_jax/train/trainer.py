@@ -28,9 +28,9 @@ import time
 import jax
 
 from glm5_jax.accounting.analytic import model_flops_per_step
-from glm5_jax.accounting.peak import peak_flops
+from glm5_jax.accounting.peak import device_peak
 from glm5_jax.checkpoint.manager import CheckpointManager
-from glm5_jax.checkpoint.outputs import check_output, writing
+from glm5_jax.checkpoint.outputs import check_output
 from glm5_jax.errors import TrainingStopped
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
@@ -115,14 +115,16 @@ class Reporter:
     """Reads each step's metrics one step late (`add` queues step s and reports step s-1), keeps the
     counters of the train state, logs, and stops the run after too many non-finite steps in a row."""
 
-    def __init__(self, run: Run, log: MetricsLog, counters: dict, end: int, last_saved, programs: Programs):
+    def __init__(self, run: Run, log: MetricsLog, counters: dict, end: int, last_saved, programs: Programs,
+                 resumed: bool = False):
         self.run, self.log, self.counters, self.end = run, log, counters, end
         self.last_saved, self.programs = last_saved, programs
         device = run.par.mesh.devices.flat[0]
         self.devices = run.par.mesh.devices.size
-        self.peak = run.recipe.metrics.peak_flops or peak_flops(device.device_kind, device.platform)
+        self.peak = device_peak(run.recipe.metrics.peak_flops, device)
         self.pending, self.done_at = [], 0.0
         self.first_step: int | None = None
+        self.resumed = resumed  # (this run restored a checkpoint: its first record says from which step)
         self.losses: dict = {}
         self.first_loss = self.last_loss = None
 
@@ -163,7 +165,7 @@ class Reporter:
                             "mfu": flops / dt / (self.peak * self.devices), "step_time": dt,
                             "skipped": c["skipped_total"],
                             # The first step this process trained after restoring a checkpoint (plots mark it).
-                            **({"resumed_from": step - 1} if step == self.first_step and step > 1 else {}),
+                            **({"resumed_from": step - 1} if step == self.first_step and self.resumed else {}),
                             **{k: float(m[k]) for k in objective.metric_names + objective.step_metric_names
                                if k in m}})
             self.losses[step] = loss
@@ -180,7 +182,7 @@ def in_starting_layout(run: Run, checkpoints: str) -> Run:
     `start_stage` when that lies ahead. One `glm5 train` trains in one layout; it saves and stops at the
     first stage of another, and the same command run again continues there in that stage's layout."""
     steps = CheckpointManager.committed_in(checkpoints)
-    start = next((s.data.start_step for s in run.stages if s.name == run.recipe.start_stage), 0)
+    start = run.start_step
     return dataclasses.replace(run, par=run.stage_at(max(steps[-1] if steps else 0, start)).par)
 
 
@@ -207,8 +209,7 @@ def train(recipe: Recipe, out=print) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     progress = {"trained": False}
     try:
-        # (writing: a metrics or evaluation log that cannot be written; a failed save says so itself)
-        with writing(run_dir, "while training"), contextlib.ExitStack() as stack:
+        with contextlib.ExitStack() as stack:
             ckpt = open_checkpoints(recipe, os.path.join(run_dir, "checkpoints"))
             stack.callback(ckpt.close)
             monitor = PeerMonitor(recipe.distributed.peer_timeout, lambda: (ckpt.committed_steps() or [None])[-1])
@@ -259,7 +260,8 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
     primary = jax.process_index() == 0
     log = MetricsLog(run_dir, state.step, recipe.metrics.tensorboard, recipe.metrics.progress, end, primary)
     stack.callback(log.close)
-    reporter = Reporter(run, log, state.counters, end, lambda: ckpt.last_saved, programs)
+    reporter = Reporter(run, log, state.counters, end, lambda: ckpt.last_saved, programs,
+                        resumed=ckpt.last_saved is not None)
     multi = jax.process_count() > 1
     # Several processes: a SIGTERM during a compile waits for the compile (the stop is agreed after the step).
     programs.stop = (lambda: False) if multi else (lambda: ckpt.sigterm)
