@@ -65,6 +65,10 @@ def test_eval_during_training_and_glm5_eval(tmp_path, capsys, hf_model_dir, conv
     printed = capsys.readouterr().out
     assert "step 12 on default stage" in printed and "perplexity" in printed, printed
     assert f"loss {evals[-1]['loss']:.4f}, LM loss {evals[-1]['lm']:.4f}" in printed, (printed, evals[-1])
+    # --step reads that step's weights (an earlier step, an earlier loss).
+    assert run_cli("eval", "--checkpoint", str(run_dir / "checkpoints"), *data, "--holdout", "0.05", "--step", 9) == 0
+    printed = capsys.readouterr().out
+    assert "step 9 on default stage" in printed and f"LM loss {evals[-1]['lm']:.4f}" not in printed, printed
     hf_dir, _ = hf_model_dir(vocab_size=512, num_hidden_layers=2, first_k_dense_replace=1)
     assert run_cli("eval", "--checkpoint", convert(hf_dir), *data) == 0
     assert "step 0 on default stage" in capsys.readouterr().out
