@@ -37,7 +37,8 @@ class SourceConfig:
     paths: list[str] = dataclasses.field(default_factory=list)  # files or globs; $VARS and ~ are expanded
     text_field: str = "text"  # JSONL key / Parquet column holding the document (format chat: the messages)
     append_eos: bool = True  # put the tokenizer's EOS after each document (also pre-tokenized ones)
-    format: str = "text"  # text: documents; chat: conversations with loss masks (jsonl, parquet; stdlib_chat)
+    format: str | None = None  # text: documents; chat: conversations with loss masks (jsonl, parquet; stdlib_chat);
+    # None: chat for stdlib_chat, else text
     template: str | None = None  # chat: a Hugging Face tokenizer folder or .jinja file to render with
     overlong: str = "truncate"  # chat: a conversation longer than the row: truncate (at a turn) or drop
 
@@ -120,9 +121,11 @@ def _source(name, values) -> SourceConfig:
     if not isinstance(cfg.text_field, str) or not cfg.text_field:
         fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
     boolean(f"{key}.append_eos", cfg.append_eos)
-    if cfg.kind == "stdlib_chat":
-        cfg.format = "chat"
+    if cfg.format is None:
+        cfg.format = "chat" if cfg.kind == "stdlib_chat" else "text"
     choice(f"{key}.format", cfg.format, FORMATS)
+    if cfg.kind == "stdlib_chat" and cfg.format != "chat":
+        fail(f"{key}.format", "kind stdlib_chat holds conversations: its format is chat")
     if cfg.format == "chat":
         if cfg.kind not in ("jsonl", "parquet", "stdlib_chat"):
             fail(f"{key}.format", f"kind {cfg.kind} holds no conversations; chat records come from jsonl, parquet "
