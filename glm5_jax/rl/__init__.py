@@ -1,0 +1,1 @@
+"""Reinforcement learning on the model's own rollouts (docs/post-training.md)."""
