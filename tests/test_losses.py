@@ -113,8 +113,14 @@ def test_loss_config_validation():
         LS.loss_config_from_dict({"mtp_weight": -0.1})
     with pytest.raises(ConfigError, match=r"^z_los: unknown loss config key \(did you mean 'z_loss'\?\)"):
         LS.loss_config_from_dict({"z_los": 0.1})
-    with pytest.raises(ValueError, match=r"^trainable: must be one of all, indexer"):
+    with pytest.raises(ValueError, match=r"^trainable: must be one of all, indexer, no_indexer"):
         LS.trainable_mask({}, "mlp")
+
+
+def test_no_indexer_mask_is_the_indexer_masks_complement(setup):
+    params = setup[1].params
+    only, but = (jax.tree.leaves(LS.trainable_mask(params, w)) for w in ("indexer", "no_indexer"))
+    assert len(only) == len(but) and sum(only) == 15 and all(a != b for a, b in zip(only, but))
 
 
 def test_sparse_adapt_gradients_are_separated(setup, sparse_adapt):

@@ -46,7 +46,7 @@ def test_recipes_load_and_errors_are_one_line(tmp_path, capsys):
         resolve(glm5)  # the 744B layout needs its 256 devices (glm5 plan simulates them)
     assert [s.trainable for s in glm5.stages].count("indexer") == 1
     for overrides, message in [
-        (["stages.0.trainable=some"], "stages.0.trainable: must be one of all, indexer"),
+        (["stages.0.trainable=some"], "stages.0.trainable: must be one of all, indexer, no_indexer"),
         (["checkpoint.max_to_kep=2"], "checkpoint.max_to_kep: unknown recipe key (did you mean 'checkpoint.max_to_keep'?)"),
         (["start_stage=nope"], "start_stage: no stage named 'nope'"),
         (["stages.9.steps=3"], "stages.9.steps: '9' is not an index of a list of 2 (0..1)"),

@@ -238,13 +238,14 @@ def is_indexer_path(path) -> bool:
 def trainable_mask(params, which: str):
     """A pytree of bools with the structure of `params` (one per parameter): True where it trains.
 
-    which: "all", or "indexer" (every `...self_attn.indexer.*` parameter, MTP's included: DSA warm-up).
-    Use with `optax.masked(tx, mask)` or multiply updates by it.
+    which: "all"; "indexer" (every `...self_attn.indexer.*` parameter, MTP's included: DSA warm-up); or
+    "no_indexer" (every parameter but those: the indexer neither trained nor decayed, as in dense-attention
+    stages and RL). Use with `optax.masked(tx, mask)` or multiply updates by it.
     """
-    if which not in ("all", "indexer"):  # (a recipe's `trainable` is checked where it is read)
-        raise ValueError(f"trainable: must be one of all, indexer; got {which!r}")
+    if which not in ("all", "indexer", "no_indexer"):  # (a recipe's `trainable` is checked where it is read)
+        raise ValueError(f"trainable: must be one of all, indexer, no_indexer; got {which!r}")
     def leaf(path, v):
-        keep = which == "all" or is_indexer_path(path)
+        keep = which == "all" or is_indexer_path(path) == (which == "indexer")
         return v.replace(keep) if _is_variable(v) else keep
 
     return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_variable)

@@ -25,7 +25,7 @@ from glm5_jax.values import (
     unknown_key,
 )
 
-TRAINABLE = ("all", "indexer")
+TRAINABLE = ("all", "indexer", "no_indexer")
 # Optimizer fields a stage's `schedule` may set; the rest of the optimizer is the recipe's `optimizer`.
 SCHEDULE_KEYS = ("schedule", "learning_rate", "warmup_steps", "total_steps", "end_learning_rate", "decay_steps",
                  "wsd_decay")
@@ -79,7 +79,7 @@ class StageRecipe:
     data_stage: str | None = None  # data stage it reads (default: the stage's own name)
     steps: int | None = None  # default: the data stage's token budget / tokens per step
     schedule: dict = dataclasses.field(default_factory=dict)  # learning-rate schedule (optimizer schedule keys)
-    trainable: str = "all"  # "all" or "indexer" (DSA warm-up: everything else frozen)
+    trainable: str = "all"  # "all", "indexer" (DSA warm-up: everything else frozen) or "no_indexer" (indexer frozen)
     objective: str = "pretrain"  # what the stage optimises: pretrain | sft (glm5_jax.train.objectives)
     qat: str | None = None  # int4: quantization-aware training of the routed experts (the model's `qat`; its
     # group size is the model's qat_group_size); None: the model's own setting

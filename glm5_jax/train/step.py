@@ -43,7 +43,7 @@ class StepConfig:
     rows: int  # rows of one microbatch (all processes together)
     seq_len: int
     accumulate: int = 1  # microbatches per optimizer step (the most a step may use)
-    trainable: str = "all"  # "all" | "indexer" (DSA warm-up: everything else frozen)
+    trainable: str = "all"  # "all" | "indexer" (DSA warm-up: everything else frozen) | "no_indexer"
     objective: str = "pretrain"  # glm5_jax.train.objectives.OBJECTIVES
 
     @property
