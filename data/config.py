@@ -15,9 +15,10 @@ from glm5_jax.values import (apply_overrides, boolean, build, check_keys, choice
 
 from .errors import ON_ERROR
 
-SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens", "stdlib_chat")
+SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens", "stdlib_chat", "stdlib_repeat")
 TOKENIZER_KINDS = ("bytes", "hf")
-FORMATS = ("text", "chat")  # a record is a document, or a conversation (data/chat.py)
+FORMATS = ("text", "chat", "prompts")  # a record is a document, a conversation (data/chat.py), or an RL prompt
+# with the fields its reward checks (data/prompts.py)
 OVERLONG = ("truncate", "drop")
 
 
@@ -122,10 +123,17 @@ def _source(name, values) -> SourceConfig:
         fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
     boolean(f"{key}.append_eos", cfg.append_eos)
     if cfg.format is None:
-        cfg.format = "chat" if cfg.kind == "stdlib_chat" else "text"
+        cfg.format = {"stdlib_chat": "chat", "stdlib_repeat": "prompts"}.get(cfg.kind, "text")
     choice(f"{key}.format", cfg.format, FORMATS)
     if cfg.kind == "stdlib_chat" and cfg.format != "chat":
         fail(f"{key}.format", "kind stdlib_chat holds conversations: its format is chat")
+    if cfg.kind == "stdlib_repeat" and cfg.format != "prompts":
+        fail(f"{key}.format", "kind stdlib_repeat holds RL prompts: its format is prompts")
+    if cfg.format == "prompts":
+        if cfg.kind not in ("jsonl", "stdlib_repeat"):
+            fail(f"{key}.format", f"kind {cfg.kind} holds no prompt records; prompts come from jsonl or stdlib_repeat")
+        if cfg.text_field == "text":
+            cfg.text_field = "prompt"
     if cfg.format == "chat":
         if cfg.kind not in ("jsonl", "parquet", "stdlib_chat"):
             fail(f"{key}.format", f"kind {cfg.kind} holds no conversations; chat records come from jsonl, parquet "
@@ -135,7 +143,7 @@ def _source(name, values) -> SourceConfig:
         choice(f"{key}.overlong", cfg.overlong, OVERLONG)
         if cfg.template is not None and (not isinstance(cfg.template, str) or not cfg.template):
             fail(f"{key}.template", f"must be the path of a tokenizer folder or .jinja file; got {cfg.template!r}")
-    elif cfg.template is not None or cfg.overlong != "truncate":
+    elif cfg.overlong != "truncate" or (cfg.template is not None and cfg.format != "prompts"):
         fail(f"{key}.{'template' if cfg.template is not None else 'overlong'}", "applies to format chat only")
     return cfg
 

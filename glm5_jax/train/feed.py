@@ -40,7 +40,13 @@ def choose_shards(run, saved: int | None = None, warn=print) -> int:
 
 def feed_opener(run, out=print):
     """`(shards, states, start_step) -> Feed`: the run's training data (its pipeline opened once, the held-out
-    split left out), checked against the model's vocabulary; what `glm5 train` and `glm5 bench` read."""
+    split left out), checked against the model's vocabulary; what `glm5 train` and `glm5 bench` read. A run
+    whose stages train on rollouts reads an `RLFeed` (glm5_jax/rl/feed.py) instead."""
+    if run.rl is not None:
+        from glm5_jax.rl.feed import RLFeed
+
+        check_vocab("data", run.rl.tokenizer.vocab_size, run.model_cfg)
+        return lambda shards, states, start: RLFeed(run, run.rl, states, out)
     pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
                         accumulate={s.name: s.data.accumulate for s in run.stages},
                         holdout=("train", run.recipe.eval.holdout))
@@ -49,7 +55,13 @@ def feed_opener(run, out=print):
 
 
 class Feed:
-    """The data shards this process reads and the global batch of each step; `state()` is a collective."""
+    """The data shards this process reads and the global batch of each step; `state()` is a collective.
+
+    The protocol the trainer reads batches by (`RLFeed` follows it too): `next_batch(stage, state)`, `ahead`
+    (whether the next step's batch may be read while a step computes), `report()` (host-side metrics of the
+    batches handed out, merged into the step's record), `state()`, `close()`, `shards`, `indices`."""
+
+    ahead = True  # batches do not depend on the weights: the next one is read while a step computes
 
     def __init__(self, run, pipe: DataPipeline, shards: int, start_step: int = 0, states=None):
         self.run, self.shards = run, shards
@@ -62,11 +74,16 @@ class Feed:
     def indices(self) -> list[int]:
         return self.it.indices
 
-    def next_batch(self, stage):
-        """(global batch {key: [accumulate, rows, L]}, microbatches it takes) of the next step, in `stage`."""
+    def next_batch(self, stage, state=None):
+        """(global batch {key: [accumulate, rows, L]}, microbatches it takes) of the next step, in `stage`
+        (`state`, the train state, is not read: text batches do not depend on the weights)."""
         spec = stage.step
         return shards_lib.place(next(self.it), list(spec.fields), self.run.par.sharding(BATCH_AXES, spec.batch_shape),
                                 spec.accumulate, spec.rows, spec.seq_len, self.shards)
+
+    def report(self) -> dict:
+        """No host-side metrics: the data pipeline's counters are logged by the pipeline."""
+        return {}
 
     def state(self) -> dict:
         """The JSON document of every shard's iterator state (gathered from all processes)."""

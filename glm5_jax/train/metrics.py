@@ -84,8 +84,8 @@ class MetricsLog:
         self.line(format_record(record))
 
     def write_eval(self, record: dict):
-        """An evaluation `{"step", "stage", "loss", "lm", "ppl", "tokens"}`: a line of `RUN_DIR/eval.jsonl` and
-        `eval/...` scalars in TensorBoard."""
+        """An evaluation `{"step", "stage", "loss", "lm", "ppl", "tokens"}` (RL: held-out rewards,
+        glm5_jax/rl/evaluate.py): a line of `RUN_DIR/eval.jsonl` and `eval/...` scalars in TensorBoard."""
         if not self.primary:
             return
         _append(self.eval_file, self.eval_path, {k: _finite(v) if isinstance(v, float) else v for k, v in record.items()})
@@ -93,8 +93,13 @@ class MetricsLog:
             for k, v in record.items():
                 if k not in ("step", "stage") and isinstance(v, (int, float)) and math.isfinite(v):
                     self.tb.add_scalar(f"eval/{k}", v, record["step"])
-        self.line(f"step {record['step']:>6}  [{record['stage']}]  eval loss {record['loss']:.4f}  "
-                  f"lm {record['lm']:.4f}  ppl {record['ppl']:.2f}  ({record['tokens']:,} tokens)")
+        if "loss" in record:
+            self.line(f"step {record['step']:>6}  [{record['stage']}]  eval loss {record['loss']:.4f}  "
+                      f"lm {record['lm']:.4f}  ppl {record['ppl']:.2f}  ({record['tokens']:,} tokens)")
+        else:  # (an RL evaluation: held-out rewards)
+            self.line(f"step {record['step']:>6}  [{record['stage']}]  eval " + "  ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()
+                if k not in ("step", "stage")))
 
     def line(self, text: str):
         if not self.primary:

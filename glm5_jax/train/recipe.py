@@ -58,6 +58,7 @@ class EvalConfig:
     holdout: float = 0.0  # fraction of the training documents held out (with data: null); 0: no eval
     interval_steps: int | None = 100  # evaluate every N steps (None: only at stage ends)
     at_stage_end: bool = True  # and at the last step of every stage
+    at_start: bool = False  # and before the first step of a run that starts fresh (not of a resumed one)
     batches: int = 4  # microbatches of the current stage's shape per evaluation
 
     @property
@@ -84,6 +85,7 @@ class StageRecipe:
     qat: str | None = None  # int4: quantization-aware training of the routed experts (the model's `qat`; its
     # group size is the model's qat_group_size); None: the model's own setting
     losses: dict = dataclasses.field(default_factory=dict)  # overrides of the recipe's `losses` for this stage
+    rl: dict = dataclasses.field(default_factory=dict)  # rollout settings of an RL stage (glm5_jax.rl.config)
     model_overrides: dict = dataclasses.field(default_factory=dict)  # model config settings for this stage
     accumulate: int | str | None = None  # microbatches per step: N, or "auto"; None: the recipe's `accumulate`
     layout: str | None = None  # layout preset or YAML file of this stage (None: the recipe's `layout`)
@@ -191,6 +193,7 @@ def validate(r: Recipe) -> Recipe:
     positive_int("eval.interval_steps", e.interval_steps, allow_none=True)
     positive_int("eval.batches", e.batches)
     boolean("eval.at_stage_end", e.at_stage_end)
+    boolean("eval.at_start", e.at_start)
     if not r.stages:
         raise ConfigError("stages: a recipe needs at least one stage")
     names = set()
@@ -210,7 +213,7 @@ def validate(r: Recipe) -> Recipe:
             raise ConfigError(f"{key}.trainable: must be one of {', '.join(TRAINABLE)}; got {s.trainable!r}")
         if s.layout is not None and (not isinstance(s.layout, str) or not s.layout):
             raise ConfigError(f"{key}.layout: must be a layout preset name or YAML file, or null; got {s.layout!r}")
-        for sub in ("schedule", "losses", "model_overrides", "layout_overrides"):
+        for sub in ("schedule", "losses", "rl", "model_overrides", "layout_overrides"):
             if not isinstance(getattr(s, sub), dict):
                 raise ConfigError(f"{key}.{sub}: must be a mapping; got {getattr(s, sub)!r}")
         for k in s.schedule:

@@ -59,6 +59,7 @@ class Run:
     par: Parallelism  # the first stage's layout (the trainer runs every stage in it)
     opt_base: optim.OptimizerConfig  # the optimizer at learning rate 1 (each step scales its update)
     stages: list[StageSettings]
+    rl: object = None  # what an RL run reads besides its steps (glm5_jax.rl.setup.with_rl: prompts, rewards)
 
     def stage_at(self, step: int) -> StageSettings:
         for s in self.stages:
@@ -229,6 +230,11 @@ def resolve(recipe: Recipe, devices=None) -> Run:
         if objective.data_format is not None and formats != [objective.data_format]:
             raise ConfigError(f"{key}.objective: {st.objective} trains on {objective.data_format} sources; data stage "
                               f"{st.data_stage or st.name!r} of {recipe.data!r} reads {', '.join(formats)} sources")
+        if objective.data_format is None and "prompts" in formats:
+            raise ConfigError(f"{key}.objective: {st.objective} trains on documents; data stage {st.data_stage or st.name!r}"
+                              f" of {recipe.data!r} reads prompts sources (RL objectives: grpo, dis, distill)")
+        if st.rl and objective.data_format != "prompts":
+            raise ConfigError(f"{key}.rl: applies to RL objectives (grpo, dis, distill); this stage's is {st.objective}")
         settings.append(StageSettings(i, st.name, pars[i], ds, step, opt_cfg, optim.learning_rate_schedule(opt_cfg),
                                       float(loss_cfg.bias_update_rate)))
     return Run(recipe, model_cfg, dcfg, pars[0], opt_base, settings)

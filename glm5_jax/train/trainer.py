@@ -32,6 +32,7 @@ from glm5_jax.accounting.peak import device_peak
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.outputs import check_output
 from glm5_jax.errors import TrainingStopped
+from glm5_jax.rl.setup import with_rl
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
 from glm5_jax.train.distributed import maybe_initialize_distributed
@@ -128,16 +129,18 @@ class Reporter:
         self.losses: dict = {}
         self.first_loss = self.last_loss = None
 
-    def add(self, step: int, stage: StageSettings, lr: float, rows: int, metrics, dispatched: float):
+    def add(self, step: int, stage: StageSettings, lr: float, rows: int, metrics, dispatched: float,
+            host: dict | None = None):
+        """Queue step `step`'s device metrics (and the feed's host-side ones, e.g. an RL rollout's rewards)."""
         self.flush()
         self.first_step = step if self.first_step is None else self.first_step
-        self.pending.append((step, stage, lr, rows, metrics, dispatched))
+        self.pending.append((step, stage, lr, rows, metrics, dispatched, host or {}))
 
     def flush(self):
         while self.pending:
             self._report(*self.pending.pop(0))
 
-    def _report(self, step, stage, lr, rows, m, dispatched):
+    def _report(self, step, stage, lr, rows, m, dispatched, host):
         m = jax.device_get(m)
         now = time.perf_counter()
         dt, self.done_at = now - max(dispatched, self.done_at), now  # steps overlap: the interval between results
@@ -167,7 +170,7 @@ class Reporter:
                             # The first step this process trained after restoring a checkpoint (plots mark it).
                             **({"resumed_from": step - 1} if step == self.first_step and self.resumed else {}),
                             **{k: float(m[k]) for k in objective.metric_names + objective.step_metric_names
-                               if k in m}})
+                               if k in m}, **host})
             self.losses[step] = loss
         n = c["nonfinite_in_a_row"]
         if n >= recipe.max_nonfinite_in_a_row:
@@ -200,9 +203,16 @@ def train(recipe: Recipe, out=print) -> dict:
     out = _process_output(out)
     if launch is not None:
         out(f"{jax.process_count()} processes ({launch.source}), {jax.local_device_count()} devices each")
-    run = in_starting_layout(resolve(recipe), os.path.join(os.path.abspath(recipe.run_dir), "checkpoints"))
+    run = with_rl(in_starting_layout(resolve(recipe), os.path.join(os.path.abspath(recipe.run_dir), "checkpoints")))
     open_feed = feed_opener(run, out)
-    evaluator = Evaluator(run) if recipe.eval.enabled else None
+    evaluator = None
+    if recipe.eval.enabled:
+        if run.rl is not None:
+            from glm5_jax.rl.evaluate import RLEvaluator
+
+            evaluator = RLEvaluator(run)
+        else:
+            evaluator = Evaluator(run)
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, abstract, out)
     created = not os.path.exists(run_dir)
@@ -275,6 +285,10 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
         reporter.flush()  # the counters saved are this step's
         save_state(ckpt, state, run.stage_at(max(state.step - 1, 0)), it, recipe)  # (the last step's stage: RoPE)
 
+    if evaluator is not None and recipe.eval.at_start and ckpt.last_saved is None and state.step == run.start_step:
+        first = run.stage_at(state.step)  # (a fresh run: its held-out figures before any training)
+        log.write_eval({"step": state.step, "stage": first.name,
+                        **evaluator.run_at(first, programs.get(first), state.params, state.buffers)})
     with ckpt.watch_sigterm():
         batch, current = None, None
         while state.step < end:
@@ -290,14 +304,14 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
                     save()
                 stopped = "sigterm-compiling"  # (the compile thread still runs: `glm5 train` exits without teardown)
                 break
-            data, count = batch or it.next_batch(stage)
+            data, count = batch or it.next_batch(stage, state)
             lr = float(stage.schedule(state.step - stage.data.start_step))
             dispatched = time.perf_counter()
             state.params, state.buffers, state.opt_state, metrics = program(
                 state.params, state.buffers, state.opt_state, data, count, lr, stage.bias_rate)
             state.step += 1
             progress["trained"] = True
-            reporter.add(state.step, stage, lr, count * stage.data.micro_rows, metrics, dispatched)
+            reporter.add(state.step, stage, lr, count * stage.data.micro_rows, metrics, dispatched, it.report())
             stage_end = state.step == stage.data.end_step
             if evaluator is not None and evaluator.due(state.step, stage_end):
                 reporter.flush()
@@ -314,7 +328,8 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
             # The next step's batch goes to the devices while this step computes (unless its program is yet to
             # compile: then it is read after the compile, so a SIGTERM during the compile saves this step exactly).
             following = run.stage_at(state.step)
-            batch = it.next_batch(following) if state.step < end and programs.built(following) else None
+            batch = (it.next_batch(following, state) if it.ahead and state.step < end and programs.built(following)
+                     else None)
         reporter.flush()
         if (recipe.checkpoint.save_on_exit or state.step == switch) and ckpt.last_saved != state.step:
             save()

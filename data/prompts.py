@@ -1,0 +1,117 @@
+"""Prompt sources of RL stages (format `prompts`, docs/post-training.md): records that hold a prompt and the
+fields a reward checks it against, the held-out split, the order rollouts take them in, and their token ids
+as the model is asked them (the chat format's generation prompt).
+
+A record is a dict: its prompt under the source's `text_field` (`prompt`: a string, the user's message, or a
+list of chat messages), the rest (`answer`, `tests`, ...) for the reward. Kinds: `jsonl` (one object a line)
+and `stdlib_repeat`, the embedded toy task: "Repeat exactly: `json.dumps`" answered by `json.dumps`, over
+the running Python's standard-library function names (the SFT corpus's), for the CPU RL recipe.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+
+import numpy as np
+
+from glm5_jax.errors import ConfigError, DataError
+
+from .chat import GLMRenderer, parse_messages
+from .chat_template import TemplateRenderer
+from .sources import expand_paths
+
+
+@functools.lru_cache(maxsize=1)
+def stdlib_repeat_records() -> tuple[dict, ...]:
+    """The toy task: one record per standard-library function name of the SFT corpus, in a fixed order."""
+    from .chat_corpus import _functions
+
+    return tuple({"prompt": f"Repeat exactly: `{name}`", "answer": name} for name, *_ in _functions())
+
+
+def read_records(source_cfg, policy) -> list[dict]:
+    """Every record of a `prompts` source; a line that is not a JSON object with the prompt field goes
+    through the error policy."""
+    if source_cfg.kind == "stdlib_repeat":
+        return [dict(r) for r in stdlib_repeat_records()]
+    from .errors import Bad
+
+    out = []
+    for path in expand_paths(source_cfg.name, source_cfg.paths, policy):
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    policy.handle(source_cfg.name, Bad(f"{path}:{n}", f"not valid JSON ({e.msg})"))
+                    continue
+                if not isinstance(obj, dict) or not isinstance(obj.get(source_cfg.text_field), (str, list)):
+                    policy.handle(source_cfg.name, Bad(f"{path}:{n}", f"no {source_cfg.text_field!r} string or "
+                                                                       "message list"))
+                    continue
+                out.append(obj)
+    if not out:
+        raise DataError(f"source {source_cfg.name}: no prompt records")
+    return out
+
+
+def held_out(record: dict, field: str, fraction: float) -> bool:
+    """Whether a record is in the held-out share `fraction` (by a hash of its prompt: the same on every run)."""
+    digest = hashlib.sha256(json.dumps(record[field], sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "little") / 2**64 < fraction
+
+
+class PromptSet:
+    """A stage's prompt records, split into training and held-out ones, with their token ids.
+
+    `batch(k, n)`: the n training prompts of rollout k, epoch after epoch through a seeded shuffle (a function
+    of k alone, so a resumed run asks the same prompts)."""
+
+    def __init__(self, data_cfg, stage_name: str, tokenizer, policy, holdout: float = 0.0):
+        stage = next(s for s in data_cfg.stages if s.name == stage_name)
+        if len(stage.mixture) != 1:
+            raise ConfigError(f"stages.{stage_name}.mixture: an RL stage reads one prompts source; got "
+                              f"{', '.join(stage.mixture)}")
+        cfg = data_cfg.sources[next(iter(stage.mixture))]
+        self.field, self.seed = cfg.text_field, data_cfg.seed
+        renderer = GLMRenderer(tokenizer) if cfg.template is None else TemplateRenderer(cfg.template, tokenizer)
+        self.encode = functools.partial(generation_prompt, renderer)
+        records = read_records(cfg, policy)
+        split = [held_out(r, self.field, holdout) for r in records]
+        self.train = [r for r, h in zip(records, split) if not h]
+        self.eval = [r for r, h in zip(records, split) if h]
+        if not self.train:
+            raise ConfigError(f"eval.holdout: {holdout} leaves no training prompt in source {cfg.name}")
+
+    def ids(self, record: dict) -> np.ndarray:
+        return self.encode(record[self.field])
+
+    def batch(self, k: int, n: int) -> list[tuple[int, dict]]:
+        """(index into `train`, record) of the n prompts of rollout k."""
+        out = []
+        for i in range(k * n, (k + 1) * n):
+            epoch, at = divmod(i, len(self.train))
+            j = int(self._order(epoch)[at])
+            out.append((j, self.train[j]))
+        return out
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.train))
+        return self._perm
+
+
+def generation_prompt(renderer, prompt) -> np.ndarray:
+    """Token ids int32 of a prompt (a user message, or a message list) up to where the assistant answers: the
+    chat template's generation prompt; GLM-5's format opens the answer with an empty `<think></think>`."""
+    messages = parse_messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    if isinstance(renderer, TemplateRenderer):
+        text = renderer.text([m.as_dict() for m in messages], add_generation_prompt=True)
+        return np.asarray(renderer.tokenizer.encode(text), np.int32)
+    ids, _ = renderer.render(messages)
+    sp = renderer.sp
+    return np.concatenate([ids[:-1], renderer.role["assistant"], sp["<think>"], sp["</think>"]]).astype(np.int32)

@@ -1,0 +1,167 @@
+"""What an RL run needs besides the train step, built and checked once from the resolved run: each RL stage's
+`rl:` settings, its prompts, reward, rollout engine and log-prob scorers (the trainer's, the teacher's, the
+KL reference's). `glm5 train` builds it (`with_rl`) right after resolving the recipe, so every bad input is one line
+before compilation; `glm5 plan` compiles an RL stage's step without it (no prompt is read).
+"""
+
+from __future__ import annotations
+
+import os
+
+from glm5_jax.errors import CheckpointError, ConfigError
+from glm5_jax.train.setup import is_hf_directory
+
+
+def with_rl(run):
+    """`run` with its `RLSetup` when its stages train on rollouts (checked here), else `run`."""
+    import dataclasses
+
+    return dataclasses.replace(run, rl=RLSetup(run)) if any(is_rl(s) for s in run.stages) else run
+
+
+def is_rl(stage) -> bool:
+    """Whether a resolved stage trains on rollouts (its objective reads a `prompts` source)."""
+    from glm5_jax.train import objectives
+
+    return objectives.OBJECTIVES[stage.step.objective].data_format == "prompts"
+
+
+class RLSetup:
+    """The RL stages of a resolved run (`train.setup.Run`), with their prompts and rewards checked."""
+
+    def __init__(self, run):
+        from data.errors import ErrorPolicy
+        from data.prompts import PromptSet
+        from data.tokenizer import build_tokenizer
+        from glm5_jax.generate.runner import eos_ids
+        from glm5_jax.rl import config as rl_config
+        from glm5_jax.rl import objectives as rl_objectives
+        from glm5_jax.rl.rewards import load_reward
+        from glm5_jax.rl.rollout import check_prompts
+
+        self.run = run
+        stages = [s for s in run.stages if is_rl(s)]
+        if len(stages) != len(run.stages):
+            other = next(s for s in run.stages if not is_rl(s))
+            raise ConfigError(f"stages.{other.index}.objective: {other.step.objective} trains on data, and this "
+                              "recipe's other stages on rollouts; run RL as a recipe of its own (init_from the "
+                              "checkpoint it starts from)")
+        self.tokenizer = build_tokenizer(run.data_cfg.tokenizer)
+        self.eos = eos_ids(run.model_cfg)
+        policy = ErrorPolicy(run.data_cfg.on_error)
+        self.rl, self.prompts = {}, {}
+        for s in stages:
+            key = f"stages.{s.index}"
+            rl = self.rl[s.index] = rl_config.from_dict(run.recipe.stages[s.index].rl, f"{key}.rl")
+            rl_objectives.check_group_size(s.step.objective, rl.group_size, f"{key}.rl.group_size")
+            if (s.data.global_batch * rl.updates_per_rollout) % rl.group_size:
+                raise ConfigError(f"{key}.rl.group_size: {s.data.global_batch} samples per step x "
+                                  f"{rl.updates_per_rollout} updates per rollout are not whole groups of "
+                                  f"{rl.group_size}")
+            load_reward(rl.reward, f"{key}.rl.reward")
+            prompts = self.prompts[s.index] = PromptSet(run.data_cfg, s.name, self.tokenizer, policy,
+                                                        run.recipe.eval.holdout)
+            check_prompts([prompts.ids(r) for r in prompts.train + prompts.eval], s.data.seq_len, rl.max_new_tokens,
+                          f"{key}.rl.max_new_tokens")
+            if s.step.objective == "distill":
+                self._teacher_config(rl.teacher, f"{key}.rl.teacher")
+            elif rl.teacher is not None:
+                raise ConfigError(f"{key}.rl.teacher: only objective distill reads a teacher")
+            if s.step.loss_cfg.kl_weight > 0 and not run.recipe.init_from:
+                raise ConfigError(f"{key}.losses.kl_weight: the KL term's reference policy is the init_from "
+                                  "checkpoint; set init_from")
+            if s.step.trainable != "no_indexer":
+                raise ConfigError(f"{key}.trainable: RL keeps the DSA indexer frozen; use no_indexer")
+        self._cache: dict = {}
+        init = run.recipe.init_from
+        # The KL term's reference: the weights the run started from (a transformers directory as converted).
+        self.reference = None if not init else os.path.join(run.recipe.run_dir, "init-from-hf") \
+            if is_hf_directory(init) else init
+
+    def _teacher_config(self, path, key):
+        from glm5_jax.checkpoint.store import CheckpointReader
+
+        if path is None:
+            raise ConfigError(f"{key}: objective distill needs the teacher's checkpoint directory")
+        try:
+            cfg = CheckpointReader(path).config
+        except CheckpointError as e:
+            raise ConfigError(f"{key}: {e}") from None
+        if cfg.vocab_size != self.run.model_cfg.vocab_size:
+            raise ConfigError(f"{key}: the teacher's vocabulary ({cfg.vocab_size} ids) is not the model's "
+                              f"({self.run.model_cfg.vocab_size})")
+        return cfg
+
+    def rewards(self, stage):
+        """The stage's reward worker pool (started on first use; `close` stops it)."""
+        from glm5_jax.rl.rewards import RewardPool
+
+        rl = self.rl[stage.index]
+        return self._cached(("rewards", stage.index), lambda: RewardPool(rl.reward, rl.reward_workers,
+                                                                        rl.reward_timeout))
+
+    def close(self):
+        for key, value in list(self._cache.items()):
+            if key[0] == "rewards":
+                value.close()
+                del self._cache[key]
+
+    def normalize_std(self, stage) -> bool:
+        rl = self.rl[stage.index]
+        return rl.normalize_std if rl.normalize_std is not None else stage.step.objective == "grpo"
+
+    def _cached(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def engine(self, stage, temperature: float | None = None):
+        """The rollout engine of a stage (sampling at the objective's temperature; 0: greedy, for evaluation)."""
+        from glm5_jax.rl.rollout import RolloutEngine
+
+        t = stage.step.loss_cfg.temperature if temperature is None else temperature
+        rl = self.rl[stage.index]
+        return self._cached(("engine", stage.index, t), lambda: RolloutEngine(
+            stage.step.model_cfg, self.run.par, temperature=t, max_new_tokens=rl.max_new_tokens,
+            max_length=stage.data.seq_len))
+
+    def scorer(self, stage, cfg=None):
+        """The trainer's log-prob scorer of a stage (with `cfg`: another model's, the teacher's)."""
+        from glm5_jax.rl.rollout import Scorer
+
+        cfg = stage.step.model_cfg if cfg is None else cfg
+        return self._cached(("scorer", stage.index, repr(cfg)),
+                            lambda: Scorer(cfg, self.run.par, stage.step.loss_cfg.temperature))
+
+    def _policy(self, directory: str, cfg):
+        """(params, buffers) {dotted name: array} of a checkpoint's newest step (teacher, KL reference), loaded once."""
+        def load():
+            import jax
+
+            from glm5_jax.checkpoint.manager import load_variables
+            from glm5_jax.checkpoint.naming import flatten
+            from glm5_jax.model.state import abstract_state, state_shardings
+
+            state = abstract_state(cfg, 0)
+            names = {"params": flatten(state.params), "buffers": flatten(state.buffers)}
+            shardings = {**flatten(state_shardings(state.params, self.run.par)),
+                         **flatten(state_shardings(state.buffers, self.run.par))}
+            abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                        for part in names.values() for k, v in part.items()}
+            variables = load_variables(directory, abstract)
+            return tuple({k: variables[k] for k in names[part]} for part in ("params", "buffers"))
+        return self._cached(("policy", directory), load)
+
+    def extra_logprobs(self, stage, state, batch: dict) -> dict:
+        """The log-prob fields the loop computes for a rollout's samples `batch` ([samples, L]): `old_logp` (the
+        trainer's, with the weights that made the rollout), `teacher_logp` (distill), `ref_logp` (KL term)."""
+        from glm5_jax.checkpoint.store import CheckpointReader
+
+        rl = self.rl[stage.index]
+        out = {"old_logp": self.scorer(stage)(state.params, state.buffers, batch)}
+        if stage.step.objective == "distill":
+            tcfg = CheckpointReader(rl.teacher).config
+            out["teacher_logp"] = self.scorer(stage, tcfg)(*self._policy(rl.teacher, tcfg), batch)
+        if stage.step.loss_cfg.kl_weight > 0:
+            out["ref_logp"] = self.scorer(stage)(*self._policy(self.reference, stage.step.model_cfg), batch)
+        return out
