@@ -128,6 +128,18 @@ def test_policy_terms_equal_the_formulas(kind, cfg):
 
 
 @pytest.mark.parametrize("kind", RO.KINDS)
+def test_an_extreme_ratio_gives_a_finite_loss_and_gradient(kind):
+    f, logp = random_fields()
+    for k in ("old_logp", "rollout_logp"):
+        f[k][0, 5], f[k][1, 4] = -150.0, 0.0  # pi_theta / pi_old: e^150 and e^-(large)
+    logp[1, 4] = -150.0
+    jf = {k: jnp.asarray(v) for k, v in f.items()}
+    (loss, _), grad = jax.value_and_grad(lambda x: RO.policy_terms(kind, x, jf, KL_CFG), has_aux=True)(
+        jnp.asarray(logp))
+    assert np.isfinite(float(loss)) and np.isfinite(np.asarray(grad)).all()
+
+
+@pytest.mark.parametrize("kind", RO.KINDS)
 def test_microbatches_with_the_steps_normalisers_add_up_to_the_whole_batch(kind):
     f, logp = random_fields(1)
     norms = RO.normalizers(jnp.asarray(f["targets"]))

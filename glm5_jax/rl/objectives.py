@@ -25,6 +25,7 @@ KINDS = ("grpo", "dis", "distill")
 # The float32 batch fields each kind reads (0 where not scored), besides losses.TOKEN_FIELDS.
 KIND_FIELDS = {"grpo": ("old_logp", "rollout_logp", "advantages"), "dis": ("rollout_logp", "advantages"),
                "distill": ("rollout_logp", "teacher_logp")}
+MAX_LOG_RATIO = 20.0  # GRPO's log r and the KL's log ratio are clamped to +-20: exp never overflows to inf
 # metric -> the step normaliser its numerator is divided by (None: a count, summed as it is)
 DENOMINATORS = {"policy_loss": "samples", "kl": "samples", "clipped_share": "tokens",
                 "icepop_masked_share": "tokens", "entropy": "tokens", "teacher_gap": "tokens",
@@ -53,7 +54,7 @@ def policy_terms(kind: str, logp, fields: dict, cfg: losses.LossConfig):
            "response_tokens": jnp.sum(scored)}
     if kind == "grpo":
         adv = fields["advantages"]
-        r = jnp.exp(logp - fields["old_logp"])
+        r = jnp.exp(jnp.clip(logp - fields["old_logp"], -MAX_LOG_RATIO, MAX_LOG_RATIO))
         rho = jnp.exp(fields["old_logp"] - fields["rollout_logp"])
         inside = (rho >= 1.0 / cfg.icepop_beta) & (rho <= cfg.icepop_beta)
         term = jnp.where(inside, rho, 0.0) * jnp.minimum(r * adv, jnp.clip(r, lo, hi) * adv)
@@ -70,7 +71,7 @@ def policy_terms(kind: str, logp, fields: dict, cfg: losses.LossConfig):
     out["policy_loss"] = per_sample(-term)
     loss = out["policy_loss"]
     if cfg.kl_weight > 0:  # k3 estimator of KL(pi_theta || pi_ref)
-        d = fields["ref_logp"] - logp
+        d = jnp.clip(fields["ref_logp"] - logp, -MAX_LOG_RATIO, MAX_LOG_RATIO)
         out["kl"] = per_sample(jnp.exp(d) - d - 1.0)
         loss = loss + cfg.kl_weight * out["kl"]
     return f32(loss), {k: f32(v) for k, v in out.items()}
