@@ -25,7 +25,7 @@ from glm5_jax.rl.logprobs import state_logprobs
 from glm5_jax.train import losses
 from glm5_jax.train import objectives as TO
 from glm5_jax.train import step as S
-from tests.step_util import one_device
+from tests.step_util import microbatches, one_device
 
 CFG = losses.LossConfig()
 KL_CFG = dataclasses.replace(CFG, kl_weight=0.05)
@@ -203,6 +203,8 @@ def test_bad_settings_are_one_line(call, message):
 
 
 def test_a_grpo_step_trains_the_model_and_leaves_the_indexer_bitwise_unchanged():
+    """Two GRPO steps on a rollout-shaped batch; the first step's loss and metrics (gradient norm included)
+    equal those of the same rows in 2 microbatches (accumulation equals one big batch through the seam)."""
     cfg = config.load("tiny", ["expert_matmul=tiled"])
     rows, length = 4, 24  # > index_topk: sparse attention selects keys with the indexer
     state = S.split(GLM5(cfg, rngs=nnx.Rngs(0)))
@@ -220,16 +222,26 @@ def test_a_grpo_step_trains_the_model_and_leaves_the_indexer_bitwise_unchanged()
     adv = group_advantages([1.0, 0.0, 1.0, 0.0], [0] * 4, [True, True, True, False], True)
     batch.update(old_logp=old, rollout_logp=np.where(targets >= 0, old + rng.normal(0, 0.3, old.shape), 0),
                  advantages=np.where(targets >= 0, adv[:, None], 0))
-    batch = {k: np.asarray(v, S.StepConfig(cfg, CFG, rows, length, objective="grpo").fields[k])[None]
+    batch = {k: np.asarray(v, S.StepConfig(cfg, CFG, rows, length, objective="grpo").fields[k])
              for k, v in batch.items()}
-    spec = S.StepConfig(cfg, CFG, rows, length, 1, "no_indexer", "grpo")
-    step = S.make_step(spec, one_device(), optim.from_dict({"matrix_optimizer": "adamw"}), S.abstract_state(cfg))
-    params, buffers = flatten(state.params), flatten(state.buffers)
+
+    def make(accumulate):
+        spec = S.StepConfig(cfg, CFG, rows // accumulate, length, accumulate, "no_indexer", "grpo")
+        step = S.make_step(spec, one_device(), optim.from_dict({"matrix_optimizer": "adamw"}), S.abstract_state(cfg))
+        params, buffers = (jax.tree.map(jnp.array, flatten(t)) for t in (state.params, state.buffers))
+        return step, params, buffers, step.init_optimizer(params)
+
+    step, *args = make(2)
+    split_metrics = jax.device_get(step(*args, microbatches(batch, 2), 2, 1e-3, 0.001)[3])
+    step, params, buffers, opt_state = make(1)
     before = jax.device_get((params, buffers))
-    opt_state = step.init_optimizer(params)
-    for _ in range(2):
-        params, buffers, opt_state, m = step(params, buffers, opt_state, batch, 1, 1e-3, 0.001)
+    for i in range(2):
+        params, buffers, opt_state, m = step(params, buffers, opt_state, microbatches(batch, 1), 1, 1e-3, 0.001)
         assert np.isfinite(float(m["loss"])) and bool(m["finite"]) and int(m["samples"]) == 3
+        if i == 0:
+            assert set(m) == set(split_metrics)
+            for k, v in jax.device_get(m).items():
+                assert float(v) == pytest.approx(float(split_metrics[k]), rel=1e-5, abs=1e-7), k
     after = jax.device_get((params, buffers))
     indexer = [k for k in before[0] if ".self_attn.indexer." in k]
     assert indexer and all(np.array_equal(before[0][k], after[0][k]) for k in indexer)

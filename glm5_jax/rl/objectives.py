@@ -78,9 +78,10 @@ def policy_terms(kind: str, logp, fields: dict, cfg: losses.LossConfig):
 
 
 class PolicyObjective:
-    """An RL objective of the train step (the seam of `glm5_jax.train.objectives`); `kind` in KINDS."""
+    """An RL objective of the train step (the seam of `glm5_jax.train.objectives`); subclasses set `kind`, one
+    of KINDS. Its `fields` and `metric_names` depend on the loss config (`ref_logp` and `kl` with the KL on)."""
 
-    kind = "grpo"
+    kind: str
     data_format = "prompts"  # prompts the loop rolls out
     step_metric_names = ()
     depths = 0
