@@ -190,7 +190,8 @@ def test_rho_quantiles_over_scored_tokens():
     (lambda: RO.check_group_size("distill", 0), "group_size: must be a positive integer; got 0"),
     (lambda: TO.make("grpo", config.load("tiny"), losses.LossConfig(dsa="sparse_adapt"), "stages.0.objective"),
      "stages.0.objective: grpo: losses.dsa: RL trains with the indexer frozen"),
-    (lambda: losses.loss_config_from_dict({"icepop_beta": 1}, "losses."), "losses.icepop_beta: must be a finite number > 1"),
+    (lambda: losses.loss_config_from_dict({"icepop_beta": 1}, "losses."),
+     "losses.icepop_beta: must be a finite number > 1"),
     (lambda: losses.loss_config_from_dict({"temperature": 0}), "temperature: must be a finite number > 0; got 0.0"),
     (lambda: losses.loss_config_from_dict({"clip_low": 1.5}), "clip_low: must be a finite number <= 1; got 1.5"),
 ])
