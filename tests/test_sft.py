@@ -63,7 +63,7 @@ def _recipe(**stage):
     ({"objective": "sft"}, "default",
      "stages.0.objective: sft trains on chat sources; data stage 'short' of 'default' reads text sources"),
     ({"objective": "sft", "losses": {"dsa": "warmup"}}, "sft", "stages.0.objective: sft: losses.dsa: warmup"),
-    ({"objective": "rlhf"}, "sft", "stages.0.objective: must be one of pretrain, sft; got 'rlhf'"),
+    ({"objective": "rlhf"}, "sft", "stages.0.objective: must be one of pretrain, sft, grpo, dis, distill; got 'rlhf'"),
 ])
 def test_objective_errors_are_one_line(changes, data, message):
     recipe = _recipe(**changes)

@@ -28,6 +28,12 @@ class LossConfig:
     bias_update_rate: float = 0.001  # aux-loss-free router bias step (update_router_bias), not a loss
     dsa: str = "sparse"  # "sparse" | "warmup" | "sparse_adapt" (DSA training stage)
     indexer_loss_weight: float = 1.0  # weight of the indexer KL (warmup, sparse_adapt)
+    # RL objectives (glm5_jax.rl.objectives; docs/post-training.md, "RL objectives")
+    clip_low: float = 0.2  # PPO clip / DIS band below 1 (0..1)
+    clip_high: float = 0.28  # PPO clip / DIS band above 1
+    icepop_beta: float = 2.0  # IcePop band [1 / beta, beta] of rho = pi_old_train / pi_rollout (> 1)
+    kl_weight: float = 0.0  # weight of the k3 KL to a reference policy; 0: off
+    temperature: float = 1.0  # the policy is softmax(logits / temperature), the sampling distribution (> 0)
 
     def validate(self, prefix: str = "") -> LossConfig:
         """Raise :class:`ConfigError` (one line naming the key) for the first invalid value; return self."""
@@ -38,9 +44,13 @@ class LossConfig:
                     raise ConfigError(f"{prefix}dsa: must be one of {', '.join(DSA_MODES)}; got {value!r}")
             elif not is_number(value) or value < 0:
                 raise ConfigError(f"{prefix}{f.name}: must be a finite number >= 0; got {value!r}")
+            elif f.name in _BOUNDS and not _BOUNDS[f.name][1](value):
+                raise ConfigError(f"{prefix}{f.name}: must be a finite number {_BOUNDS[f.name][0]}; got {value!r}")
         return self
 
 
+_BOUNDS = {"clip_low": ("<= 1", lambda v: v <= 1), "icepop_beta": ("> 1", lambda v: v > 1),
+           "temperature": ("> 0", lambda v: v > 0)}  # beyond >= 0
 _LOSS_FIELDS = [f.name for f in dataclasses.fields(LossConfig)]
 
 
@@ -53,6 +63,16 @@ def loss_config_from_dict(values: dict | None, prefix: str = "") -> LossConfig:
     check_keys(LossConfig, values, prefix, "loss config")
     values = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in values.items()}
     return LossConfig(**values).validate(prefix)
+
+
+TOKEN_FIELDS = {"input_ids": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32}
+
+
+def inert(batch: dict, used) -> dict:
+    """`batch` with nothing scored where `used` (broadcast against [..., L]) is false: no targets, padding
+    segments (the microbatches past a step's count)."""
+    return {**batch, "targets": jnp.where(used, batch["targets"], -1),
+            "segment_ids": jnp.where(used, batch["segment_ids"], 0)}
 
 
 def _is_static_zero(x) -> bool:

@@ -15,7 +15,10 @@ Objectives by name (`stages.N.objective` in a recipe, docs/training.md and docs/
   in-turn loss mask), so `lm` is the assistant-token loss; it adds `scored_share`, the fraction of the
   batch's real tokens that are scored.
 
-A new objective is a subclass registered in `OBJECTIVES`.
+- `grpo`, `dis`, `distill`: the RL objectives over rollouts (`glm5_jax.rl.objectives`; docs/post-training.md,
+  "RL objectives").
+
+A new objective is a class with this API registered in `OBJECTIVES`.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import jax.numpy as jnp
 from glm5_jax.checkpoint.naming import flatten, to_state
 from glm5_jax.errors import ConfigError
 from glm5_jax.model import layer_groups
+from glm5_jax.rl.objectives import RL_OBJECTIVES
 from glm5_jax.train import losses
 
-TOKEN_FIELDS = {"input_ids": jnp.int32, "targets": jnp.int32, "positions": jnp.int32, "segment_ids": jnp.int32}
+TOKEN_FIELDS = losses.TOKEN_FIELDS
 
 
 class LanguageModel:
@@ -46,8 +50,7 @@ class LanguageModel:
 
     def unused(self, batch: dict, used) -> dict:
         """`batch` with nothing scored where `used` [microbatch, 1, 1] is false (no targets, padding segments)."""
-        return {**batch, "targets": jnp.where(used, batch["targets"], -1),
-                "segment_ids": jnp.where(used, batch["segment_ids"], 0)}
+        return losses.inert(batch, used)
 
     def normalizers(self, batch: dict) -> dict:
         return losses.normalizers(batch, self.depths)
@@ -99,7 +102,7 @@ class SupervisedFineTuning(LanguageModel):
         return loss, aux
 
 
-OBJECTIVES = {cls.name: cls for cls in (LanguageModel, SupervisedFineTuning)}
+OBJECTIVES = {cls.name: cls for cls in (LanguageModel, SupervisedFineTuning, *RL_OBJECTIVES)}
 
 
 def make(name: str, model_cfg, loss_cfg: losses.LossConfig, key: str = "objective"):

@@ -52,8 +52,8 @@ class StepConfig:
 
     @property
     def fields(self) -> dict:
-        """{batch field: dtype} the step's objective reads."""
-        return objectives.OBJECTIVES[self.objective].fields
+        """{batch field: dtype} the step's objective reads (with its loss config)."""
+        return objectives.make(self.objective, self.model_cfg, self.loss_cfg).fields
 
 
 def _accumulate(fn, batch: dict, count, constrain=lambda x: x):
