@@ -147,13 +147,18 @@ def _layer0(model):
     return nnx.merge(graphdef, jax.tree.map(lambda x: x[0], state))
 
 
-def test_decode_topk_equals_training_topk(f32):
+@pytest.mark.parametrize("ties", [False, True], ids=["scores", "all-tied"])
+def test_decode_topk_equals_training_topk(f32, ties):
     """Layer 0 (its input is the embedding in both, so any difference is in the selection): top-k of the
     decode step at each generated position (indexer scores over the cache) against `select_topk` in the
-    training forward of the whole sequence."""
+    training forward of the whole sequence. all-tied: the indexer's head weights zeroed, so every score is
+    0 and both must pick the lowest positions."""
     cfg, state, *_, samples = f32
     model = nnx.merge(state.graphdef, state.params, state.buffers)
     layer = _layer0(model)
+    if ties:
+        w = layer.self_attn.indexer.weights_proj
+        w.value = jnp.zeros_like(w.value)
     s = max(samples, key=lambda s: len(s.tokens))
     ids = jnp.asarray(s.tokens)[None]
     L, P = ids.shape[1], s.prompt_length
@@ -169,6 +174,8 @@ def test_decode_topk_equals_training_topk(f32):
         _, topk, latent, keys = layer.self_attn.decode(x[:, p:p + 1], cos[:, p:p + 1], sin[:, p:p + 1], pos,
                                                        latent, keys, None)
         assert np.array_equal(np.asarray(topk)[0, 0], np.asarray(train_topk)[0, p]), p
+        if ties:
+            assert np.asarray(topk)[0, 0].tolist() == list(range(cfg.index_topk))
     assert L - P >= NEW // 2
 
 

@@ -124,6 +124,11 @@ class Generator:
         new.state = self._place(state)
         return new
 
+    @property
+    def compiles(self) -> int:
+        """Programs compiled so far: a prefill and a decode (or speculative) step per batch and cache shape."""
+        return self._prefill._cache_size() + len(self._compiled)
+
     def _compile(self, fn, args, batch: int, length: int):
         """fn compiled ahead of time for these argument shapes (before the timed loop), reused by later calls."""
         key = (fn, batch, length)
@@ -166,7 +171,8 @@ class Generator:
         key = jax.random.key(s.seed if seed is None else seed)
         with use(self.par) if self.par is not None else contextlib.nullcontext():
             token, lp, last, cache, hidden = self._prefill(self.state, self._put(seq[:, :P], ("batch", None)),
-                                                       self._put(lengths, ("batch",)), jax.random.fold_in(key, 0), T)
+                                                           self._put(lengths, ("batch",)), jax.random.fold_in(key, 0),
+                                                           T)
             n = lengths.copy()  # per row: index of the newest token; positions below it are in the cache
             seq[np.arange(B), n] = np.asarray(token)
             logits = [[np.asarray(last[i])] for i in range(B)] if return_logits else None

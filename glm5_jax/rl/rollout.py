@@ -70,11 +70,11 @@ class RolloutEngine:
     """`generate(params, buffers, prompts, group_size, version, seed, first_sample_id, prompt_indices)`:
     `group_size` samples per prompt from the weights given (flat {dotted name: array} dicts), in layout `par`.
 
-    A sample is at most `max_length` tokens (prompt + response); a response at most `max_new_tokens`. The
-    result is a function of (weights, prompts, seed, group_size): every row draws its own tokens. The scoring
-    pass scores batches [score_rows, max_length] (default: all of a call's samples in one batch); a trainer
-    whose microbatches have that shape (`to_batch(samples, max_length, score_rows, ...)`) in the same layout
-    and dtype reproduces the recorded log-probs bit for bit."""
+    A sample is at most `max_length` tokens (prompt + response); a response at most `max_new_tokens`. In one
+    layout the result is a function of (weights, prompts, seed, group_size); every row draws its own tokens.
+    The scoring pass scores batches [score_rows, max_length] (default: all of a call's samples in one batch);
+    a trainer whose microbatches have that shape (`to_batch(samples, max_length, score_rows, ...)`) in the
+    same layout and dtype reproduces the recorded log-probs bit for bit."""
 
     def __init__(self, model_cfg, par: Parallelism, *, temperature: float, max_new_tokens: int, max_length: int,
                  score_rows: int | None = None, top_k: int = 0, top_p: float = 1.0):
@@ -102,8 +102,7 @@ class RolloutEngine:
     @property
     def compiles(self) -> int:
         """Programs compiled so far: the decoder's (prefill, decode step) and the scoring pass's."""
-        g = self._generator
-        return (0 if g is None else g._prefill._cache_size() + len(g._compiled)) + self.scorer.compiles
+        return (0 if self._generator is None else self._generator.compiles) + self.scorer.compiles
 
     def generate(self, params: dict, buffers: dict, prompts: list[np.ndarray], group_size: int, version: int,
                  seed: int, first_sample_id: int, prompt_indices: list[int]) -> list[Sample]:
