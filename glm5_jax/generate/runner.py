@@ -7,6 +7,7 @@ one decode step reused for every token), so tokens per second count decoding onl
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 
@@ -18,7 +19,7 @@ from flax import nnx
 from glm5_jax.errors import ConfigError
 from glm5_jax.generate import speculative
 from glm5_jax.generate import step as step_lib
-from glm5_jax.generate.sampling import Sampling, sample
+from glm5_jax.generate.sampling import Sampling, chosen_log_probs, sample
 from glm5_jax.sharding.context import Parallelism, use
 
 
@@ -30,6 +31,9 @@ class GenerationResult:
     steps: int  # decode steps (main-model forwards after the prefill)
     accepted: float | None = None  # speculative: mean tokens committed per row per step (accepted + 1)
     logits: list[np.ndarray] | None = None  # per row [generated, V]: the logits each generated token came from
+    # per row [generated] float32: each generated token's log-probability under the distribution it was drawn
+    # from (0: greedy); None with speculative decoding
+    token_logprobs: list[np.ndarray] | None = None
 
     @property
     def generated(self) -> int:
@@ -82,21 +86,21 @@ class Generator:
             raise ConfigError("--speculative mtp: the checkpoint has no MTP layer (num_nextn_predict_layers 0)")
         self.cfg, self.sampling, self.speculative, self.par = cfg, sampling.validate(), speculative_mtp, par
         graphdef, state = nnx.split(model)
-        if par is not None:
-            from glm5_jax.model.state import state_shardings
-
-            state = jax.device_put(state, state_shardings(state, par))
-        self.state = state
+        self.state = self._place(state)
         merge = lambda st: nnx.merge(graphdef, st)
         s = self.sampling
 
+        def drawn(logits, key):  # a token per row and its log-probability under the sampling distribution
+            token = sample(logits, s, key)
+            return token, chosen_log_probs(logits, s, token)
+
         def prefill(st, ids, lengths, key, cache_length):
             logits, cache, hidden = prefill_all(merge(st), ids, lengths, cache_length, speculative_mtp)
-            return sample(logits, s, key), logits, cache, hidden
+            return *drawn(logits, key), logits, cache, hidden
 
         def decode(st, cache, ids, positions, key):
             logits, _, cache = step_lib.decode(merge(st), cache, ids, positions)
-            return sample(logits[:, -1], s, key), logits[:, -1], cache
+            return *drawn(logits[:, -1], key), logits[:, -1], cache
 
         def spec_step(st, cache, hidden, seq, n, key):
             return speculative.step(merge(st), cache, hidden, seq, n, s, key)[:4]
@@ -105,6 +109,25 @@ class Generator:
         self._prefill = jax.jit(prefill, static_argnums=4)
         self._decode = jax.jit(decode, donate_argnums=1)
         self._spec = jax.jit(spec_step, donate_argnums=(1, 2))
+
+    def _place(self, state):
+        if self.par is None:
+            return state
+        from glm5_jax.model.state import state_shardings
+
+        return jax.device_put(state, state_shardings(state, self.par))
+
+    def with_state(self, state) -> Generator:
+        """This generator with other weights (an nnx State of the same model: `nnx.split(model)[1]`), placed in
+        its layout; it shares the compiled programs, so new weights (an RL step's) never recompile."""
+        new = copy.copy(self)
+        new.state = self._place(state)
+        return new
+
+    @property
+    def compiles(self) -> int:
+        """Programs compiled so far: a prefill and a decode (or speculative) step per batch and cache shape."""
+        return self._prefill._cache_size() + len(self._compiled)
 
     def _compile(self, fn, args, batch: int, length: int):
         """fn compiled ahead of time for these argument shapes (before the timed loop), reused by later calls."""
@@ -119,11 +142,12 @@ class Generator:
         return jax.device_put(x, self.par.sharding(axes, x.shape))
 
     def generate(self, prompts, max_new_tokens: int, max_length: int | None = None, *,
-                 return_logits: bool = False) -> GenerationResult:
+                 return_logits: bool = False, seed: int | None = None) -> GenerationResult:
         """Continue each prompt (a 1-D int array) by up to `max_new_tokens`, stopping a row at an EOS id.
 
         max_length: cache slots (default longest prompt + max_new_tokens); rows stop when full.
-        return_logits: also keep, per generated token, the logits it was chosen from (plain decoding)."""
+        return_logits: also keep, per generated token, the logits it was chosen from (plain decoding).
+        seed: the sampling seed of this call (default the `Sampling`'s)."""
         cfg, s = self.cfg, self.sampling
         lengths = np.array([len(p) for p in prompts], np.int32)
         B, P = len(prompts), int(lengths.max())
@@ -133,22 +157,26 @@ class Generator:
             raise ConfigError(f"--max-length: {T} leaves no room after the longest prompt ({P} tokens)")
         extra = -B % (self.par.axis_size("batch") if self.par is not None else 1)
         if extra:  # fill the last batch shard with copies of the last prompt, dropped from the result
-            r = self.generate(list(prompts) + [prompts[-1]] * extra, max_new_tokens, T, return_logits=return_logits)
+            r = self.generate(list(prompts) + [prompts[-1]] * extra, max_new_tokens, T, return_logits=return_logits,
+                              seed=seed)
             return dataclasses.replace(r, sequences=r.sequences[:B], prompt_lengths=r.prompt_lengths[:B],
-                                       logits=None if r.logits is None else r.logits[:B])
+                                       logits=None if r.logits is None else r.logits[:B],
+                                       token_logprobs=None if r.token_logprobs is None else r.token_logprobs[:B])
         if return_logits and self.speculative:
             raise ConfigError("return_logits: not kept with speculative decoding")
         seq = np.zeros((B, T), np.int32)
         for i, p in enumerate(prompts):
             seq[i, :len(p)] = p
         eos = np.array(eos_ids(cfg) or [-1])
-        key = jax.random.key(s.seed)
+        key = jax.random.key(s.seed if seed is None else seed)
         with use(self.par) if self.par is not None else contextlib.nullcontext():
-            token, last, cache, hidden = self._prefill(self.state, self._put(seq[:, :P], ("batch", None)),
-                                                       self._put(lengths, ("batch",)), jax.random.fold_in(key, 0), T)
+            token, lp, last, cache, hidden = self._prefill(self.state, self._put(seq[:, :P], ("batch", None)),
+                                                           self._put(lengths, ("batch",)), jax.random.fold_in(key, 0),
+                                                           T)
             n = lengths.copy()  # per row: index of the newest token; positions below it are in the cache
             seq[np.arange(B), n] = np.asarray(token)
             logits = [[np.asarray(last[i])] for i in range(B)] if return_logits else None
+            token_lp = None if self.speculative else [[float(v)] for v in np.asarray(lp)]
             done = np.isin(seq[np.arange(B), n], eos) | (n + 1 >= T) | (max_new_tokens <= 1)
             produced = np.ones(B, np.int64)
             steps, row_steps, committed = 0, 0, 0  # committed: tokens from decode steps, summed over rows
@@ -166,8 +194,8 @@ class Generator:
                             self._put(n[:, None], ("batch", None)), k)
                     compiled = compiled or self._compile(self._decode, args, B, T)
                     start = start or time.perf_counter()
-                    token, last, cache = compiled(*args)
-                    tokens, accepted = np.asarray(token)[:, None], np.zeros(B, np.int32)
+                    token, lp, last, cache = compiled(*args)
+                    tokens, accepted, lp = np.asarray(token)[:, None], np.zeros(B, np.int32), np.asarray(lp)
                 steps += 1
                 for i in np.flatnonzero(~done):
                     row_steps += 1
@@ -178,13 +206,17 @@ class Generator:
                         committed += 1
                         if logits is not None:
                             logits[i].append(np.asarray(last[i]))
+                        if token_lp is not None:
+                            token_lp[i].append(float(lp[i]))
                         if t in eos or produced[i] >= max_new_tokens or n[i] + 1 >= T:
                             done[i] = True
                             break
             seconds = time.perf_counter() - start if start is not None else 0.0
         sequences = [seq[i, :n[i] + 1].copy() for i in range(B)]
         result = GenerationResult(sequences, lengths.tolist(), seconds, steps,
-                                  logits=[np.stack(l) for l in logits] if logits is not None else None)
+                                  logits=[np.stack(l) for l in logits] if logits is not None else None,
+                                  token_logprobs=None if token_lp is None else
+                                  [np.array(l, np.float32) for l in token_lp])
         if self.speculative and row_steps:
             result.accepted = committed / row_steps  # tokens a row commits per step (accepted drafts + 1)
         return result

@@ -56,3 +56,11 @@ def sample(logits, s: Sampling, key):
     if s.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, log_probs(logits, s), axis=-1).astype(jnp.int32)
+
+
+def chosen_log_probs(logits, s: Sampling, tokens):
+    """float32 [...] log-probability of `tokens` [...] under the distribution `sample` drew them from (logits
+    [..., V]): `log_probs` at the token, 0 when greedy (a point mass)."""
+    if s.greedy:
+        return jnp.zeros(tokens.shape, jnp.float32)
+    return jnp.take_along_axis(log_probs(logits, s), tokens[..., None], axis=-1)[..., 0]
