@@ -9,7 +9,6 @@ from __future__ import annotations
 import numpy as np
 
 from glm5_jax.errors import ConfigError
-from glm5_jax.rl.feed import response_ids
 
 
 class RLEvaluator:
@@ -28,14 +27,13 @@ class RLEvaluator:
         """{"reward", "solved", "failed", "response_len", "prompts"} of the stage's held-out prompts (greedy)."""
         rl, prompts = self.setup.rl[stage.index], self.setup.prompts[stage.index]
         records = prompts.eval[:rl.eval_prompts]
-        samples = self.setup.engine(stage, temperature=0.0).generate(
-            params, buffers, [prompts.ids(r) for r in records], 1, version=0, seed=0, first_sample_id=0,
-            prompt_indices=list(range(len(records))))
-        texts = [self.setup.tokenizer.decode(response_ids(s, self.setup.eos)) for s in samples]
-        scores = self.setup.rewards(stage).scores([(t, records[s.group]) for t, s in zip(texts, samples)])
+        answers = self.setup.engine(stage).greedy(params, buffers, [prompts.ids(r) for r in records])
+        eos = self.setup.eos
+        texts = [self.setup.tokenizer.decode(a[:-1] if len(a) and int(a[-1]) in eos else a) for a in answers]
+        scores = self.setup.rewards(stage).score(list(zip(texts, records)))
         rewards = np.array([np.nan if s.reward is None else s.reward for s in scores])
         ok = ~np.isnan(rewards)
         return {"reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
                 "solved": float(np.mean(rewards[ok] >= 1.0)) if ok.any() else float("nan"),
                 "failed": int((~ok).sum()), "prompts": len(records),
-                "response_len": float(np.mean([len(s.tokens) - s.prompt_length for s in samples]))}
+                "response_len": float(np.mean([len(a) for a in answers]))}

@@ -21,7 +21,8 @@ import numpy as np
 
 from glm5_jax.errors import ConfigError
 from glm5_jax.rl import advantages as adv_lib
-from glm5_jax.rl import rollout as rollout_lib
+from glm5_jax.rl.scoring import to_batch
+from glm5_jax.rl.objectives import rho_quantiles
 from glm5_jax.train.step import BATCH_AXES
 
 
@@ -77,7 +78,7 @@ class RLFeed:
                                   first_sample_id=state.step * per_step, prompt_indices=[i for i, _ in chosen])
         t1 = time.perf_counter()
         texts = [self.setup.tokenizer.decode(response_ids(s, self.setup.eos)) for s in samples]
-        scores = self.setup.rewards(stage).scores([(t, chosen[s.group][1]) for t, s in zip(texts, samples)])
+        scores = self.setup.rewards(stage).score([(t, chosen[s.group][1]) for t, s in zip(texts, samples)])
         for s, sc in zip(samples, scores):
             s.reward, s.failure = sc.reward, (None if sc.reward is not None else sc.reason)
         t2 = time.perf_counter()
@@ -85,24 +86,19 @@ class RLFeed:
         valid = ~np.isnan(rewards)
         groups = np.array([s.group for s in samples])
         advantages = adv_lib.group_advantages(np.nan_to_num(rewards), groups, valid, self.setup.normalize_std(stage))
-        batch = rollout_lib.to_batch(samples, spec.seq_len, per_step * rl.updates_per_rollout, 1)
+        batch = to_batch(samples, spec.seq_len, per_step * rl.updates_per_rollout, 1)
         batch = {k: v[0] for k, v in batch.items()}  # [samples, L]
         scored = batch["targets"] >= 0
         batch["advantages"] = np.where(scored, advantages[:, None], 0.0).astype(np.float32)
-        extra = self.setup.extra_logprobs(stage, state, batch)  # old_logp, and teacher_logp / ref_logp
-        batch.update(extra)
-        log_rho = np.abs(batch["old_logp"] - batch["rollout_logp"])[scored]
+        batch.update(self.setup.extra_logprobs(stage, state, batch))  # old_logp, and teacher_logp / ref_logp
         t3 = time.perf_counter()
         lengths = np.array([len(s.tokens) - s.prompt_length for s in samples])
-        spread = [np.std(rewards[(groups == g) & valid]) for g in np.unique(groups) if ((groups == g) & valid).any()]
-        q = np.quantile(log_rho, [0.5, 0.9, 0.99, 1.0]) if log_rho.size else np.zeros(4)
         self.report_next = {
-            "reward_mean": float(np.mean(rewards[valid])) if valid.any() else float("nan"),
-            "reward_group_std": float(np.mean(spread)) if spread else 0.0,
-            "failed": int((~valid).sum()), "response_len_mean": float(lengths.mean()),
-            "response_len_max": int(lengths.max()), "truncated": float(np.mean([not s.finished for s in samples])),
-            "abs_log_rho_p50": float(q[0]), "abs_log_rho_p90": float(q[1]), "abs_log_rho_p99": float(q[2]),
-            "abs_log_rho_max": float(q[3]), "generate_s": t1 - t0, "reward_s": t2 - t1, "logprob_s": t3 - t2}
+            **adv_lib.reward_metrics(rewards, groups, valid), "failed": int((~valid).sum()),
+            **rho_quantiles(batch["old_logp"], batch["rollout_logp"], batch["targets"], (0.01, 0.5, 0.99, 1.0)),
+            "response_len_mean": float(lengths.mean()), "response_len_max": int(lengths.max()),
+            "truncated_share": float(np.mean([not s.finished for s in samples])),
+            "generate_s": t1 - t0, "reward_s": t2 - t1, "logprob_s": t3 - t2}
         fields = list(spec.fields)
         shape = (rl.updates_per_rollout, spec.accumulate, spec.rows, spec.seq_len)
         return [{f: batch[f].reshape(shape)[u] for f in fields} for u in range(rl.updates_per_rollout)]

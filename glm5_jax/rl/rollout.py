@@ -88,21 +88,30 @@ class RolloutEngine:
         self.temperature, self.max_new_tokens, self.max_length = temperature, max_new_tokens, max_length
         self.abstract = abstract_state(model_cfg)
         self.scorer = Scorer(model_cfg, par, temperature)
-        self._generator: Generator | None = None  # built on the first call, then given each call's weights
+        # The sampling decoder and the greedy one (evaluation): built on first use, then given each call's weights.
+        self._generators: dict[float, Generator] = {}
 
-    def generator(self, params: dict, buffers: dict) -> Generator:
-        """The decoder holding these weights (compiled programs shared across calls)."""
+    def generator(self, params: dict, buffers: dict, temperature: float | None = None) -> Generator:
+        """The decoder holding these weights (compiled programs shared across calls); `temperature` 0: the
+        greedy decoder (held-out evaluation), default: the engine's sampling temperature."""
+        t = self.temperature if temperature is None else temperature
         model = nnx.merge(self.abstract.graphdef, to_state(params, self.abstract.params),
                           to_state(buffers, self.abstract.buffers))
-        if self._generator is None:
-            self._generator = Generator(model, Sampling(temperature=self.temperature), par=self.par)
-            return self._generator
-        return self._generator.with_state(nnx.split(model)[1])
+        if t not in self._generators:
+            self._generators[t] = Generator(model, Sampling(temperature=t), par=self.par)
+            return self._generators[t]
+        return self._generators[t].with_state(nnx.split(model)[1])
 
     @property
     def compiles(self) -> int:
-        """Programs compiled so far: the decoder's (prefill, decode step) and the scoring pass's."""
-        return (0 if self._generator is None else self._generator.compiles) + self.scorer.compiles
+        """Programs compiled so far: the decoders' (prefill, decode step) and the scoring pass's."""
+        return sum(g.compiles for g in self._generators.values()) + self.scorer.compiles
+
+    def greedy(self, params: dict, buffers: dict, prompts: list[np.ndarray]) -> list[np.ndarray]:
+        """Each prompt's greedy answer (token ids after the prompt, up to and including an EOS): evaluation."""
+        result = self.generator(params, buffers, 0.0).generate([np.asarray(p, np.int32) for p in prompts],
+                                                              self.max_new_tokens, self.max_length)
+        return [seq[len(p):] for seq, p in zip(result.sequences, prompts)]
 
     def generate(self, params: dict, buffers: dict, prompts: list[np.ndarray], group_size: int, version: int,
                  seed: int, first_sample_id: int, prompt_indices: list[int]) -> list[Sample]:

@@ -37,7 +37,6 @@ class RLSetup:
         from glm5_jax.rl import config as rl_config
         from glm5_jax.rl import objectives as rl_objectives
         from glm5_jax.rl.rewards import load_reward
-        from glm5_jax.rl.rollout import check_prompts
 
         self.run = run
         stages = [s for s in run.stages if is_rl(s)]
@@ -61,8 +60,15 @@ class RLSetup:
             load_reward(rl.reward, f"{key}.rl.reward")
             prompts = self.prompts[s.index] = PromptSet(run.data_cfg, s.name, self.tokenizer, policy,
                                                         run.recipe.eval.holdout)
-            check_prompts([prompts.ids(r) for r in prompts.train + prompts.eval], s.data.seq_len, rl.max_new_tokens,
-                          f"{key}.rl.max_new_tokens")
+            room = s.data.seq_len - rl.max_new_tokens
+            if room < 1:
+                raise ConfigError(f"{key}.rl.max_new_tokens: {rl.max_new_tokens} leaves no room for a prompt in the "
+                                  f"data stage's seq_len {s.data.seq_len}")
+            for i, r in enumerate(prompts.train + prompts.eval):
+                if len(prompts.ids(r)) > room:
+                    raise ConfigError(f"{key}.rl.max_new_tokens: a prompt of {len(prompts.ids(r))} tokens ("
+                                      f"{str(r[prompts.field])[:40]!r}...) and {rl.max_new_tokens} new tokens exceed the "
+                                      f"data stage's seq_len {s.data.seq_len}")
             if s.step.objective == "distill":
                 self._teacher_config(rl.teacher, f"{key}.rl.teacher")
             elif rl.teacher is not None:
@@ -115,21 +121,20 @@ class RLSetup:
             self._cache[key] = make()
         return self._cache[key]
 
-    def engine(self, stage, temperature: float | None = None):
-        """The rollout engine of a stage (sampling at the objective's temperature; 0: greedy, for evaluation)."""
+    def engine(self, stage):
+        """The stage's rollout engine: sampling at the objective's temperature, samples of the data stage's
+        seq_len, scored in one batch of the rollout's samples (the trainer's old_logp is that same program)."""
         from glm5_jax.rl.rollout import RolloutEngine
 
-        t = stage.step.loss_cfg.temperature if temperature is None else temperature
         rl = self.rl[stage.index]
-        return self._cached(("engine", stage.index, t), lambda: RolloutEngine(
-            stage.step.model_cfg, self.run.par, temperature=t, max_new_tokens=rl.max_new_tokens,
-            max_length=stage.data.seq_len))
+        return self._cached(("engine", stage.index), lambda: RolloutEngine(
+            stage.step.model_cfg, self.run.par, temperature=stage.step.loss_cfg.temperature,
+            max_new_tokens=rl.max_new_tokens, max_length=stage.data.seq_len))
 
-    def scorer(self, stage, cfg=None):
-        """The trainer's log-prob scorer of a stage (with `cfg`: another model's, the teacher's)."""
-        from glm5_jax.rl.rollout import Scorer
+    def scorer(self, stage, cfg):
+        """A log-prob scorer of another model (the teacher's) in the run's layout, at the stage's temperature."""
+        from glm5_jax.rl.scoring import Scorer
 
-        cfg = stage.step.model_cfg if cfg is None else cfg
         return self._cached(("scorer", stage.index, repr(cfg)),
                             lambda: Scorer(cfg, self.run.par, stage.step.loss_cfg.temperature))
 
@@ -157,11 +162,11 @@ class RLSetup:
         trainer's, with the weights that made the rollout), `teacher_logp` (distill), `ref_logp` (KL term)."""
         from glm5_jax.checkpoint.store import CheckpointReader
 
-        rl = self.rl[stage.index]
-        out = {"old_logp": self.scorer(stage)(state.params, state.buffers, batch)}
+        rl, trainer = self.rl[stage.index], self.engine(stage).scorer
+        out = {"old_logp": trainer(state.params, state.buffers, batch)}
         if stage.step.objective == "distill":
             tcfg = CheckpointReader(rl.teacher).config
             out["teacher_logp"] = self.scorer(stage, tcfg)(*self._policy(rl.teacher, tcfg), batch)
         if stage.step.loss_cfg.kl_weight > 0:
-            out["ref_logp"] = self.scorer(stage)(*self._policy(self.reference, stage.step.model_cfg), batch)
+            out["ref_logp"] = trainer(*self._policy(self.reference, stage.step.model_cfg), batch)
         return out
