@@ -78,8 +78,8 @@ def landlock(libc, abi, read_roots, scratch):
 
 def namespaces(libc):
     """New user + network (+ PID where allowed) namespaces: no network interface but a downed loopback."""
-    for flags, names in ((CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID, ["netns", "pidns"]),
-                         (CLONE_NEWUSER | CLONE_NEWNET, ["netns"]), (CLONE_NEWNET, ["netns"])):
+    for flags, names in ((CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWPID, ["userns", "netns", "pidns"]),
+                         (CLONE_NEWUSER | CLONE_NEWNET, ["userns", "netns"]), (CLONE_NEWNET, ["netns"])):
         if libc.unshare(flags) == 0:
             return names
     return []
@@ -97,6 +97,7 @@ def main():
     cfg = json.loads(sys.argv[1])
     scratch, limit, probe = cfg["scratch"], cfg["max_processes"], cfg.get("probe", False)
     libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the parent (a reward worker) killed: so is the sandbox
     nproc = nproc_applies()
     layers = ["rlimit"] + namespaces(libc)
     if "pidns" in layers:  # this process waits; its child is the namespace's init and runs the code
@@ -113,12 +114,15 @@ def main():
             layers.remove("pidns")
     cpu = math.ceil(cfg["time_limit"]) + 1
     mem = cfg["memory_mb"] << 20
-    for res, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_CORE, 0),
-                       (resource.RLIMIT_FSIZE, cfg["file_mb"] << 20), (resource.RLIMIT_NOFILE, 256),
-                       (resource.RLIMIT_NPROC, limit + 1)):
-        resource.setrlimit(res, (value, value))
-    if nproc:
+    limits = [(resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_CORE, 0),
+              (resource.RLIMIT_FSIZE, cfg["file_mb"] << 20), (resource.RLIMIT_NOFILE, 256)]
+    # RLIMIT_NPROC counts the user's processes in its user namespace: only in our own one does it count ours
+    # (+ 1: the waiter above)
+    if nproc and "userns" in layers:
+        limits.append((resource.RLIMIT_NPROC, limit + 1))
         layers.append("nproc")
+    for res, value in limits:
+        resource.setrlimit(res, (value, value))
     libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
     abi = landlock_abi(libc)
     if abi:
