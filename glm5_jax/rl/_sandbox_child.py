@@ -29,12 +29,12 @@ PROCESS_EVENTS = ("os.exec", "os.posix_spawn", "os.spawn", "os.system", "subproc
 HEAP_EVENTS = ("gc.get_objects", "gc.get_referrers", "gc.get_referents")
 
 
-class SandboxDenied(PermissionError):
-    """An operation the audit layer refused; `reason` is the sandbox's one-line reason."""
-
-    def __init__(self, reason):
-        super().__init__(reason)
-        self.reason = reason
+def denied(reason):
+    """The PermissionError the audit layer raises; `sandbox_reason` marks it as the sandbox's own (the child
+    imports nothing of the project, so it has no error class of its own)."""
+    exc = PermissionError(reason)
+    exc.sandbox_reason = reason
+    return exc
 
 
 def landlock_abi(libc):
@@ -58,7 +58,8 @@ def landlock(libc, abi, read_roots, scratch):
         _pack_ = 1
         _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
 
-    rules = [(p, FS_READ) for p in read_roots] + [("/dev/null", (1 << 1) | (1 << 2)), (scratch, handled)]
+    devices = [("/dev/null", (1 << 1) | (1 << 2)), ("/dev/urandom", 1 << 2), ("/dev/zero", 1 << 2)]
+    rules = [(p, FS_READ) for p in read_roots] + devices + [(scratch, handled)]
     for path, access in rules:
         try:
             fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
@@ -149,7 +150,7 @@ def audit_hook(cfg, state, fork_limit, contained_signals):
 
     def refuse(reason):
         if deny:
-            raise SandboxDenied(reason)
+            raise denied(reason)
 
     def hook(event, args):
         if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
@@ -196,8 +197,8 @@ def audit_hook(cfg, state, fork_limit, contained_signals):
 def classify(exc, state, cfg, layers):
     """(reason, blocked_by) of the exception that ended the code."""
     last = state["last"] or ("", None)
-    if isinstance(exc, SandboxDenied):
-        return exc.reason, "audit"
+    if getattr(exc, "sandbox_reason", None):
+        return exc.sandbox_reason, "audit"
     if isinstance(exc, MemoryError):
         return f"memory limit {cfg['memory_mb']} MiB exceeded", "rlimit"
     if isinstance(exc, OSError) and exc.errno == errno.EAGAIN and last[0] == "fork":
