@@ -32,6 +32,12 @@ def test_code_runs_the_answer_then_the_tests_in_the_sandbox():
     assert wrong == Score(0.0, "exit status 1: AssertionError")
     hang = rewards.code("def add(a, b):\n    while True: pass\n", {**item, "time_limit": 1})
     assert hang == Score(0.0, "time limit 1 s exceeded")
+    for cheat, reason in (("import sys\nsys.exit(0)\n", "the answer exited (line 2) before the tests ran"),
+                          ("import os\nos._exit(0)\n", "exit status 0 before the end of the code (os._exit)")):
+        assert rewards.code(cheat, item) == Score(0.0, reason)
+    unit = {**item, "tests": "import unittest\nclass T(unittest.TestCase):\n    def test(self):\n"
+                             "        self.assertEqual(add(1, 1), 2)\nunittest.main()\n"}
+    assert rewards.code(good, unit) == Score(1.0, "")
 
 
 def test_load_reward_names_the_key_the_path_and_the_cause():

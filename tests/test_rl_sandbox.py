@@ -46,6 +46,8 @@ def attacks(tmp_path, port):
         "public network": ("import socket\nsocket.socket().connect(('1.1.1.1', 53))\n", "network access denied"),
         "write outside": (f"open({str(outside)!r}, 'w').write('x')\n",
                           f"write outside the scratch folder denied: {outside}"),
+        "remove outside": (f"import os\nos.remove({str(secret)!r})\n",
+                           f"write outside the scratch folder denied: {secret}"),
         "read not given": (f"print(open({str(secret)!r}).read())\n", f"read of {secret} denied"),
     }, outside
 
@@ -58,6 +60,16 @@ def test_a_normal_program_reads_its_files_and_writes_in_its_scratch_folder():
     bad = sandbox.run("assert 1 + 1 == 3, 'arithmetic'", time_limit=5)
     assert (bad.ok, bad.reason, bad.blocked_by) == (False, "exit status 1: AssertionError: arithmetic", "")
     assert "AssertionError" in bad.stderr
+    syntax = sandbox.run("def f(:\n", time_limit=5)
+    assert (syntax.ok, syntax.reason) == (False, "exit status 1: SyntaxError: invalid syntax")
+
+
+def test_how_the_code_ended():
+    early = sandbox.run("import sys\nsys.exit(0)\nprint('never')\n", time_limit=5)
+    assert (early.ok, early.exit_line, early.stdout) == (True, 2, "")
+    assert sandbox.run("print('x')\n", time_limit=5).exit_line is None
+    hidden = sandbox.run("import os\nos._exit(0)\n", time_limit=5)
+    assert (hidden.ok, hidden.reason) == (False, "exit status 0 before the end of the code (os._exit)")
 
 
 @pytest.mark.parametrize("audit", [True, False])
@@ -70,7 +82,7 @@ def test_network_files_and_reads_are_contained(tmp_path, listener, audit):
         assert (r.ok, r.reason) == (False, reason), (name, r.stderr)
         assert (r.blocked_by == "audit") == audit, (name, r.blocked_by)
         assert "the test's own file" not in r.stdout
-    assert not outside.exists()
+    assert not outside.exists() and (tmp_path / "secret.txt").exists()
     with pytest.raises(socket.timeout):
         listener.accept()
 

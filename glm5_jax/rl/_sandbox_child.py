@@ -27,6 +27,9 @@ FS_FILE_ONLY = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 14) | (1 << 15)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 PROCESS_EVENTS = ("os.exec", "os.posix_spawn", "os.spawn", "os.system", "subprocess.Popen", "os.forkpty")
 HEAP_EVENTS = ("gc.get_objects", "gc.get_referrers", "gc.get_referents")
+# Audit events that change the file system, and which of their arguments are the paths they change.
+CHANGE_EVENTS = {"os.remove": (0,), "os.rmdir": (0,), "os.rename": (0, 1), "os.link": (0, 1), "os.symlink": (1,),
+                 "os.mkdir": (0,), "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.utime": (0,)}
 
 
 def denied(reason):
@@ -162,6 +165,14 @@ def audit_hook(cfg, state, fork_limit, contained_signals):
                 refuse(f"write outside the scratch folder denied: {path}")
             if not write and not inside(path, readable):
                 refuse(f"read of {path} denied")
+        elif event in CHANGE_EVENTS:
+            for i in CHANGE_EVENTS[event]:
+                if isinstance(args[i], (str, bytes, os.PathLike)):
+                    path = os.path.join(realpath(os.path.dirname(fsdecode(args[i]))),
+                                        os.path.basename(fsdecode(args[i])))  # the link itself, not its target
+                    state["last"] = ("write", path)
+                    if not inside(path, [scratch]):
+                        refuse(f"write outside the scratch folder denied: {path}")
         elif event in ("os.listdir", "os.scandir") and isinstance(args[0], (str, bytes)):
             path = realpath(fsdecode(args[0]))
             state["last"] = ("read", path)
@@ -213,22 +224,35 @@ def classify(exc, state, cfg, layers):
     return f"exit status 1: {line}", ""
 
 
+def module_line(tb, filename):
+    """The line of `filename`'s top-level code that was running when the traceback `tb` was raised."""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == filename and tb.tb_frame.f_code.co_name == "<module>":
+            return tb.tb_lineno
+        tb = tb.tb_next
+    return None
+
+
 def run_main(cfg, state, layers):
-    with open("main.py", encoding="utf-8") as f:
-        code = compile(f.read(), os.path.join(cfg["scratch"], "main.py"), "exec")
-    status, reason, blocked_by = 0, "", ""
+    status, reason, blocked_by, exit_line = 0, "", "", None
+    filename = os.path.join(cfg["scratch"], "main.py")
+    sys.argv = [filename]
     try:
-        exec(code, {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__})
+        with open("main.py", encoding="utf-8") as f:
+            code = compile(f.read(), filename, "exec")
+        exec(code, {"__name__": "__main__", "__file__": filename, "__builtins__": __builtins__})
     except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        status = int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if exc.code is not None and not isinstance(exc.code, int):
             print(exc.code, file=sys.stderr)
         reason = f"exit status {status}" if status else ""
+        exit_line = module_line(exc.__traceback__, filename)
     except BaseException as exc:  # noqa: BLE001 -- any error of the code is its verdict
         reason, blocked_by = classify(exc, state, cfg, layers)  # before printing reads files
         traceback.print_exc(limit=-8)
         status = 1
-    verdict = {"reason": reason, "blocked_by": blocked_by, "layers": layers, "main": os.getpid() == state["main"]}
+    verdict = {"reason": reason, "blocked_by": blocked_by, "layers": layers, "exit_line": exit_line,
+               "main": os.getpid() == state["main"]}
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -62,10 +62,15 @@ def code_block(response: str) -> str:
 
 def code(response: str, item: dict) -> Score:
     """Runs the response's code (`code_block`) followed by `item["tests"]` in the sandbox, with the item's
-    `files`, `time_limit` (default 10 s) and `memory_mb` (default 512): 1.0 when it runs to its end, else 0.0
-    with the sandbox's reason."""
-    result = sandbox.run(code_block(response) + "\n\n" + item["tests"] + "\n", files=item.get("files"),
+    `files`, `time_limit` (default 10 s) and `memory_mb` (default 512): 1.0 when it runs to its end (or the
+    tests end it with status 0, as `unittest.main()` does), else 0.0 with the sandbox's reason; an answer that
+    exits with status 0 before the tests run scores 0.0."""
+    answer = code_block(response) + "\n\n"
+    result = sandbox.run(answer + item["tests"] + "\n", files=item.get("files"),
                          time_limit=float(item.get("time_limit", 10.0)), memory_mb=int(item.get("memory_mb", 512)))
+    tests_line = answer.count("\n") + 1
+    if result.ok and result.exit_line is not None and result.exit_line < tests_line:
+        return Score(0.0, f"the answer exited (line {result.exit_line}) before the tests ran")
     return Score(1.0 if result.ok else 0.0, result.reason)
 
 

@@ -35,7 +35,9 @@ SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache")
 class SandboxResult:
     """`ok`: the code ran to its end and exited 0. `reason`: empty when ok, else one line. `blocked_by`: the
     layer that stopped the code ("audit", "landlock", "netns", "pidns", "rlimit", "wall clock"; empty when
-    the code failed on its own). `layers`: the containment layers that were active."""
+    the code failed on its own). `layers`: the containment layers that were active. `exit_line`: when the code
+    ended by SystemExit (`sys.exit`, `exit()`, `unittest.main()`), the line of main.py whose top-level
+    statement was running."""
 
     ok: bool
     reason: str
@@ -45,6 +47,7 @@ class SandboxResult:
     seconds: float
     blocked_by: str = ""
     layers: tuple[str, ...] = ()
+    exit_line: int | None = None
 
 
 def read_roots() -> list[str]:
@@ -56,7 +59,9 @@ def read_roots() -> list[str]:
 
 
 def _spawn(cfg: dict, cwd: str, stdout, stderr) -> subprocess.Popen:
-    env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8"}
+    # one thread per numeric library: threads count against max_processes
+    env = {"PATH": "/usr/bin:/bin", "HOME": cwd, "TMPDIR": cwd, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-I", "-B", CHILD, json.dumps(cfg)], cwd=cwd, env=env,
                             stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr, close_fds=True,
                             start_new_session=True)
@@ -65,7 +70,7 @@ def _spawn(cfg: dict, cwd: str, stdout, stderr) -> subprocess.Popen:
 @functools.cache
 def kernel_layers() -> tuple[str, ...]:
     """The layers the sandbox's child gets on this machine (probed once per process): "rlimit" always;
-    "netns" / "pidns" (namespaces), "nproc" (RLIMIT_NPROC binds: not root), "landlock" (file system),
+    "userns" / "netns" / "pidns" (namespaces), "nproc" (RLIMIT_NPROC binds: not root), "landlock" (file system),
     "landlock-net" (TCP, ABI >= 4), "landlock-scope" (abstract sockets and signals, ABI >= 6)."""
     with tempfile.TemporaryDirectory(prefix="glm5-sandbox-") as scratch:
         cfg = dict(scratch=os.path.realpath(scratch), max_processes=2, time_limit=5, memory_mb=512,
@@ -150,7 +155,9 @@ def run(code: str, *, files: dict[str, str] | None = None, time_limit: float = 1
         reason = f"killed by signal {signal.Signals(signum).name}"
     elif returncode and not reason:
         reason = f"exit status {returncode}"
-    ok = returncode == 0 and not timed_out
+    elif not returncode and not main:  # os._exit(0): the code did not run to its end
+        reason = "exit status 0 before the end of the code (os._exit)"
+    ok = returncode == 0 and not timed_out and bool(main)
     return SandboxResult(ok=ok, reason="" if ok else reason, stdout=stdout, stderr=stderr,
                          returncode=returncode, seconds=seconds, blocked_by="" if ok else blocked_by,
-                         layers=tuple(verdict.get("layers", layers)))
+                         layers=tuple(verdict.get("layers", layers)), exit_line=verdict.get("exit_line"))
