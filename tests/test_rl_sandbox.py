@@ -36,6 +36,15 @@ def listener():
         yield s
 
 
+@pytest.fixture
+def unix_listener(tmp_path):
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "s.sock"))  # a named UNIX socket, as a local Ray instance listens on
+        s.listen(1)
+        s.settimeout(0.2)
+        yield s
+
+
 def attacks(tmp_path, port):
     secret = tmp_path / "secret.txt"
     secret.write_text("the test's own file")
@@ -43,6 +52,8 @@ def attacks(tmp_path, port):
     return {
         "local network": (f"import socket\nsocket.socket().connect(('127.0.0.1', {port}))\n",
                           "network access denied"),
+        "unix socket": (f"import socket\nsocket.socket(socket.AF_UNIX).connect({str(tmp_path / 's.sock')!r})\n",
+                        "network access denied"),
         "public network": ("import socket\nsocket.socket().connect(('1.1.1.1', 53))\n", "network access denied"),
         "write outside": (f"open({str(outside)!r}, 'w').write('x')\n",
                           f"write outside the scratch folder denied: {outside}"),
@@ -73,7 +84,7 @@ def test_how_the_code_ended():
 
 
 @pytest.mark.parametrize("audit", [True, False])
-def test_network_files_and_reads_are_contained(tmp_path, listener, audit):
+def test_network_files_and_reads_are_contained(tmp_path, listener, unix_listener, audit):
     if not audit and not KERNEL:
         pytest.skip("no Landlock or network namespace on this kernel: the audit layer is the only one")
     cases, outside = attacks(tmp_path, listener.getsockname()[1])
@@ -83,8 +94,9 @@ def test_network_files_and_reads_are_contained(tmp_path, listener, audit):
         assert (r.blocked_by == "audit") == audit, (name, r.blocked_by)
         assert "the test's own file" not in r.stdout
     assert not outside.exists() and (tmp_path / "secret.txt").exists()
-    with pytest.raises(socket.timeout):
-        listener.accept()
+    for server in (listener, unix_listener):
+        with pytest.raises(socket.timeout):
+            server.accept()
 
 
 def test_infinite_loop_and_memory_hog():

@@ -89,6 +89,39 @@ def namespaces(libc):
     return []
 
 
+# seccomp: the audit architecture and the numbers of connect, bind, sendto, sendmsg, sendmmsg
+SECCOMP_ARCH = {"x86_64": (0xC000003E, (42, 49, 44, 46, 307)), "aarch64": (0xC00000B7, (203, 200, 206, 211, 269))}
+
+
+def seccomp(libc):
+    """A seccomp filter refusing (EPERM) connect, bind, sendmsg, sendmmsg, sendto with an address, io_uring
+    (which would bypass it), and x32 or other-architecture system calls: no socket reaches anything, named UNIX
+    sockets included (Landlock does not cover those); socketpair and send on it still work."""
+    if os.uname().machine not in SECCOMP_ARCH:
+        return []
+    audit_arch, (connect, bind, sendto, sendmsg, sendmmsg) = SECCOMP_ARCH[os.uname().machine]
+    ld, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    allow, deny = "allow", "deny"
+    prog = [(ld, None, None, 4), (jeq, None, deny, audit_arch), (ld, None, None, 0), (jge, deny, None, 0x40000000)]
+    prog += [(jeq, deny, None, nr) for nr in (connect, bind, sendmsg, sendmmsg, 425)]  # 425: io_uring_setup
+    prog += [(jeq, None, allow, sendto), (ld, None, None, 48), (jeq, None, deny, 0), (ld, None, None, 52),
+             (jeq, allow, deny, 0), (ret, None, None, 0x7FFF0000), (ret, None, None, 0x00050000 | errno.EPERM)]
+    where = {allow: len(prog) - 2, deny: len(prog) - 1}
+
+    class Filter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(Filter))]
+
+    def offset(i, target):  # a jump's target: the next instruction (None) or a label
+        return 0 if target is None else where[target] - i - 1
+
+    filters = (Filter * len(prog))(*[Filter(c, offset(i, t), offset(i, f), k) for i, (c, t, f, k) in enumerate(prog)])
+    program = Program(len(prog), filters)
+    return ["seccomp"] if libc.prctl(22, 2, ctypes.byref(program), 0, 0) == 0 else []  # SECCOMP_MODE_FILTER
+
+
 def nproc_applies():
     """RLIMIT_NPROC binds neither root nor a holder of CAP_SYS_ADMIN / CAP_SYS_RESOURCE (in the initial
     namespace, read before unsharing)."""
@@ -107,7 +140,6 @@ def main():
     if "pidns" in layers:  # this process waits; its child is the namespace's init and runs the code
         child = os.fork()
         if child:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
             status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
             os._exit(status if status >= 0 else 128 - status)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -131,10 +163,11 @@ def main():
     abi = landlock_abi(libc)
     if abi:
         layers += landlock(libc, abi, cfg["read_roots"], scratch)
+    layers += seccomp(libc)
     if probe:
         print(json.dumps(layers))
         return
-    fork_bound = nproc or "pidns" in layers  # else the audit layer allows no fork at all
+    fork_bound = "nproc" in layers or "pidns" in layers  # else the audit layer allows no fork at all
     state = {"main": os.getpid(), "forks": 0, "last": None}
     audit_hook(cfg, state, limit if fork_bound else 1, "pidns" in layers or "landlock-scope" in layers)
     run_main(cfg, state, layers)
@@ -215,8 +248,9 @@ def classify(exc, state, cfg, layers):
     if isinstance(exc, OSError) and exc.errno == errno.EAGAIN and last[0] == "fork":
         return f"process limit {cfg['max_processes']} exceeded", "rlimit" if "nproc" in layers else "pidns"
     if isinstance(exc, OSError) and last[0] == "socket":
-        return "network access denied", "landlock" if exc.errno in (errno.EACCES, errno.EPERM) else "netns"
-    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM) and last[0] in ("read", "write"):
+        return "network access denied", {errno.EPERM: "seccomp", errno.EACCES: "landlock"}.get(exc.errno, "netns")
+    if (isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM) and last[0] in ("read", "write")
+            and exc.filename is not None and os.path.basename(os.fsdecode(exc.filename)) == os.path.basename(last[1])):
         if last[0] == "write":
             return f"write outside the scratch folder denied: {last[1]}", "landlock"
         return f"read of {last[1]} denied", "landlock"
