@@ -71,7 +71,8 @@ def _spawn(cfg: dict, cwd: str, stdout, stderr) -> subprocess.Popen:
 def kernel_layers() -> tuple[str, ...]:
     """The layers the sandbox's child gets on this machine (probed once per process): "rlimit" always;
     "userns" / "netns" / "pidns" (namespaces), "nproc" (RLIMIT_NPROC binds: not root), "landlock" (file system),
-    "landlock-net" (TCP, ABI >= 4), "landlock-scope" (abstract sockets and signals, ABI >= 6)."""
+    "landlock-net" (TCP, ABI >= 4), "landlock-scope" (abstract sockets and signals, ABI >= 6), "seccomp"
+    (sockets)."""
     with tempfile.TemporaryDirectory(prefix="glm5-sandbox-") as scratch:
         cfg = dict(scratch=os.path.realpath(scratch), max_processes=2, time_limit=5, memory_mb=512,
                    file_mb=FILE_MB, read_roots=read_roots(), audit=True, probe=True)
@@ -80,13 +81,23 @@ def kernel_layers() -> tuple[str, ...]:
     return tuple(json.loads(out.decode().splitlines()[-1])) if proc.returncode == 0 else ("rlimit",)
 
 
-def _tail(path: str, head: bool) -> tuple[str, list[dict]]:
+def _verdict(line: str) -> dict | None:
+    try:
+        verdict = json.loads(line[len(VERDICT):])
+    except ValueError:  # a line cut by the tail, or the code's own text
+        return None
+    return verdict if isinstance(verdict, dict) and verdict.get("main") is True else None
+
+
+def _read_output(path: str, head: bool) -> tuple[str, list[dict]]:
+    """The first (head) or last KEEP bytes of an output file without its verdict lines, and the main
+    process's verdicts."""
     with open(path, "rb") as f:
         if not head:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 4 * KEEP))
         text = f.read(4 * KEEP).decode("utf-8", "replace")
     lines = text.split("\n")
-    verdicts = [json.loads(x[len(VERDICT):]) for x in lines if x.startswith(VERDICT)]
+    verdicts = [v for v in map(_verdict, (x for x in lines if x.startswith(VERDICT))) if v is not None]
     text = "\n".join(x for x in lines if not x.startswith(VERDICT)).strip("\n")
     return (text[:KEEP] if head else text[-KEEP:]), verdicts
 
@@ -140,9 +151,8 @@ def run(code: str, *, files: dict[str, str] | None = None, time_limit: float = 1
             pass
         returncode = proc.wait()
         seconds = time.monotonic() - start
-        stdout, _ = _tail(out_path, head=True)
-        stderr, verdicts = _tail(err_path, head=False)
-    main = [v for v in verdicts if v["main"]]
+        stdout, _ = _read_output(out_path, head=True)
+        stderr, main = _read_output(err_path, head=False)
     verdict = main[-1] if main else {}
     reason, blocked_by = verdict.get("reason", ""), verdict.get("blocked_by", "")
     # SIGXCPU: the CPU-seconds rlimit; through the PID namespace's waiter it arrives as 128 + signal
@@ -151,7 +161,7 @@ def run(code: str, *, files: dict[str, str] | None = None, time_limit: float = 1
         reason, blocked_by = f"time limit {time_limit:g} s exceeded", "wall clock" if timed_out else "rlimit"
     elif signum == signal.SIGXFSZ:
         reason, blocked_by = f"file size limit {FILE_MB} MiB exceeded", "rlimit"
-    elif signum:
+    elif signum in signal.valid_signals():
         reason = f"killed by signal {signal.Signals(signum).name}"
     elif returncode and not reason:
         reason = f"exit status {returncode}"
