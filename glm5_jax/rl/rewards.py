@@ -12,12 +12,15 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import math
-import multiprocessing
 import numbers
 import re
+import socket
+import subprocess
+import sys
 import time
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 
 from glm5_jax.errors import ConfigError
 from glm5_jax.rl import sandbox
@@ -120,25 +123,35 @@ def to_score(value) -> Score:
     return Score(float(value))
 
 
-def _worker(spec: str, conn) -> None:
+# A worker: a fresh interpreter with the parent's sys.path that imports only this module (not the parent's
+# __main__, as multiprocessing's spawn would: a training script's JAX, for one).
+WORKER = ("import json, sys; sys.path[:0] = json.loads(sys.argv[3]); from glm5_jax.rl.rewards import worker; "
+          "worker(sys.argv[1], int(sys.argv[2]))")
+
+
+def worker(spec: str, fd: int) -> None:
     """A worker process: loads the function once, then scores (index, response, item) until told to stop."""
+    conn = Connection(fd)
     try:
         fn = load_reward(spec)
     except ConfigError as e:
         conn.send(("error", str(e)))
         return
-    conn.send(("ready", None))
-    while (job := conn.recv()) is not None:
-        index, response, item = job
-        try:
-            score = to_score(fn(response, item))
-        except Exception as e:  # noqa: BLE001 -- a failing reward fails its sample, never the run
-            score = Score(None, _one_line(e))
-        conn.send((index, score))
+    try:
+        conn.send(("ready", None))
+        while (job := conn.recv()) is not None:
+            index, response, item = job
+            try:
+                score = to_score(fn(response, item))
+            except Exception as e:  # noqa: BLE001 -- a failing reward fails its sample, never the run
+                score = Score(None, _one_line(e))
+            conn.send((index, score))
+    except (EOFError, OSError):  # the pool's process is gone: so is this worker, quietly
+        return
 
 
 class RewardPool:
-    """`workers` processes (the spawn start method: the parent holds JAX and is never forked) scoring with the
+    """`workers` processes (fresh interpreters: the parent holds JAX and is never forked) scoring with the
     reward `fn_spec`; each sample gets `timeout` seconds, after which its worker is killed and replaced. Reuse
     one pool across steps; `close()` it (or use it as a context manager)."""
 
@@ -147,19 +160,18 @@ class RewardPool:
         if workers < 1 or timeout <= 0:
             raise ConfigError(f"{key}: workers {workers} must be >= 1 and timeout {timeout} > 0")
         self.spec, self.timeout, self.key = fn_spec, timeout, key
-        self._ctx = multiprocessing.get_context("spawn")
         self._workers = [self._start() for _ in range(workers)]
 
     def _start(self):
-        parent, child = self._ctx.Pipe()
-        proc = self._ctx.Process(target=_worker, args=(self.spec, child), daemon=True)
-        proc.start()
-        child.close()
-        return {"proc": proc, "conn": parent, "ready": False, "job": None, "deadline": None}
+        parent, child = socket.socketpair()
+        with child:
+            proc = subprocess.Popen([sys.executable, "-c", WORKER, self.spec, str(child.fileno()),
+                                     json.dumps(sys.path)], pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        return {"proc": proc, "conn": Connection(parent.detach()), "ready": False, "job": None, "deadline": None}
 
     def _replace(self, w) -> None:
         w["proc"].kill()
-        w["proc"].join()
+        w["proc"].wait()
         w["conn"].close()
         w.update(self._start())
 
@@ -188,8 +200,7 @@ class RewardPool:
         try:
             tag, value = w["conn"].recv()
         except (EOFError, OSError):  # the worker died (os._exit, a crash, the kernel's OOM killer)
-            w["proc"].join(timeout=5)
-            died = f"the reward worker died (exit code {w['proc'].exitcode})"
+            died = f"the reward worker died (exit code {w['proc'].wait()})"
             if not w["ready"]:
                 self.close()
                 raise ConfigError(f"{self.key}: {self.spec}: {died} while loading the function") from None
@@ -211,10 +222,11 @@ class RewardPool:
                 w["conn"].send(None)
             except OSError:
                 pass
-            w["proc"].join(timeout=1)
-            if w["proc"].is_alive():
+            try:
+                w["proc"].wait(timeout=1)
+            except subprocess.TimeoutExpired:
                 w["proc"].kill()
-                w["proc"].join()
+                w["proc"].wait()
             w["conn"].close()
         self._workers = []
 
