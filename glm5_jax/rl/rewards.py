@@ -177,6 +177,8 @@ class RewardPool:
 
     def score(self, jobs: list[tuple[str, dict]]) -> list[Score]:
         """Scores of (response, item) pairs, in input order; never raises for a sample's error."""
+        if not self._workers:
+            raise ValueError("RewardPool.score on a closed pool")
         results: list[Score | None] = [None] * len(jobs)
         pending = list(range(len(jobs)))[::-1]
         while pending or any(w["job"] is not None for w in self._workers):
