@@ -1,0 +1,34 @@
+"""Reward functions of the user's own for tests/test_rl_rewards.py (imported by path in the workers)."""
+
+import os
+import time
+
+
+def length(response, item):
+    return float(len(response))
+
+
+def raises(response, item):
+    raise ValueError(f"cannot score {response!r}")
+
+
+def sleeps(response, item):
+    """Hangs on the response "wait", else the length."""
+    if response == "wait":
+        time.sleep(60)
+    return float(len(response))
+
+
+def text(response, item):
+    return "high"
+
+
+def nan(response, item):
+    return float("nan")
+
+
+def dies(response, item):
+    os._exit(7)
+
+
+NOT_CALLABLE = 3
