@@ -4,8 +4,10 @@ as the model is asked them (the chat format's generation prompt).
 
 A record is a dict: its prompt under the source's `text_field` (`prompt`: a string, the user's message, or a
 list of chat messages), the rest (`answer`, `tests`, ...) for the reward. Kinds: `jsonl` (one object a line)
-and `stdlib_repeat`, the embedded toy task: "Repeat exactly: `json.dumps`" answered by `json.dumps`, over
-the running Python's standard-library function names (the SFT corpus's), for the CPU RL recipe.
+and `stdlib_repeat`, the embedded toy task: continue a pattern, "Continue: dumps dumps dumps" answered by
+"dumps dumps dumps dumps " cut to 24 characters (the CPU recipe's answer length), over the names of the running
+Python's standard-library functions (the SFT corpus's, each name once): in-context copying, which a small
+model's liking for repetition gives a start.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from .sources import expand_paths
 
 @functools.lru_cache(maxsize=1)
 def stdlib_repeat_records() -> tuple[dict, ...]:
-    """The toy task: one record per standard-library function name of the SFT corpus, in a fixed order."""
+    """The toy task: one record per distinct function name (the last part of the qualified name) of the SFT
+    corpus, in a fixed order; the answer is the pattern's next 24 characters."""
     from .chat_corpus import _functions
 
-    return tuple({"prompt": f"Repeat exactly: `{name}`", "answer": name} for name, *_ in _functions())
+    names = dict.fromkeys(q.rsplit(".", 1)[1] for q, *_ in _functions())
+    return tuple({"prompt": f"Continue: {name} {name} {name}", "answer": ((name + " ") * 24)[:24]} for name in names)
 
 
 def read_records(source_cfg, policy) -> list[dict]:

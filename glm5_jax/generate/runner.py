@@ -142,15 +142,18 @@ class Generator:
         return jax.device_put(x, self.par.sharding(axes, x.shape))
 
     def generate(self, prompts, max_new_tokens: int, max_length: int | None = None, *,
-                 return_logits: bool = False, seed: int | None = None) -> GenerationResult:
+                 return_logits: bool = False, seed: int | None = None,
+                 prompt_slots: int | None = None) -> GenerationResult:
         """Continue each prompt (a 1-D int array) by up to `max_new_tokens`, stopping a row at an EOS id.
 
         max_length: cache slots (default longest prompt + max_new_tokens); rows stop when full.
         return_logits: also keep, per generated token, the logits it was chosen from (plain decoding).
-        seed: the sampling seed of this call (default the `Sampling`'s)."""
+        seed: the sampling seed of this call (default the `Sampling`'s).
+        prompt_slots: prefill at least this many positions (prompts right-padded to it), so that calls with
+        prompts of any length up to it share one compiled prefill (RL rollouts); default the longest prompt."""
         cfg, s = self.cfg, self.sampling
         lengths = np.array([len(p) for p in prompts], np.int32)
-        B, P = len(prompts), int(lengths.max())
+        B, P = len(prompts), max(int(lengths.max()), prompt_slots or 0)
         T = max_length or P + max_new_tokens
         check_max_length(cfg, T)
         if T <= P:
@@ -158,7 +161,7 @@ class Generator:
         extra = -B % (self.par.axis_size("batch") if self.par is not None else 1)
         if extra:  # fill the last batch shard with copies of the last prompt, dropped from the result
             r = self.generate(list(prompts) + [prompts[-1]] * extra, max_new_tokens, T, return_logits=return_logits,
-                              seed=seed)
+                              seed=seed, prompt_slots=prompt_slots)
             return dataclasses.replace(r, sequences=r.sequences[:B], prompt_lengths=r.prompt_lengths[:B],
                                        logits=None if r.logits is None else r.logits[:B],
                                        token_logprobs=None if r.token_logprobs is None else r.token_logprobs[:B])

@@ -20,13 +20,14 @@ class RLConfig:
     reward_timeout: float = 30.0  # seconds one sample's reward may take (longer: the sample failed)
     normalize_std: bool | None = None  # divide advantages by the group's std (None: grpo yes, dis no)
     teacher: str | None = None  # distill: the teacher's checkpoint directory (same vocabulary)
-    eval_prompts: int = 64  # held-out prompts answered greedily per evaluation (the eval section's interval)
+    eval_prompts: int = 64  # held-out prompts per evaluation (the eval section's schedule)
+    eval_samples: int = 4  # answers sampled per held-out prompt (at the rollouts' temperature, a fixed seed)
 
 
 def from_dict(values: dict, key: str) -> RLConfig:
     """A validated RLConfig from a stage's `rl:` mapping; errors are one line naming `key`.FIELD."""
     cfg = build(RLConfig, values or {}, f"{key}.", "recipe")
-    for name in ("group_size", "max_new_tokens", "updates_per_rollout", "reward_workers", "eval_prompts"):
+    for name in ("group_size", "max_new_tokens", "updates_per_rollout", "reward_workers", "eval_prompts", "eval_samples"):
         positive_int(f"{key}.{name}", getattr(cfg, name))
     if not is_number(cfg.reward_timeout) or cfg.reward_timeout <= 0:
         fail(f"{key}.reward_timeout", f"must be a positive number of seconds; got {cfg.reward_timeout!r}")

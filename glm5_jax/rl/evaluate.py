@@ -1,14 +1,17 @@
 """Held-out evaluation of an RL run: the stage's held-out prompts (the recipe's `eval.holdout` of the prompt
-source, the first `rl.eval_prompts` of them) answered greedily by the current weights and scored by the
-stage's reward. Logged to eval.jsonl as `reward` (mean), `solved` (share with reward >= 1), `failed`
-(samples the reward could not score) and `response_len`, on the recipe's `eval` schedule (`eval.at_start`
-gives the baseline)."""
+source, the first `rl.eval_prompts` of them) answered `rl.eval_samples` times each by the current weights,
+sampled as the rollouts are (the policy RL optimises; a fixed seed) and scored by the stage's reward. Logged
+to eval.jsonl as `reward` (mean), `solved` (share with reward >= 1), `failed` (samples the reward could not
+score), `samples` and `response_len`, on the recipe's `eval` schedule (`eval.at_start` gives the baseline)."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from glm5_jax.errors import ConfigError
+from glm5_jax.rl.feed import response_ids
+
+EVAL_SEED = 0  # every evaluation draws with the same seed: the figures differ by the weights alone
 
 
 class RLEvaluator:
@@ -24,16 +27,17 @@ class RLEvaluator:
         return (c.interval_steps is not None and step % c.interval_steps == 0) or (c.at_stage_end and stage_end)
 
     def run_at(self, stage, program, params, buffers) -> dict:
-        """{"reward", "solved", "failed", "response_len", "prompts"} of the stage's held-out prompts (greedy)."""
+        """{"reward", "solved", "failed", "samples", "response_len"} of the stage's held-out prompts."""
         rl, prompts = self.setup.rl[stage.index], self.setup.prompts[stage.index]
         records = prompts.eval[:rl.eval_prompts]
-        answers = self.setup.engine(stage).greedy(params, buffers, [prompts.ids(r) for r in records])
-        eos = self.setup.eos
-        texts = [self.setup.tokenizer.decode(a[:-1] if len(a) and int(a[-1]) in eos else a) for a in answers]
-        scores = self.setup.rewards(stage).score(list(zip(texts, records)))
+        samples = self.setup.engine(stage).generate(
+            params, buffers, [prompts.ids(r) for r in records], rl.eval_samples, version=0, seed=EVAL_SEED,
+            first_sample_id=0, prompt_indices=list(range(len(records))))
+        texts = [self.setup.tokenizer.decode(response_ids(s, self.setup.eos)) for s in samples]
+        scores = self.setup.rewards(stage).score([(t, records[s.group]) for t, s in zip(texts, samples)])
         rewards = np.array([np.nan if s.reward is None else s.reward for s in scores])
         ok = ~np.isnan(rewards)
         return {"reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
                 "solved": float(np.mean(rewards[ok] >= 1.0)) if ok.any() else float("nan"),
-                "failed": int((~ok).sum()), "prompts": len(records),
-                "response_len": float(np.mean([len(a) for a in answers]))}
+                "failed": int((~ok).sum()), "samples": len(samples),
+                "response_len": float(np.mean([len(s.tokens) - s.prompt_length for s in samples]))}

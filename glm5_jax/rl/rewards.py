@@ -77,11 +77,21 @@ def code(response: str, item: dict) -> Score:
     return Score(1.0 if result.ok else 0.0, result.reason)
 
 
-BUILTINS = {"exact_match": exact_match, "math": math_answer, "code": code}
+def similarity(response: str, item: dict) -> float:
+    """Partial credit: difflib's similarity ratio (2 x matched characters / total characters, in [0, 1]) of
+    the final answer (`final_answer`, backticks stripped) to `item["answer"]`; 1.0 exactly when they are
+    equal. The toy task's reward (configs/recipes/quickstart-rl.yaml): a near miss earns more than noise, so a
+    small model's group rewards differ from the first step on."""
+    import difflib
+
+    return difflib.SequenceMatcher(None, final_answer(response).strip("`"), str(item["answer"]).strip()).ratio()
+
+
+BUILTINS = {"exact_match": exact_match, "math": math_answer, "code": code, "similarity": similarity}
 
 
 def load_reward(spec: str, key: str = "rl.reward"):
-    """The reward function `spec` names: a built-in (`exact_match`, `math`, `code`) or the user's own
+    """The reward function `spec` names: a built-in (`exact_match`, `math`, `code`, `similarity`) or the user's own
     `package.module:function`. Raises ConfigError, one line naming `key`, the path and the cause, when it does
     not import, lacks the attribute or is not callable."""
     if spec in BUILTINS:

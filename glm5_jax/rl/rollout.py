@@ -86,32 +86,25 @@ class RolloutEngine:
             raise ConfigError(f"score_rows: must be >= 1; got {score_rows}")
         self.cfg, self.par, self.score_rows = model_cfg, par, score_rows
         self.temperature, self.max_new_tokens, self.max_length = temperature, max_new_tokens, max_length
+        # Prompts are prefilled max_length - max_new_tokens wide when they fit it: one prefill program for all.
+        self.prompt_slots = max(1, max_length - max_new_tokens)
         self.abstract = abstract_state(model_cfg)
         self.scorer = Scorer(model_cfg, par, temperature)
-        # The sampling decoder and the greedy one (evaluation): built on first use, then given each call's weights.
-        self._generators: dict[float, Generator] = {}
+        self._generator: Generator | None = None  # built on the first call, then given each call's weights
 
-    def generator(self, params: dict, buffers: dict, temperature: float | None = None) -> Generator:
-        """The decoder holding these weights (compiled programs shared across calls); `temperature` 0: the
-        greedy decoder (held-out evaluation), default: the engine's sampling temperature."""
-        t = self.temperature if temperature is None else temperature
+    def generator(self, params: dict, buffers: dict) -> Generator:
+        """The decoder holding these weights (compiled programs shared across calls)."""
         model = nnx.merge(self.abstract.graphdef, to_state(params, self.abstract.params),
                           to_state(buffers, self.abstract.buffers))
-        if t not in self._generators:
-            self._generators[t] = Generator(model, Sampling(temperature=t), par=self.par)
-            return self._generators[t]
-        return self._generators[t].with_state(nnx.split(model)[1])
+        if self._generator is None:
+            self._generator = Generator(model, Sampling(temperature=self.temperature), par=self.par)
+            return self._generator
+        return self._generator.with_state(nnx.split(model)[1])
 
     @property
     def compiles(self) -> int:
-        """Programs compiled so far: the decoders' (prefill, decode step) and the scoring pass's."""
-        return sum(g.compiles for g in self._generators.values()) + self.scorer.compiles
-
-    def greedy(self, params: dict, buffers: dict, prompts: list[np.ndarray]) -> list[np.ndarray]:
-        """Each prompt's greedy answer (token ids after the prompt, up to and including an EOS): evaluation."""
-        result = self.generator(params, buffers, 0.0).generate([np.asarray(p, np.int32) for p in prompts],
-                                                              self.max_new_tokens, self.max_length)
-        return [seq[len(p):] for seq, p in zip(result.sequences, prompts)]
+        """Programs compiled so far: the decoder's (prefill, decode step) and the scoring pass's."""
+        return (0 if self._generator is None else self._generator.compiles) + self.scorer.compiles
 
     def generate(self, params: dict, buffers: dict, prompts: list[np.ndarray], group_size: int, version: int,
                  seed: int, first_sample_id: int, prompt_indices: list[int]) -> list[Sample]:
@@ -123,7 +116,8 @@ class RolloutEngine:
             raise ConfigError(f"group_size: must be >= 1; got {group_size}")
         check_prompts(prompts, self.max_length, prompt_indices)
         rows = [np.asarray(p, np.int32) for p in prompts for _ in range(group_size)]
-        result = self.generator(params, buffers).generate(rows, self.max_new_tokens, self.max_length, seed=seed)
+        result = self.generator(params, buffers).generate(rows, self.max_new_tokens, self.max_length, seed=seed,
+                                                          prompt_slots=self.prompt_slots)
         eos = set(eos_ids(self.cfg))
         samples = []
         for i, (seq, decoded) in enumerate(zip(result.sequences, result.token_logprobs)):

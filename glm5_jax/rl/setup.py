@@ -30,9 +30,9 @@ class RLSetup:
     """The RL stages of a resolved run (`train.setup.Run`), with their prompts and rewards checked."""
 
     def __init__(self, run):
-        from data.errors import ErrorPolicy
-        from data.prompts import PromptSet
-        from data.tokenizer import build_tokenizer
+        from glm5_jax.data.errors import ErrorPolicy
+        from glm5_jax.data.prompts import PromptSet
+        from glm5_jax.data.tokenizer import build_tokenizer
         from glm5_jax.generate.runner import eos_ids
         from glm5_jax.rl import config as rl_config
         from glm5_jax.rl import objectives as rl_objectives

@@ -42,6 +42,11 @@ def feed_opener(run, out=print):
     """`(shards, states, start_step) -> Feed`: the run's training data (its pipeline opened once, the held-out
     split left out), checked against the model's vocabulary; what `glm5 train` and `glm5 bench` read. A run
     whose stages train on rollouts reads an `RLFeed` (glm5_jax/rl/feed.py) instead."""
+    from glm5_jax.rl.setup import is_rl
+
+    if run.rl is None and any(is_rl(s) for s in run.stages):  # (glm5 bench: data stages only)
+        raise ConfigError("stages: an RL stage's batches are rollouts of the weights being trained; glm5 bench "
+                          "reads data stages (time an RL stage's step with glm5 plan or glm5 train)")
     if run.rl is not None:
         from glm5_jax.rl.feed import RLFeed
 

@@ -159,6 +159,11 @@ def format_record(r: dict) -> str:
             parts.append(f"{key} {r[key]:.4g}")
     parts += [f"gnorm {r['grad_norm']:.3g}", f"lr {r['lr']:.3g}", f"{r['tokens_per_s']:,.0f} tok/s",
               f"MFU {100 * r['mfu']:.2f}%", f"{1000 * r['step_time']:.0f} ms/step"]
+    if r.get("reward_mean") is not None:  # (an RL step that rolled out: rewards, answers, phases' seconds)
+        parts[3:3] = [f"reward {r['reward_mean']:.3f} (group std {r['reward_group_std']:.3f})",
+                      f"answer {r['response_len_mean']:.1f} tok", f"entropy {r['entropy']:.3f}",
+                      f"clipped {100 * r['clipped_share']:.1f}%",
+                      f"generate {r['generate_s']:.1f} s  reward {r['reward_s']:.1f} s"]
     if r.get("expert_load_max_over_mean") is not None:
         parts.append(f"load max/mean {r['expert_load_max_over_mean']:.2f}")
     if r.get("skipped"):
