@@ -15,7 +15,8 @@ from glm5_jax.values import (apply_overrides, boolean, build, check_keys, choice
 
 from .errors import ON_ERROR
 
-SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens", "stdlib_chat", "stdlib_repeat")
+SOURCE_KINDS = ("stdlib", "jsonl", "parquet", "arrayrecord", "tokens", "stdlib_chat", "pattern")
+EMBEDDED = ("stdlib", "stdlib_chat", "pattern")  # kinds built in, from no files
 TOKENIZER_KINDS = ("bytes", "hf")
 FORMATS = ("text", "chat", "prompts")  # a record is a document, a conversation (data/chat.py), or an RL prompt
 # with the fields its reward checks (data/prompts.py)
@@ -115,23 +116,23 @@ def _source(name, values) -> SourceConfig:
         cfg.paths = [cfg.paths]
     if not isinstance(cfg.paths, list) or not all(isinstance(p, str) for p in cfg.paths):
         fail(f"{key}.paths", f"must be a list of file paths or globs; got {cfg.paths!r}")
-    if cfg.kind.startswith("stdlib") and cfg.paths:
-        fail(f"{key}.paths", f"kind {cfg.kind} reads the running Python's standard library; it takes no paths")
-    if not cfg.kind.startswith("stdlib") and not cfg.paths:
+    if cfg.kind in EMBEDDED and cfg.paths:
+        fail(f"{key}.paths", f"kind {cfg.kind} is built in (no files); it takes no paths")
+    if cfg.kind not in EMBEDDED and not cfg.paths:
         fail(f"{key}.paths", f"kind {cfg.kind} needs at least one file or glob")
     if not isinstance(cfg.text_field, str) or not cfg.text_field:
         fail(f"{key}.text_field", f"must be a non-empty string; got {cfg.text_field!r}")
     boolean(f"{key}.append_eos", cfg.append_eos)
     if cfg.format is None:
-        cfg.format = {"stdlib_chat": "chat", "stdlib_repeat": "prompts"}.get(cfg.kind, "text")
+        cfg.format = {"stdlib_chat": "chat", "pattern": "prompts"}.get(cfg.kind, "text")
     choice(f"{key}.format", cfg.format, FORMATS)
     if cfg.kind == "stdlib_chat" and cfg.format != "chat":
         fail(f"{key}.format", "kind stdlib_chat holds conversations: its format is chat")
-    if cfg.kind == "stdlib_repeat" and cfg.format != "prompts":
-        fail(f"{key}.format", "kind stdlib_repeat holds RL prompts: its format is prompts")
+    if cfg.kind == "pattern" and cfg.format != "prompts":
+        fail(f"{key}.format", "kind pattern holds RL prompts: its format is prompts")
     if cfg.format == "prompts":
-        if cfg.kind not in ("jsonl", "stdlib_repeat"):
-            fail(f"{key}.format", f"kind {cfg.kind} holds no prompt records; prompts come from jsonl or stdlib_repeat")
+        if cfg.kind not in ("jsonl", "pattern"):
+            fail(f"{key}.format", f"kind {cfg.kind} holds no prompt records; prompts come from jsonl or pattern")
         if cfg.text_field == "text":
             cfg.text_field = "prompt"
     if cfg.format == "chat":

@@ -4,10 +4,9 @@ as the model is asked them (the chat format's generation prompt).
 
 A record is a dict: its prompt under the source's `text_field` (`prompt`: a string, the user's message, or a
 list of chat messages), the rest (`answer`, `tests`, ...) for the reward. Kinds: `jsonl` (one object a line)
-and `stdlib_repeat`, the embedded toy task: continue a pattern, "Continue: dumps dumps dumps" answered by
-"dumps dumps dumps dumps " cut to 24 characters (the CPU recipe's answer length), over the names of the running
-Python's standard-library functions (the SFT corpus's, each name once): in-context copying, which a small
-model's liking for repetition gives a start.
+and `pattern`, the embedded toy task: continue a repeating pattern, "Continue: k7 k7 k7" answered by
+"k7 k7 k7 k7 k7 k7 k7 k7 " (the pattern's next 24 characters, the CPU recipe's answer length), over every unit
+of one or two lowercase letters or digits.
 """
 
 from __future__ import annotations
@@ -26,20 +25,19 @@ from .sources import expand_paths
 
 
 @functools.lru_cache(maxsize=1)
-def stdlib_repeat_records() -> tuple[dict, ...]:
-    """The toy task: one record per distinct function name (the last part of the qualified name) of the SFT
-    corpus, in a fixed order; the answer is the pattern's next 24 characters."""
-    from .chat_corpus import _functions
-
-    names = dict.fromkeys(q.rsplit(".", 1)[1] for q, *_ in _functions())
-    return tuple({"prompt": f"Continue: {name} {name} {name}", "answer": ((name + " ") * 24)[:24]} for name in names)
+def pattern_records() -> tuple[dict, ...]:
+    """The toy task: one record per unit of one or two characters from [a-z0-9], in a fixed order; the answer
+    is the pattern's next 24 characters."""
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    units = list(chars) + [a + b for a in chars for b in chars]
+    return tuple({"prompt": f"Continue: {u} {u} {u}", "answer": ((u + " ") * 24)[:24]} for u in units)
 
 
 def read_records(source_cfg, policy) -> list[dict]:
     """Every record of a `prompts` source; a line that is not a JSON object with the prompt field goes
     through the error policy."""
-    if source_cfg.kind == "stdlib_repeat":
-        return [dict(r) for r in stdlib_repeat_records()]
+    if source_cfg.kind == "pattern":
+        return [dict(r) for r in pattern_records()]
     from .errors import Bad
 
     out = []
@@ -119,3 +117,4 @@ def generation_prompt(renderer, prompt) -> np.ndarray:
     ids, _ = renderer.render(messages)
     sp = renderer.sp
     return np.concatenate([ids[:-1], renderer.role["assistant"], sp["<think>"], sp["</think>"]]).astype(np.int32)
+

@@ -32,3 +32,8 @@ def dies(response, item):
 
 
 NOT_CALLABLE = 3
+
+
+def e_share(response, item):
+    """The share of the response's characters that are "e": a reward any policy can learn in a few steps."""
+    return response.count("e") / max(len(response), 1)
