@@ -36,7 +36,9 @@ def rl_recipe(tmp_path, init, **changes) -> str:
              "schedule": {"schedule": "constant", "learning_rate": 1e-2},
              "rl": {"group_size": 4, "max_new_tokens": 16, "updates_per_rollout": 2, "reward": "tests.reward_fns:e_share",
                     "reward_workers": 1, "eval_prompts": 2}}
-    stage.update(changes.pop("stage", {}))
+    change = changes.pop("stage", {})
+    stage["rl"].update(change.pop("rl", {}))
+    stage.update(change)
     recipe = {"model": None, "init_from": init, "data": str(tmp_path / "rl-data.yaml"), "layout": None,
               "layout_overrides": {"mesh": {"data": 2}}, "data_overrides": {}, "model_overrides": {},
               "losses": {"mtp_weight": 0.0, "balance_weight": 0.0, "bias_update_rate": 0.0},
@@ -100,15 +102,15 @@ def _init_params(init) -> dict:
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"stage": {"rl": {"group_size": 4, "reward": "nopkg.rewards:score"}}},
+    ({"stage": {"rl": {"reward": "nopkg.rewards:score"}}},
      "stages.0.rl.reward: nopkg.rewards:score: no module named 'nopkg'"),
     ({"stage": {"rl": {"group_size": 1}}},
      "stages.0.rl.group_size: objective grpo compares the samples of a prompt's group"),
-    ({"stage": {"rl": {"group_size": 4, "max_new_tokens": 40}}},
+    ({"stage": {"rl": {"max_new_tokens": 40}}},
      "stages.0.rl.max_new_tokens: a prompt of"),
     ({"stage": {"objective": "distill", "rl": {"group_size": 1, "teacher": "TEACHER"}}},
      "stages.0.rl.teacher: the teacher's vocabulary (300 ids) is not the model's (512)"),
-    ({"stage": {"trainable": "all", "rl": {"group_size": 4}}},
+    ({"stage": {"trainable": "all"}},
      "stages.0.trainable: RL keeps the DSA indexer frozen; use no_indexer"),
 ])
 def test_bad_rl_input_is_one_line_before_compiling(tmp_path, init, change, message):
