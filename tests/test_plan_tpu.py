@@ -40,8 +40,20 @@ def test_out_of_memory_is_the_verdict():
     result = measure.run("tiny", HUGE, None, [], None, 16, None, plan_devices.device_memory(devices, target, None),
                       device_list=devices, target=target)
     assert not result.fits and result.memory.peak is None
-    assert result.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM (95.74G)" in result.error
+    assert result.error.startswith("RESOURCE_EXHAUSTED") and "exceeds available HBM (86.17G)" in result.error  # 90%: memory_headroom 0.1
     assert result.memory.params > 2 * 200_000_000 * 64 * 4  # still the analytic split: embedding + head, replicated
+
+
+def test_memory_headroom_caps_the_compiler():
+    """The step is compiled for (1 - memory_headroom) of each chip's HBM; no option off TPU or without headroom."""
+    import jax
+
+    from glm5_jax import memory
+
+    devices = plan_devices.tpu_devices(plan_devices.parse_target("tpu:v5p-8"))
+    assert memory.device_hbm(devices[0]) == int(95.74 * 2**30)
+    assert memory.compiler_options(devices, 0.1) == {"xla_tpu_max_hbm_size_mib": str(int(95.74 * 2**30 * 0.9) // 2**20)}
+    assert memory.compiler_options(devices, 0.0) == {} and memory.compiler_options(jax.devices("cpu"), 0.1) == {}
 
 
 def _libtpu() -> str:

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from glm5_jax import optim, scopes
+from glm5_jax.memory import compiler_options
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.model.state import ModelState, abstract_state, init_sharded, place, split, state_shardings
 from glm5_jax.sharding.context import Parallelism, use
@@ -45,6 +46,7 @@ class StepConfig:
     accumulate: int = 1  # microbatches per optimizer step (the most a step may use)
     trainable: str = "all"  # "all" | "indexer" (DSA warm-up: everything else frozen) | "no_indexer"
     objective: str = "pretrain"  # glm5_jax.train.objectives.OBJECTIVES
+    memory_headroom: float = 0.1  # fraction of each TPU device's memory the compiled step leaves free
 
     @property
     def batch_shape(self) -> tuple[int, int, int]:
@@ -154,7 +156,8 @@ class TrainStep(EvalStep):
 
         shardings = (self.param_shardings, self.buffer_shardings, self.opt_shardings)
         self._jit = jax.jit(step, in_shardings=(*shardings, self.batch_sharding, None, None, None),
-                            out_shardings=(*shardings, None), donate_argnums=(0, 1, 2))
+                            out_shardings=(*shardings, None), donate_argnums=(0, 1, 2),
+                            compiler_options=compiler_options(par.mesh.devices.flat, spec.memory_headroom))
         self._compiled = None
 
     def _loss_and_grads(self, params, buffers, batch, count):
