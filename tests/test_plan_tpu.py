@@ -30,6 +30,7 @@ def test_tiny_step_compiles_for_v5p_8(capsys):
     out = capsys.readouterr().out
     assert "TPU compiler (tpu:v5p-8 = v5p:2x2x1; jax " in out and f"libtpu {_libtpu()}" in out
     assert "experts run ragged_dot, dispatch ragged as the model chooses for tpu devices" in out
+    assert "The compiler was given 86.17 GiB of each device's HBM (memory_headroom 0.1)." in out
     assert "95.74 GiB" in out and "fits (" in out and "DOES NOT FIT" not in out
 
 
