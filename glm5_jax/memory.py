@@ -13,34 +13,6 @@ import math
 
 from glm5_jax.errors import MemoryTooSmall
 
-GIB = 2**30
-# HBM of one JAX device as libtpu 0.0.42's compiler reports it ("exceeds available HBM (95.74G)"), by
-# Device.device_kind (a device with no `memory_stats`, e.g. one of a compile-only topology).
-TPU_MEMORY = {"TPU v5": int(95.74 * GIB), "TPU v5 lite": int(15.75 * GIB), "TPU v6 lite": int(31.25 * GIB),
-              "TPU7x": int(94.75 * GIB)}
-
-
-def device_hbm(device) -> int | None:
-    """Bytes of memory of one TPU device: its `memory_stats` limit, else its kind's (`TPU_MEMORY`)."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # compile-only (topology) devices have none
-        stats = None
-    return (stats or {}).get("bytes_limit") or TPU_MEMORY.get(device.device_kind)
-
-
-def compiler_options(devices, headroom: float) -> dict:
-    """XLA options that keep a program compiled for `devices` within (1 - headroom) of each device's memory.
-
-    On TPU the compiler is told the smaller memory (`xla_tpu_max_hbm_size_mib`): it schedules, and refuses
-    what does not fit, against that, and its scheduler otherwise fills what the chip has. Other platforms: none.
-    """
-    device = devices[0]
-    hbm = device_hbm(device) if device.platform == "tpu" else None
-    if not headroom or hbm is None:
-        return {}
-    return {"xla_tpu_max_hbm_size_mib": str(int(hbm * (1 - headroom)) // 2**20)}
-
 
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):

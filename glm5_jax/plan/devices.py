@@ -21,12 +21,15 @@ import subprocess
 import sys
 
 from glm5_jax.errors import ConfigError
-from glm5_jax.memory import TPU_MEMORY
 
 CHILD_ENV = "GLM5_PLAN_CHILD"  # set in a re-executed plan process: never re-execute twice
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 GIB = 2**30
+# HBM of one JAX device as libtpu 0.0.42's compiler reports it ("exceeds available HBM (95.74G)"), by
+# Device.device_kind. The compiler decides what fits; these figures only give the headroom of a plan that fits.
+TPU_MEMORY = {"TPU v5": int(95.74 * GIB), "TPU v5 lite": int(15.75 * GIB), "TPU v6 lite": int(31.25 * GIB),
+              "TPU7x": int(94.75 * GIB)}
 # Product name -> (libtpu generation name, chips per counted unit, topology dimensions)
 _PRODUCTS = {"v5p": ("v5p", 0.5, 3), "v5e": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
 TARGET_FORMS = ("cpu", "tpu:v5p-N (N TensorCores, 2 per chip)", "tpu:v5e-N / tpu:v6e-N (N chips)",

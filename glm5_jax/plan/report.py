@@ -117,10 +117,6 @@ def notes(result: PlanResult) -> list[str]:
     lines.append(f"Compiled by {compiler(result)}: experts run {work.expert_matmul}{dispatch} as the model "
                  f"chooses for {result.inputs.par.platform} devices. Parameters {cfg.param_dtype}, compute "
                  f"{cfg.dtype}, remat {cfg.remat_policy}.")
-    mib = result.inputs.step.compiler_options.get("xla_tpu_max_hbm_size_mib")
-    if mib is not None:
-        lines.append(f"The compiler was given {int(mib) / 1024:.2f} GiB of each device's HBM (memory_headroom "
-                     f"{result.inputs.step.spec.memory_headroom:g}).")
     lines.append(f"lower {result.lower_s:.1f} s, compile {result.compile_s:.1f} s, peak RSS of this process "
                  f"{result.peak_rss / GIB:.2f} GiB.")
     return lines

@@ -109,7 +109,6 @@ class Recipe:
     start_stage: str | None = None  # begin at this stage (from init_from, or from the run's checkpoint)
     max_steps: int | None = None  # stop (with a checkpoint) once this global step is reached
     max_nonfinite_in_a_row: int = 5  # consecutive skipped (non-finite) steps before the run stops
-    memory_headroom: float = 0.1  # fraction of each TPU device's memory the compiled train step leaves free
     accumulate: int | str = 1  # default microbatches per step of every stage: N, or "auto" (the fewest whose
     # microbatch puts at most max_tokens_per_device tokens on a device)
     max_tokens_per_device: int | None = None  # the budget `accumulate: auto` sizes microbatches by
@@ -158,8 +157,6 @@ def validate(r: Recipe) -> Recipe:
     positive_int("devices", r.devices, allow_none=True)
     positive_int("max_steps", r.max_steps, allow_none=True)
     positive_int("max_nonfinite_in_a_row", r.max_nonfinite_in_a_row)
-    if not is_number(r.memory_headroom) or not 0 <= r.memory_headroom < 1:
-        raise ConfigError(f"memory_headroom: must be a number in [0, 1); got {r.memory_headroom!r}")
     if not is_int(r.seed):
         raise ConfigError(f"seed: must be an integer; got {r.seed!r}")
     directory("compilation_cache", r.compilation_cache, allow_none=True)

@@ -223,8 +223,7 @@ def resolve(recipe: Recipe, devices=None) -> Run:
                          {"total_steps": ds.steps, **recipe.optimizer, **st.schedule})
         cfg = cfgs[i]
         loss_cfg = _keyed(f"{key}.losses", losses.loss_config_from_dict, {**recipe.losses, **st.losses})
-        step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable, st.objective,
-                          recipe.memory_headroom)
+        step = StepConfig(cfg, loss_cfg, ds.micro_rows, ds.seq_len, ds.accumulate, st.trainable, st.objective)
         objective = objectives.make(st.objective, cfg, loss_cfg, f"{key}.objective")  # (its own checks)
         formats = sorted({dcfg.sources[m].format for m in ds.mixture})
         if objective.data_format is not None and formats != [objective.data_format]:

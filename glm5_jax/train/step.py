@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import optax
 
 from glm5_jax import optim, scopes
-from glm5_jax.memory import compiler_options
 from glm5_jax.checkpoint.naming import flatten
 from glm5_jax.model.state import ModelState, abstract_state, init_sharded, place, split, state_shardings
 from glm5_jax.sharding.context import Parallelism, use
@@ -46,7 +45,6 @@ class StepConfig:
     accumulate: int = 1  # microbatches per optimizer step (the most a step may use)
     trainable: str = "all"  # "all" | "indexer" (DSA warm-up: everything else frozen) | "no_indexer"
     objective: str = "pretrain"  # glm5_jax.train.objectives.OBJECTIVES
-    memory_headroom: float = 0.1  # fraction of each TPU device's memory the compiled step leaves free
 
     @property
     def batch_shape(self) -> tuple[int, int, int]:
@@ -120,8 +118,7 @@ class TrainStep(EvalStep):
     """`step(params, buffers, opt_state, batch, count, lr, bias_rate) -> (params, buffers, opt_state, metrics)`.
 
     As `EvalStep`, plus: lr, bias_rate (the objective's after-update rate): float32 (traced). Params, buffers and
-    optimizer state are donated. On TPU it is compiled for (1 - `spec.memory_headroom`) of each chip's HBM
-    (`compiler_options`, from `glm5_jax.memory.compiler_options`). `compile()` compiles it ahead of time for `abstract_args()` (what `glm5 plan`
+    optimizer state are donated. `compile()` compiles it ahead of time for `abstract_args()` (what `glm5 plan`
     measures); `loss_and_grads` runs what the step differentiates, without the update.
     """
 
@@ -156,10 +153,8 @@ class TrainStep(EvalStep):
             return params, buffers, opt_state, metrics
 
         shardings = (self.param_shardings, self.buffer_shardings, self.opt_shardings)
-        self.compiler_options = compiler_options(par.mesh.devices.flat, spec.memory_headroom)
         self._jit = jax.jit(step, in_shardings=(*shardings, self.batch_sharding, None, None, None),
-                            out_shardings=(*shardings, None), donate_argnums=(0, 1, 2),
-                            compiler_options=self.compiler_options)
+                            out_shardings=(*shardings, None), donate_argnums=(0, 1, 2))
         self._compiled = None
 
     def _loss_and_grads(self, params, buffers, batch, count):
