@@ -51,6 +51,8 @@ def test_imports_point_one_way():
     assert _importers("glm5_jax.optim", ("glm5_jax.model", "glm5_jax.checkpoint", "glm5_jax.train")) == []
     assert _importers("glm5_jax.train", ("glm5_jax.plan", "glm5_jax.cli")) == []
     assert _importers("glm5_jax.model", ("glm5_jax.train", "glm5_jax.plan", "glm5_jax.checkpoint")) == []
+    assert _importers("glm5_jax.rl", ("glm5_jax.plan", "glm5_jax.cli", "glm5_jax.bench")) == []
+    assert _importers("glm5_jax.rl._sandbox_child", ("glm5_jax",)) == []  # (untrusted code's process: stdlib only)
 
 
 def test_files_stay_small():
@@ -175,4 +177,4 @@ def test_lower_layers_know_nothing_above_them():
     assert _importers("glm5_jax.train.losses", ("glm5_jax.train.recipe",)) == []
     assert _importers("glm5_jax.train.step", ("glm5_jax.data",)) == []
     assert _importers("glm5_jax.checkpoint", ("glm5_jax.data", "glm5_jax.train")) == []
-    assert _importers("glm5_jax.generate", ("glm5_jax.train",)) == []
+    assert _importers("glm5_jax.generate", ("glm5_jax.train", "glm5_jax.rl")) == []
