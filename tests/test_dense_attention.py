@@ -101,10 +101,11 @@ def test_blocked_gradients_equal_unblocked(cfg):
     ours = objective(lambda m, x: m(x, cos, sin, seg, None, "dense")[0])
     ref = objective(lambda m, x: reference(m, x, cos, sin, seg))
     want = jax.jit(jax.value_and_grad(ref, argnums=(0, 1)))(state, x)
-    par = Parallelism.create(ParallelConfig(mesh={"context": 4, "data": 2}))
-    for layout in (None, par):  # one device; 4 context shards of 22 queries (blocks of 16, padded)
+    # One device; 4 context shards of 22 queries (blocks of 16, padded); heads split over 2 tensor shards.
+    for layout in (None, {"context": 4, "data": 2}, {"context": 2, "tensor": 2, "data": 2}):
+        par = layout and Parallelism.create(ParallelConfig(mesh=layout))
         args = (state, x) if layout is None else (state, jax.device_put(x, par.sharding(("batch", "length"))))
-        with use(layout) if layout is not None else contextlib.nullcontext():
+        with use(par) if layout is not None else contextlib.nullcontext():
             got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1)))(*args)
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
         for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):

@@ -7,7 +7,9 @@ selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blo
 gathered keys, scores and probabilities (and in DSA training the indexer's scores) from the block's
 queries, so what a layer keeps for the backward grows with the tokens alone (docs/model.md, "Long context").
 
-`dsa_mode` (docs/losses.md) selects how the indexer trains: "sparse" (default; no indexer loss),
+`dsa_mode` "dense" (docs/losses.md) runs no indexer and attends to every visible key, above one query block
+in query x key blocks with an online softmax (`flash.py`; JAX's splash kernel on a TPU). The other modes
+select how the indexer trains: "sparse" (default; no indexer loss),
 "warmup" (attention stays dense at every length, in query blocks when length > index_topk; the indexer's
 KL against the dense attention is returned) and "sparse_adapt" (top-k attention; KL over the selected
 keys). In both training modes the indexer's inputs are detached, so no gradient passes between the
