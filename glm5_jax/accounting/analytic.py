@@ -135,7 +135,8 @@ def dense_core(cfg, work: Work, batch: int, seq: int) -> tuple[str, str, float, 
     H, C, dn, dr, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                         cfg.v_head_dim)
     if seq <= cfg.attention_query_block:
-        return "attention core (dense, full L x L)", "6 B L^2 H (dn+dr+dv)", 6 * batch * seq * seq * H * (dn + dr + dv), 1
+        full = 6 * batch * seq * seq * H * (dn + dr + dv)
+        return "attention core (dense, full L x L)", "6 B L^2 H (dn+dr+dv)", full, 1
     if dense_kernel(work.platform, work.context, seq, (dn + dr, dv)) == "splash":
         pairs = dense_pairs(seq, 1, SPLASH_BLOCK)
         return "attention core (dense, splash kernel)", "6 B P H (dn+dr+dv)", 6 * batch * pairs * H * (dn + dr + dv), 1

@@ -139,13 +139,14 @@ def head_queries(c_q, w_q, nope: int, cos, sin):
     return q[..., :nope], apply_rope(q[..., nope:], cos, sin)
 
 
-def blocked(c_q, cos, sin, q_pos, q_first, q_seg, c_kv, k_rope, k_seg, w_q, w_uk, w_uv, *, scale: float,
-            block: int):
-    """Dense MLA attention [B, Q, H, v_head_dim] of queries (latents c_q [B, Q, r], RoPE angles, rows q_pos,
-    document starts q_first, segments q_seg [B, Q]) over every key (c_kv [B, L, C], k_rope [B, L, R],
-    segments k_seg [B, L]) in blocks of `block` queries x `block` keys; w_q = q_b_proj, w_uk / w_uv =
-    kv_b_proj's key and value halves. Each query block goes from c_q to its per-head output and is
-    rematerialised: per-head queries exist for one block at a time, in the forward and the backward."""
+def blocked(c_q, cos, sin, q_pos, q_first, q_seg, c_kv, k_rope, k_seg, w_q, w_uk, w_uv, w_o=None, *,
+            scale: float, block: int):
+    """Dense MLA attention of queries (latents c_q [B, Q, r], RoPE angles, rows q_pos, document starts
+    q_first, segments q_seg [B, Q]) over every key (c_kv [B, L, C], k_rope [B, L, R], segments k_seg [B, L])
+    in blocks of `block` queries x `block` keys; w_q = q_b_proj, w_uk / w_uv = kv_b_proj's key and value
+    halves. -> the per-head output [B, Q, H, v_head_dim], or with o_proj `w_o` the output [B, Q, D]. Each
+    query block goes from c_q to its output and is rematerialised: per-head queries (and, with w_o, outputs)
+    exist for one block at a time, in the forward and the backward."""
     width, pad = c_kv.shape[-1], -c_kv.shape[1] % block
     k = jnp.pad(jnp.concatenate([c_kv, k_rope.astype(c_kv.dtype)], axis=-1), ((0, 0), (0, pad), (0, 0)))
     k_seg = jnp.pad(k_seg, ((0, 0), (0, pad)), constant_values=-1)  # padded keys: seen by no query
@@ -155,6 +156,7 @@ def blocked(c_q, cos, sin, q_pos, q_first, q_seg, c_kv, k_rope, k_seg, w_q, w_uk
         qn, qr = head_queries(cq, w_q, w_uk.shape[-1], cos_b, sin_b)
         q = jnp.concatenate([jnp.einsum("bqhn,chn->bqhc", qn, w_uk), qr], axis=-1)
         out = attend(q, k, pos, seg, k_seg, key_block_range(pos, first, block), scale, block, width)
-        return jnp.einsum("bqhc,chv->bqhv", out, w_uv)
+        out = jnp.einsum("bqhc,chv->bqhv", out, w_uv)
+        return out if w_o is None else jnp.einsum("bqhv,hvd->bqd", out, w_o)
 
     return map_blocks(one, block, c_q, cos, sin, q_pos + 1, q_first, q_seg, remat=True)

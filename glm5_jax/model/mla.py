@@ -207,10 +207,17 @@ class MLA(nnx.Module):
             first = constrain(flash.document_starts(key_segments), ("batch", "length"))
             local = functools.partial(flash.blocked, scale=scale, block=cfg.attention_query_block)
             seq, whole, heads = ("batch", "length"), ("batch", None, None), (None, "heads", None)
-            out = per_shard(local, in_axes=(seq + (None,),) * 3 + (seq,) * 3 + (whole, whole, ("batch", None))
-                            + (heads,) * 3, out_axes=seq + ("act_heads", None))(
+            # Heads split over devices: per-head outputs leave the loop and o_proj sums them outside. Else
+            # o_proj runs inside each block, so no per-head output of the whole sequence exists.
+            split = axis_size("heads") > 1
+            w_o = () if split else (self.w(self.o_proj),)
+            in_axes = ((seq + (None,),) * 3 + (seq,) * 3 + (whole, whole, ("batch", None)) + (heads,) * 3
+                       + ((None,) * 3,) * len(w_o))
+            out = per_shard(local, in_axes, seq + (("act_heads", None) if split else (None,)))(
                 c_q, cos, sin, rows, first, segment_ids, c_kv, k_rope, key_segments, self.w(self.q_b_proj),
-                kv_b[..., :nope], kv_b[..., nope:])
+                kv_b[..., :nope], kv_b[..., nope:], *w_o)
+            if not split:
+                return out
         return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj))
 
     def _blocks(self, c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments, topk_idx, index):
