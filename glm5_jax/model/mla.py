@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model import flash
+from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.dsa import Indexer, indexer_kl, select_topk, visible
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
@@ -201,7 +201,9 @@ class MLA(nnx.Module):
             kv = jnp.einsum("blc,chd->blhd", c_kv, kv_b)
             k_r = jnp.broadcast_to(k_rope[:, :, None], (*kv.shape[:3], k_rope.shape[-1]))
             q = (jnp.concatenate([qn, qr], axis=-1) * scale).astype(self.dtype)
-            out = flash.splash(q, jnp.concatenate([kv[..., :nope], k_r], axis=-1), kv[..., nope:], segment_ids)
+            heads = ("batch", "length", "act_heads", None)  # a Pallas kernel: run on each device's shards
+            out = per_shard(flash.splash, (heads,) * 3 + (("batch", "length"),), heads)(
+                q, jnp.concatenate([kv[..., :nope], k_r], axis=-1), kv[..., nope:], segment_ids)
         else:
             rows = jnp.broadcast_to(jnp.arange(c_q.shape[1], dtype=jnp.int32), segment_ids.shape)
             first = constrain(flash.document_starts(key_segments), ("batch", "length"))
