@@ -180,9 +180,13 @@ def test_splash_kernel_equals_blocked(monkeypatch):
     monkeypatch.setattr(mla_module, "platform", lambda: "tpu")
     monkeypatch.setattr(flash, "splash", functools.partial(flash.splash, interpret=True))
     splash = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
-    np.testing.assert_allclose(splash[0], blocked[0], rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(splash[1]), jax.tree.leaves(blocked[1]), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
+    par = Parallelism.create(ParallelConfig(mesh={"tensor": 2}), jax.devices()[:2])  # heads split: per device
+    with use(par):
+        sharded = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(state, x)
+    for got in (splash, sharded):
+        np.testing.assert_allclose(got[0], blocked[0], rtol=1e-5)
+        for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(blocked[1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(b))))
 
 
 def test_dense_kernel_selection():
