@@ -162,17 +162,18 @@ def test_dense_step_leaves_the_indexer_bitwise(cfg):
 
 def test_splash_kernel_equals_blocked(monkeypatch):
     """JAX's TPU splash kernel in Pallas interpret mode (on this CPU) against the blocked path, forward and
-    every gradient: 2 heads of 64 + 64 / 128 (the kernel's 128-wide lanes), 256 tokens, 3 documents a row."""
+    every gradient: 2 heads of 64 + 64 / 128 (the kernel's 128-wide lanes), 1,024 tokens (two 512-wide tiles),
+    3 documents a row; on one device and with the heads split over 2 devices."""
     cfg = config.load("tiny", ["qk_nope_head_dim=64", "qk_rope_head_dim=64", "v_head_dim=128", "num_attention_heads=2",
-                               "num_key_value_heads=2", "attention_query_block=64",
+                               "num_key_value_heads=2", "attention_query_block=128",
                                "index_head_dim=64"])
-    length = 256
+    length = 1024
     layer = MLA(cfg, has_indexer=False, stack=None, rngs=nnx.Rngs(1))
     graphdef, state = nnx.split(layer)
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.standard_normal((1, length, cfg.hidden_size)), jnp.float32)
     probe = jnp.asarray(rng.standard_normal((1, length, cfg.hidden_size)), jnp.float32)
-    seg = jnp.asarray(np.repeat([1, 2, 3], [100, 90, 66])[None].astype(np.int32))
+    seg = jnp.asarray(np.repeat([1, 2, 3], [400, 360, 264])[None].astype(np.int32))
     cos, sin = rope(cfg, positions_of(seg))
     loss = lambda st, x: jnp.sum(nnx.merge(graphdef, st)(x, cos, sin, seg, None, "dense")[0] * probe)
     blocked = jax.value_and_grad(loss, argnums=(0, 1))(state, x)
@@ -192,6 +193,6 @@ def test_splash_kernel_equals_blocked(monkeypatch):
 def test_dense_kernel_selection():
     assert flash.dense_kernel("tpu", 1, 4096, (256, 256)) == "splash"
     assert flash.dense_kernel("tpu", 2, 4096, (256, 256)) == "blocked"  # context shards: offsets per device
-    assert flash.dense_kernel("tpu", 1, 4000, (256, 256)) == "blocked"
+    assert flash.dense_kernel("tpu", 1, 4096 + 128, (256, 256)) == "blocked"  # not whole 512-wide tiles
     assert flash.dense_kernel("tpu", 1, 4096, (32, 16)) == "blocked"
     assert flash.dense_kernel("cpu", 1, 4096, (256, 256)) == "blocked"

@@ -102,7 +102,7 @@ def test_the_module_is_pure_and_the_trainer_uses_it():
 def test_dense_mode_counts_the_key_blocks_it_computes():
     """`dsa: dense` counts no indexer and, per query block, the key blocks the model's loop bounds give
     (`flash.key_block_range` of one-document rows), on one device and per context shard; the TPU count is the
-    splash kernel's expanded form over 128-wide causal tiles."""
+    splash kernel's expanded form over its causal tiles."""
     import numpy as np
 
     from glm5_jax.model import flash
@@ -126,9 +126,9 @@ def test_dense_mode_counts_the_key_blocks_it_computes():
     splash = {f.name: f.flops for f in F.analytic_flops(cfg, F.Work(platform="tpu"), 1, 256, dsa_mode="dense")}
     assert "attention core (dense, blocked, causal blocks)" in splash  # the tiny heads are not 128 wide
     big = config.load("tiny", ["qk_nope_head_dim=64", "qk_rope_head_dim=64", "v_head_dim=128", "index_head_dim=64"])
-    tpu = {f.name: f.flops for f in F.analytic_flops(big, F.Work(platform="tpu"), 1, 256, dsa_mode="dense")}
-    assert tpu["attention core (dense, splash kernel)"] == 6 * 3 * 128 * 128 * big.num_attention_heads * 256 \
-        * big.num_hidden_layers  # tiles (0,0), (1,0), (1,1)
+    tpu = {f.name: f.flops for f in F.analytic_flops(big, F.Work(platform="tpu"), 1, 1024, dsa_mode="dense")}
+    assert tpu["attention core (dense, splash kernel)"] == 6 * 3 * 512 * 512 * big.num_attention_heads * 256 \
+        * big.num_hidden_layers  # 512-wide tiles (0,0), (1,0), (1,1)
     # Short rows (one block) take the full L x L path.
     assert "attention core (dense, full L x L)" in {f.name for f in F.analytic_flops(cfg, F.Work(), 2, 16,
                                                                                      dsa_mode="dense")}

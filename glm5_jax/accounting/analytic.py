@@ -16,7 +16,7 @@ ql/C q/kv LoRA ranks, dn/dr/dv nope/rope/value head dims, K = index_topk, Hi/Di 
 - attention core, `dsa: dense` (no indexer at any length; one document per row): above one query block of
   `attention_query_block` (b) queries, the key blocks each query block computes (`dense_pairs`: those up
   to its diagonal, about half the square), P query-key pairs a row: blocked in absorbed form
-  6 B P H (2C + dr); with the TPU splash kernel (`model.flash.dense_kernel`, b = 128) in expanded form
+  6 B P H (2C + dr); with the TPU splash kernel (`model.flash.dense_kernel`, b = 512) in expanded form
   6 B P H (dn+dr+dv). Up to one block: the dense row above.
 - attention core, sparse (seq > K; absorbed MLA over K gathered latents): 6 Tq H K (2C + dr), Tq = queries
   padded to whole query blocks

@@ -25,7 +25,10 @@ from glm5_jax.model.dsa import visible
 from glm5_jax.model.rope import apply_rope
 
 MASKED = float(jnp.finfo(jnp.float32).min)
-SPLASH_BLOCK = 128  # the splash kernel's default tiles: lengths must be whole numbers of them
+# The splash kernel's tiles (queries and keys, forward and backward); lengths must be whole numbers of them.
+# Its default 128 fails to compile from 128K tokens on a TPU v5p: the block-mask table it prefetches into
+# scalar memory outgrows it (2 MiB against 1 MiB); 512-wide tiles need a sixteenth of that.
+SPLASH_BLOCK = 512
 
 
 def document_starts(segments):
@@ -126,7 +129,10 @@ def splash(q, k, v, segments, interpret: bool = False):
 
     B, L, H, _ = q.shape
     mask = sa.MultiHeadMask([sa.CausalMask((L, L)) for _ in range(H)])
-    kernel = sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, interpret=interpret)
+    b = SPLASH_BLOCK
+    sizes = sa.BlockSizes(block_q=b, block_kv=b, block_kv_compute=b, block_q_dkv=b, block_kv_dkv=b,
+                          block_kv_dkv_compute=b, block_q_dq=b, block_kv_dq=b)
+    kernel = sa.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
     heads = lambda a: jnp.swapaxes(a, 1, 2)  # [B, H, L, D]: the kernel's layout
     run = lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(q=s, kv=s))
     return heads(jax.vmap(run)(heads(q), heads(k), heads(v), segments))
