@@ -138,7 +138,6 @@ def splash(q, k, v, segments, interpret: bool = False):
     return heads(jax.vmap(run)(heads(q), heads(k), heads(v), segments))
 
 
-
 def head_queries(c_q, w_q, nope: int, cos, sin):
     """Per-head queries (q_nope [B, L, H, nope], RoPE'd q_rope [B, L, H, .]) of query latents c_q [B, L, r]."""
     q = jnp.einsum("blr,rhd->blhd", c_q, w_q)
