@@ -4,7 +4,10 @@ The layer has the released model's dimensions (64 heads of 192 + 64 / 256, kv_lo
 32 x 128, top-k 2048, query block 256), batch 1, on one device. Paths:
 
 - sparse:  DSA top-k attention (what training runs above 2,048 tokens);
-- dense:   dense causal attention with a [L, L] mask (what DSA replaces);
+- dense:   `dsa: dense` (pre- and mid-training before DSA): no indexer, attention over every visible key as
+           the compile target runs it: the TPU splash kernel on a TPU target, else query x key blocks with
+           an online softmax (glm5_jax/model/flash.py);
+- blocked: `dsa: dense` with the blocked kernel on any target (what a TPU runs under context parallelism);
 - warmup:  the DSA warm-up: dense attention in query blocks plus the indexer's KL against it.
 
 For each length it prints XLA's compiled temporaries (the activation memory of the step), the analytic
@@ -14,7 +17,8 @@ from which sparse is faster than dense: the shortest timed one, or else extrapol
 points (sparse linear in L, dense a power of L).
 
     .venv/bin/python benchmarks/long_context.py [--lengths 4096,8192,16384,32768,65536]
-        [--compile-only 131072,202752] [--run-up-to 4096] [--dtype float32|bfloat16] [--paths sparse,dense,warmup]
+        [--compile-only 131072,202752] [--run-up-to 4096] [--dtype float32|bfloat16]
+        [--paths sparse,dense,blocked,warmup]
         [--override attention_query_block=128] [--target cpu|tpu:v5p:2x2x1]
 
 XLA:CPU computes bfloat16 matmuls in float32 and keeps the converted copies, so its bfloat16 temporaries
@@ -36,10 +40,15 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from glm5_jax import config
+from glm5_jax.accounting.analytic import dense_pairs
+from glm5_jax.model.flash import SPLASH_BLOCK, dense_kernel
 from glm5_jax.model.mla import MLA
 from glm5_jax.model.rope import inverse_frequencies, rope_angles
+from glm5_jax.sharding.context import Parallelism, use
+from glm5_jax.sharding.layout import ParallelConfig
 
-PATHS = ("sparse", "dense", "warmup")
+PATHS = ("sparse", "dense", "blocked", "warmup")
+MODES = {"sparse": "sparse", "dense": "dense", "blocked": "dense", "warmup": "warmup"}
 
 
 def layer_config(dtype: str, overrides=()):
@@ -49,11 +58,10 @@ def layer_config(dtype: str, overrides=()):
 
 def objective(cfg, path: str):
     """loss(layer state, x) whose gradient is the layer's backward: a fixed projection of the output (plus the
-    indexer KL in warm-up); dense runs with index_topk >= L, which makes the layer take its dense path."""
+    indexer KL in warm-up)."""
     def loss(state, x, graphdef, cos, sin, segments, probe):
         layer = nnx.merge(graphdef, state)
-        mode = "warmup" if path == "warmup" else "sparse"
-        out, _, kl = layer(x, cos, sin, segments, None, mode)
+        out, _, kl = layer(x, cos, sin, segments, None, MODES[path])
         value = jnp.sum(out.astype(jnp.float32) * probe)
         return value + (kl if kl is not None else 0.0)
     return loss
@@ -62,8 +70,6 @@ def objective(cfg, path: str):
 def build(cfg, path: str, length: int, concrete: bool, device=None):
     """The jitted forward + backward and its arguments (shapes only unless `concrete`: nothing allocated;
     placed on `device` when given)."""
-    if path == "dense":
-        cfg = config.from_dict({**cfg.to_dict(), "index_topk": length})
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: MLA(cfg, has_indexer=True, stack=None, rngs=nnx.Rngs(0))))
     dt = jnp.dtype(cfg.dtype)
 
@@ -98,7 +104,7 @@ def target_device(target: str):
     return topologies.get_topology_desc(platform="tpu", topology_name=target[4:]).devices[0]
 
 
-def analytic_flops(cfg, path: str, L: int) -> float:
+def analytic_flops(cfg, path: str, L: int, kernel: str = "blocked") -> float:
     """Forward + backward FLOPs of the layer (backward = 2 x forward; a rematerialised query block's forward
     counted once more), matmuls only."""
     H, D = cfg.num_attention_heads, cfg.hidden_size
@@ -107,10 +113,12 @@ def analytic_flops(cfg, path: str, L: int) -> float:
     proj = 2 * L * (D * Cq + Cq * H * (nope + rope) + D * (C + rope) + H * v * D)
     index_proj = 2 * L * (Cq * Hi * Di + D * Di + D * Hi)
     absorb = 2 * L * H * (nope * C + C * v)  # q into the latent, latent output to values
-    if path == "dense":
-        attn = 2 * L * L / 2 * H * (2 * (nope + rope) + v) * 2  # causal half, dense heads (k and v expanded)
-        attn += 2 * L * C * H * (nope + v)
-        return 3 * (proj + attn)
+    if path in ("dense", "blocked"):  # forward, backward (2x) and the rematerialised query blocks' forward
+        if path == "dense" and kernel == "splash":  # expanded heads over causal 128-wide tiles; kv_b expanded
+            attn = 2 * dense_pairs(L, 1, SPLASH_BLOCK) * H * (nope + rope + v) + 2 * L * C * H * (nope + v)
+            return 3 * (proj + attn)
+        attn = 2 * dense_pairs(L, 1, cfg.attention_query_block) * H * (2 * C + rope) + absorb
+        return 3 * proj + 4 * attn
     keys = K if path == "sparse" else L / 2
     attn = 2 * L * keys * H * (C + rope + C) + absorb
     index = 2 * L * (L / 2) * Hi * Di  # causal key blocks only (the indexer skips invisible ones)
@@ -121,7 +129,12 @@ def analytic_flops(cfg, path: str, L: int) -> float:
 def measure(cfg, path: str, length: int, run: bool, device=None):
     step, args = build(cfg, path, length, concrete=run, device=device)
     t0 = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    if device is not None and path != "blocked":  # a one-device layout on the target: the model sees its platform
+        with use(Parallelism.create(ParallelConfig(mesh={"data": 1}), [device])):
+            lowered = step.lower(*args)
+    else:
+        lowered = step.lower(*args)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - t0
     temps = compiled.memory_analysis().temp_size_in_bytes
     wall = None
@@ -152,7 +165,6 @@ def main():
     ap.add_argument("--run-up-to", type=int, default=4096, help="run (time) lengths up to this; 0: none")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--paths", default=",".join(PATHS))
-    ap.add_argument("--dense-up-to", type=int, default=32768, help="dense [L, L] beyond this is not compiled")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                     help="model config override, e.g. attention_query_block=128 (repeatable)")
     ap.add_argument("--target", default="cpu", help="cpu (this machine), or tpu:TOPOLOGY (e.g. tpu:v5p:2x2x1): "
@@ -175,11 +187,11 @@ def main():
     results = {p: [] for p in paths}
     for path in paths:
         for length in lengths + extra:
-            if path == "dense" and length > args.dense_up_to:
-                continue
             temps, compile_s, wall = measure(cfg, path, length, length in lengths and length <= args.run_up_to,
                                              device)
-            flops = analytic_flops(cfg, path, length)
+            platform = "cpu" if device is None or path == "blocked" else device.platform
+            kernel = dense_kernel(platform, 1, length, (cfg.qk_head_dim, cfg.v_head_dim))
+            flops = analytic_flops(cfg, path, length, kernel)
             results[path].append((length, temps, flops, wall))
             wall_s = "-" if wall is None else f"{wall:.2f} s"
             print(f"{path:8} {length:>8} {temps / 1e9:>10.2f} GB {flops:>10.2e} {compile_s:>7.1f} s {wall_s:>9}",

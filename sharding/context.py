@@ -88,6 +88,13 @@ def axis_size(logical: str) -> int:
     return 1 if par is None else par.axis_size(logical)
 
 
+def platform() -> str:
+    """The platform the program being traced is compiled for: the active layout's devices' ("tpu" for `glm5
+    plan --target tpu:...` on a CPU host), else JAX's default backend."""
+    par = current()
+    return jax.default_backend() if par is None else par.platform
+
+
 def per_shard(fn, in_axes, out_axes):
     """`fn` run on each device's own shards of its arguments, with no communication inside it.
 

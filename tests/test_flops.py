@@ -97,3 +97,38 @@ def test_the_module_is_pure_and_the_trainer_uses_it():
     # The MFU of a DSA stage counts its own attention (the warm-up attends densely above index_topk).
     assert F.model_flops_per_step(cfg, par, 16, 64, 3, "warmup") == F.model_flops(
         cfg, F.work_of(cfg, par), 16, 64, 3, dsa_mode="warmup") != F.model_flops_per_step(cfg, par, 16, 64, 3)
+
+
+def test_dense_mode_counts_the_key_blocks_it_computes():
+    """`dsa: dense` counts no indexer and, per query block, the key blocks the model's loop bounds give
+    (`flash.key_block_range` of one-document rows), on one device and per context shard; the TPU count is the
+    splash kernel's expanded form over its causal tiles."""
+    import numpy as np
+
+    from glm5_jax.model import flash
+
+    cfg = config.load("tiny")  # query block 16
+    H, C, dr = cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    for seq, context in ((88, 1), (88, 4), (64, 2)):
+        local, block = seq // context, min(16, seq // context)
+        pairs = 0
+        for s in range(context):
+            rows = np.arange(s * local, (s + 1) * local)
+            for i in range(0, local, block):
+                lo, hi = flash.key_block_range(rows[i:i + block], np.zeros(block, np.int32)[:len(rows[i:i + block])],
+                                               block)
+                pairs += (int(hi) - int(lo) + 1) * block * block
+        work = F.Work(context=context)
+        parts = {f.name: f for f in F.analytic_flops(cfg, work, 2, seq, dsa_mode="dense")}
+        core = parts["attention core (dense, blocked, causal blocks)"]
+        assert core.flops == 2 * pairs * 6 * H * (2 * C + dr) * cfg.num_hidden_layers
+        assert pairs < seq * seq and not any("indexer" in name for name in parts)
+    splash = {f.name: f.flops for f in F.analytic_flops(cfg, F.Work(platform="tpu"), 1, 256, dsa_mode="dense")}
+    assert "attention core (dense, blocked, causal blocks)" in splash  # the tiny heads are not 128 wide
+    big = config.load("tiny", ["qk_nope_head_dim=64", "qk_rope_head_dim=64", "v_head_dim=128", "index_head_dim=64"])
+    tpu = {f.name: f.flops for f in F.analytic_flops(big, F.Work(platform="tpu"), 1, 1024, dsa_mode="dense")}
+    assert tpu["attention core (dense, splash kernel)"] == 6 * 3 * 512 * 512 * big.num_attention_heads * 256 \
+        * big.num_hidden_layers  # 512-wide tiles (0,0), (1,0), (1,1)
+    # Short rows (one block) take the full L x L path.
+    assert "attention core (dense, full L x L)" in {f.name for f in F.analytic_flops(cfg, F.Work(), 2, 16,
+                                                                                     dsa_mode="dense")}

@@ -107,8 +107,9 @@ def sparse_adapt(setup):
 def test_loss_config_validation():
     assert LS.loss_config_from_dict({}) == LS.LossConfig()
     assert LS.loss_config_from_dict({"dsa": "warmup", "z_loss": 1}).z_loss == 1.0
-    with pytest.raises(ConfigError, match=r"^loss.dsa: must be one of sparse, warmup, sparse_adapt; got 'dense'"):
-        LS.loss_config_from_dict({"dsa": "dense"}, prefix="loss.")
+    assert LS.loss_config_from_dict({"dsa": "dense"}).dsa == "dense"
+    with pytest.raises(ConfigError, match=r"^loss.dsa: must be one of sparse, dense, warmup, sparse_adapt; got 'full'"):
+        LS.loss_config_from_dict({"dsa": "full"}, prefix="loss.")
     with pytest.raises(ConfigError, match=r"^mtp_weight: must be a finite number >= 0; got -0.1"):
         LS.loss_config_from_dict({"mtp_weight": -0.1})
     with pytest.raises(ConfigError, match=r"^z_los: unknown loss config key \(did you mean 'z_loss'\?\)"):

@@ -226,10 +226,12 @@ def test_batch_size_warmup():
 
 @pytest.mark.parametrize("losses_cfg,trainable", [({"mtp_weight": 0.3, "bias_update_rate": 1e-3}, "all"),
                                                   ({"dsa": "warmup", "mtp_weight": 0.0}, "indexer"),
-                                                  ({"dsa": "sparse_adapt", "mtp_weight": 0.3}, "all")])
+                                                  ({"dsa": "sparse_adapt", "mtp_weight": 0.3}, "all"),
+                                                  ({"dsa": "dense", "mtp_weight": 0.3}, "no_indexer")])
 def test_train_and_plan_lower_the_same_program(losses_cfg, trainable):
     """A pretraining stage and the DSA stages: the trainer's program and `glm5 plan`'s for the recipe's stage
-    lower to the same text (seq 32 > index_topk 16: the sparse path runs)."""
+    lower to the same text (seq 32 > index_topk 16: the sparse path runs; > attention_query_block 16: dense
+    mode runs its blocks)."""
     from glm5_jax.plan.stages import stage_program
 
     recipe = recipe_lib.from_dict({

@@ -13,6 +13,11 @@ ql/C q/kv LoRA ranks, dn/dr/dv nope/rope/value head dims, K = index_topk, Hi/Di 
 - attention projections: 6T(D ql + ql H (dn+dr) + D (C+dr) + C H (dn+dv) + H dv D)
 - attention core, dense (seq <= K, and every length in the DSA warm-up; full L x L scores, masked, as
   computed): 6 B L^2 H (dn+dr+dv)
+- attention core, `dsa: dense` (no indexer at any length; one document per row): above one query block of
+  `attention_query_block` (b) queries, the key blocks each query block computes (`dense_pairs`: those up
+  to its diagonal, about half the square), P query-key pairs a row: blocked in absorbed form
+  6 B P H (2C + dr); with the TPU splash kernel (`model.flash.dense_kernel`, b = 512) in expanded form
+  6 B P H (dn+dr+dv). Up to one block: the dense row above.
 - attention core, sparse (seq > K; absorbed MLA over K gathered latents): 6 Tq H K (2C + dr), Tq = queries
   padded to whole query blocks
 - indexer ('full' layers, whenever it runs: seq > K, or a DSA training mode): projections
@@ -35,6 +40,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from glm5_jax.model.flash import SPLASH_BLOCK, dense_kernel
 from glm5_jax.model.moe import expert_matmul_kind
 from glm5_jax.model.transformer import layer_groups
 from glm5_jax.sharding.expert import dispatch_kind, received_rows
@@ -54,6 +60,7 @@ class Work:
     expert_matmul: str = "ragged_dot"  # what the MoE runs: "tiled" (a loop over row tiles) or "ragged_dot"
     dispatch: str | None = None  # expert-parallel exchange: "capacity" | "ragged"; None without one
     capacity_factor: float | None = None
+    platform: str = "cpu"  # what the program is compiled for (the dense attention kernel depends on it)
 
 
 def work_of(cfg, par, params=None) -> Work:
@@ -75,7 +82,7 @@ def work_of(cfg, par, params=None) -> Work:
                 pipeline_microbatches=par.config.microbatches if stages > 1 else 1,
                 expert_matmul=expert_matmul_kind(cfg.expert_matmul, run.platform, stages, experts),
                 dispatch=dispatch_kind(par.config.expert_dispatch, par.platform) if experts > 1 else None,
-                capacity_factor=par.config.capacity_factor)
+                capacity_factor=par.config.capacity_factor, platform=par.platform)
 
 
 def _spec_axes(spec) -> set:
@@ -111,7 +118,33 @@ def attention_shape(cfg, batch: int, seq: int, context: int, dsa_mode: str = "sp
     local = seq // context
     block = min(cfg.attention_query_block, local)
     blocks = -(-local // block)
-    return dsa_mode != "warmup", batch * context * blocks * block, blocks
+    return dsa_mode not in ("warmup", "dense"), batch * context * blocks * block, blocks
+
+
+def dense_pairs(seq: int, context: int, block: int) -> int:
+    """Query-key pairs one row of `seq` tokens (one document) computes in `dsa: dense`'s blocks: each query
+    block of each of `context` sequence shards (padded to whole blocks) x the key blocks up to its last query."""
+    local = seq // context
+    block = min(block, local)
+    last = [min(i + block, local) - 1 for i in range(0, local, block)]
+    return sum(((s * local + q) // block + 1) * block * block for s in range(context) for q in last)
+
+
+def dense_core(cfg, work: Work, batch: int, seq: int) -> tuple[str, str, float, float]:
+    """(name, formula, FLOPs per layer, loop trips a cost analysis folds) of `dsa: dense`'s attention core."""
+    H, C, dn, dr, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                        cfg.v_head_dim)
+    if seq <= cfg.attention_query_block:
+        full = 6 * batch * seq * seq * H * (dn + dr + dv)
+        return "attention core (dense, full L x L)", "6 B L^2 H (dn+dr+dv)", full, 1
+    if dense_kernel(work.platform, work.context, seq, (dn + dr, dv)) == "splash":
+        pairs = dense_pairs(seq, 1, SPLASH_BLOCK)
+        return "attention core (dense, splash kernel)", "6 B P H (dn+dr+dv)", 6 * batch * pairs * H * (dn + dr + dv), 1
+    block = min(cfg.attention_query_block, seq // work.context)
+    pairs = dense_pairs(seq, work.context, block)
+    # XLA's cost analysis sees one key block of one query block of each device (both loops fold).
+    return ("attention core (dense, blocked, causal blocks)", "6 B P H (2C+dr)", 6 * batch * pairs * H * (2 * C + dr),
+            pairs / (work.context * block * block))
 
 
 def expert_tiles(cfg, work: Work, tokens: int) -> tuple[int, int]:
@@ -148,8 +181,13 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
     sparse, Tq, blocks = attention_shape(cfg, batch, seq, work.context, dsa_mode)
     w_attn = D * ql + ql * H * (dn + dr) + D * (C + dr) + C * H * (dn + dv) + H * dv * D
     core = 6 * Tq * H * K * (2 * C + dr) if sparse else 6 * batch * seq * seq * H * (dn + dr + dv)
-    indexer_runs = sparse or (dsa_mode != "sparse" and seq > K)
-    trains = 3 if dsa_mode != "sparse" else 1  # the DSA modes differentiate the indexer's KL
+    core_name = "attention core (sparse, top-k)" if sparse else "attention core (dense, full L x L)"
+    core_formula, core_loops = "6 Tq H K (2C+dr) x layers" if sparse else "6 B L^2 H (dn+dr+dv) x layers", blocks
+    if dsa_mode == "dense":
+        core_name, core_formula, core, core_loops = dense_core(cfg, work, batch, seq)
+        core_formula += " x layers"
+    indexer_runs = sparse or (dsa_mode in ("warmup", "sparse_adapt") and seq > K)
+    trains = 3 if dsa_mode in ("warmup", "sparse_adapt") else 1  # the DSA modes differentiate the indexer's KL
     idx_proj, idx_scores = 2 * T * (ql * Hi * Di + D * Di + D * Hi), 2 * Tq * seq * Hi * (Di + 1)
     micro_tokens = batch // accumulate // work.pipeline_microbatches * seq
     _, tiles = expert_tiles(cfg, work, micro_tokens)
@@ -168,9 +206,7 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
     out = [
         part("attention projections", "6T(D ql + ql H(dn+dr) + D(C+dr) + C H(dn+dv) + H dv D) x layers",
              6 * T * w_attn * n_all, scan),
-        part("attention core (sparse, top-k)" if sparse else "attention core (dense, full L x L)",
-             "6 Tq H K (2C+dr) x layers" if sparse else "6 B L^2 H (dn+dr+dv) x layers", core * n_all,
-             scan * blocks),
+        part(core_name, core_formula, core * n_all, scan * core_loops),
     ]
     if indexer_runs and n_idx:
         how = "fwd + bwd (DSA training)" if trains == 3 else "fwd only"
@@ -193,7 +229,7 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
         layer = 6 * T * (w_attn + 2 * D * D + D * E + 3 * D * (k * Fe + Fs) + D * V) + core + \
             (trains * (idx_proj + idx_scores) if indexer_runs else 0)
         out.append(part("MTP", "depths x (6T(attn + 2D D + D E + 3D(k F + Fs) + D V) + core (+ indexer))",
-                        mtp_depths * layer, mtp_depths * blocks))
+                        mtp_depths * layer, mtp_depths * core_loops))
     ns = newton_schulz_flops(routes, opt_cfg) if routes and opt_cfg is not None else 0.0
     if ns:
         ns_device = newton_schulz_flops(routes, opt_cfg, shards) if shards else ns / work.devices

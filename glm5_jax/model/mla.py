@@ -7,7 +7,9 @@ selected keys are gathered from the 576-wide latent cache (c_kv | k_rope) in blo
 gathered keys, scores and probabilities (and in DSA training the indexer's scores) from the block's
 queries, so what a layer keeps for the backward grows with the tokens alone (docs/model.md, "Long context").
 
-`dsa_mode` (docs/losses.md) selects how the indexer trains: "sparse" (default; no indexer loss),
+`dsa_mode` "dense" (docs/losses.md) runs no indexer and attends to every visible key, above one query block
+in query x key blocks with an online softmax (`flash.py`; JAX's splash kernel on a TPU). The other modes
+select how the indexer trains: "sparse" (default; no indexer loss),
 "warmup" (attention stays dense at every length, in query blocks when length > index_topk; the indexer's
 KL against the dense attention is returned) and "sparse_adapt" (top-k attention; KL over the selected
 keys). In both training modes the indexer's inputs are detached, so no gradient passes between the
@@ -20,21 +22,24 @@ cache with the same absorbed kernels (`_attend`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from glm5_jax.model import flash
 from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.dsa import Indexer, indexer_kl, select_topk, visible
 from glm5_jax.model.norms import RMSNorm
 from glm5_jax.model.params import make_param
 from glm5_jax.model.rope import apply_rope
-from glm5_jax.sharding.context import constrain
+from glm5_jax.sharding.context import axis_size, constrain, per_shard, platform
 
 # Masked logits get the lowest finite float, not -inf: a row with no visible key (the padding of the
 # last query block) then softmaxes to finite values instead of NaN, which would poison gradients.
 MASKED = float(jnp.finfo(jnp.float32).min)
-DSA_MODES = ("sparse", "warmup", "sparse_adapt")
+DSA_MODES = ("sparse", "dense", "warmup", "sparse_adapt")
 
 
 class MLA(nnx.Module):
@@ -79,9 +84,7 @@ class MLA(nnx.Module):
 
     def queries(self, c_q, cos, sin):
         """Per-head queries (q_nope [B, L, H, qk_nope_head_dim], q_rope [B, L, H, qk_rope_head_dim]) of c_q."""
-        q = jnp.einsum("blr,rhd->blhd", c_q, self.w(self.q_b_proj))
-        nope = self.cfg.qk_nope_head_dim
-        return q[..., :nope], apply_rope(q[..., nope:], cos, sin)
+        return flash.head_queries(c_q, self.w(self.q_b_proj), self.cfg.qk_nope_head_dim, cos, sin)
 
     def forward(self, x, cos, sin, segment_ids, topk_idx, dsa_mode: str = "sparse", *, with_cache: bool = False):
         """`__call__`'s results plus, with `with_cache`, what a decode cache keeps of these tokens: (latent
@@ -96,15 +99,17 @@ class MLA(nnx.Module):
         c_kv, k_rope = (constrain(a, ("batch", None, None)) for a in (c_kv, k_rope))
         key_segments = constrain(segment_ids, ("batch", None))
         length = x.shape[1]
-        train_indexer = dsa_mode != "sparse" and self.indexer is not None
-        sparse = length > cfg.index_topk and dsa_mode != "warmup"
+        train_indexer = dsa_mode in ("warmup", "sparse_adapt") and self.indexer is not None
+        sparse = length > cfg.index_topk and dsa_mode in ("sparse", "sparse_adapt")
         index = None
         if train_indexer:  # detached inputs: the indexer learns from its KL only, the model never from it
             index = self.indexer.project(jax.lax.stop_gradient(x), jax.lax.stop_gradient(c_q), cos, sin)
         elif self.indexer is not None and (sparse or with_cache):
             index = self.indexer.project(x, c_q, cos, sin)
         kl = None
-        if sparse or train_indexer or length > cfg.index_topk:
+        if dsa_mode == "dense" and length > cfg.attention_query_block:
+            out = self._flash(c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments)
+        elif sparse or train_indexer or length > cfg.index_topk and dsa_mode != "dense":
             if sparse and self.indexer is not None:
                 topk_idx = select_topk(self.indexer, *index, segment_ids, cfg.index_topk, cfg.attention_query_block)
             out, kl = self._blocks(c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments,
@@ -184,6 +189,38 @@ class MLA(nnx.Module):
         s = jnp.where(ok[:, None], s.astype(jnp.float32) * scale, MASKED)
         p = jax.nn.softmax(s, axis=-1).astype(self.dtype)
         return jnp.einsum("bqhv,hvd->bqd", jnp.einsum("bhqk,bkhd->bqhd", p, v), self.w(self.o_proj))
+
+    def _flash(self, c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments):
+        """Dense causal attention [B, L, D] in query x key blocks with an online softmax (`flash.blocked`, run
+        on each device's own queries against the gathered latent keys), or JAX's splash kernel on a TPU."""
+        cfg = self.cfg
+        scale, nope, kv_b = cfg.qk_head_dim ** -0.5, cfg.qk_nope_head_dim, self.w(self.kv_b_proj)
+        kernel = flash.dense_kernel(platform(), axis_size("length"), c_q.shape[1], (cfg.qk_head_dim, cfg.v_head_dim))
+        if kernel == "splash":  # expanded form: per-head keys (nope | shared rope) and values
+            qn, qr = self.queries(c_q, cos, sin)
+            kv = jnp.einsum("blc,chd->blhd", c_kv, kv_b)
+            k_r = jnp.broadcast_to(k_rope[:, :, None], (*kv.shape[:3], k_rope.shape[-1]))
+            q = (jnp.concatenate([qn, qr], axis=-1) * scale).astype(self.dtype)
+            heads = ("batch", "length", "act_heads", None)  # a Pallas kernel: run on each device's shards
+            out = per_shard(flash.splash, (heads,) * 3 + (("batch", "length"),), heads)(
+                q, jnp.concatenate([kv[..., :nope], k_r], axis=-1), kv[..., nope:], segment_ids)
+        else:
+            rows = jnp.broadcast_to(jnp.arange(c_q.shape[1], dtype=jnp.int32), segment_ids.shape)
+            first = constrain(flash.document_starts(key_segments), ("batch", "length"))
+            local = functools.partial(flash.blocked, scale=scale, block=cfg.attention_query_block)
+            seq, whole, heads = ("batch", "length"), ("batch", None, None), (None, "heads", None)
+            # Heads split over devices: per-head outputs leave the loop and o_proj sums them outside. Else
+            # o_proj runs inside each block, so no per-head output of the whole sequence exists.
+            split = axis_size("heads") > 1
+            w_o = () if split else (self.w(self.o_proj),)
+            in_axes = ((seq + (None,),) * 3 + (seq,) * 3 + (whole, whole, ("batch", None)) + (heads,) * 3
+                       + ((None,) * 3,) * len(w_o))
+            out = per_shard(local, in_axes, seq + (("act_heads", None) if split else (None,)))(
+                c_q, cos, sin, rows, first, segment_ids, c_kv, k_rope, key_segments, self.w(self.q_b_proj),
+                kv_b[..., :nope], kv_b[..., nope:], *w_o)
+            if not split:
+                return out
+        return jnp.einsum("blhv,hvd->bld", out, self.w(self.o_proj))
 
     def _blocks(self, c_q, cos, sin, c_kv, k_rope, segment_ids, key_segments, topk_idx, index):
         """Attention output [B, L, D] of queries c_q over keys in absorbed form, one query block at a time.

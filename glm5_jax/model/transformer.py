@@ -239,7 +239,8 @@ class GLM5(nnx.Module):
         positions: [B, L] RoPE positions (default 0..L-1); segment_ids: [B, L] document ids of packed rows
         (attention and the indexer never cross a change of id; default one document per row).
         mtp_depths: MTP depths to run (default cfg.mtp_depths; 0 skips MTP).
-        dsa_mode: "sparse" (inference and normal training), "warmup" (dense attention at every length; the
+        dsa_mode: "sparse" (inference and normal training), "dense" (dense attention at every length, no
+        indexer: pre- and mid-training before DSA), "warmup" (dense attention at every length; the
         indexer's KL against it in `stats.indexer_kl`) or "sparse_adapt" (top-k attention; KL over the
         selected keys). See docs/losses.md.
         """
@@ -259,7 +260,7 @@ class GLM5(nnx.Module):
         embeds = constrain(self.embed(ids), (None,) + HIDDEN)
         h, mtp_embeds, stats = embeds[0], embeds[1:], []
         # Sparse attention carries the last full layer's top-k to the "shared" layers after it.
-        sparse = cfg.index_topk < L and dsa_mode != "warmup"
+        sparse = cfg.index_topk < L and dsa_mode in ("sparse", "sparse_adapt")
         topk_idx = jnp.zeros((B, L, cfg.index_topk), jnp.int32) if sparse else None
         # Under a pipeline layout one group runs as a pipeline (sharding/pipeline.py; docs/parallelism.md).
         piped = pipelined_group(layer_groups(cfg)) if runners().pipelined else None

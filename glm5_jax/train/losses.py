@@ -26,7 +26,7 @@ class LossConfig:
     mtp_weight: float = 0.3  # weight of the MTP loss (mean over cfg.mtp_depths depths); 0 skips MTP
     balance_weight: float = 1e-4  # sequence-level balance loss (DeepSeek-V3), MoE layers incl. MTP's
     bias_update_rate: float = 0.001  # aux-loss-free router bias step (update_router_bias), not a loss
-    dsa: str = "sparse"  # "sparse" | "warmup" | "sparse_adapt" (DSA training stage)
+    dsa: str = "sparse"  # "sparse" | "dense" (no indexer) | "warmup" | "sparse_adapt" (DSA training stage)
     indexer_loss_weight: float = 1.0  # weight of the indexer KL (warmup, sparse_adapt)
     # RL objectives (glm5_jax.rl.objectives; docs/post-training.md, "RL objectives")
     clip_low: float = 0.2  # PPO clip / DIS band below 1 (0..1)
