@@ -48,7 +48,7 @@ def test_load_reward_names_the_key_the_path_and_the_cause():
         "tests.reward_fns:missing": "rl.reward: tests.reward_fns:missing: tests.reward_fns has no attribute "
                                     "'missing'",
         "tests.reward_fns:NOT_CALLABLE": "rl.reward: tests.reward_fns:NOT_CALLABLE: a int, not a function",
-        "exact": "rl.reward: 'exact': neither a built-in reward (code, exact_match, math) nor a "
+        "exact": "rl.reward: 'exact': neither a built-in reward (code, exact_match, math, similarity) nor a "
                  "package.module:function path",
     }
     for spec, message in cases.items():
