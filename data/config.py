@@ -40,7 +40,8 @@ class SourceConfig:
     text_field: str = "text"  # JSONL key / Parquet column holding the document (format chat: the messages)
     append_eos: bool = True  # put the tokenizer's EOS after each document (also pre-tokenized ones)
     format: str | None = None  # text: documents; chat: conversations with loss masks (jsonl, parquet; stdlib_chat);
-    # None: chat for stdlib_chat, else text
+    # prompts: RL prompts with their reward's fields (jsonl; pattern); None: chat for stdlib_chat, prompts for
+    # pattern, else text
     template: str | None = None  # chat: a Hugging Face tokenizer folder or .jinja file to render with
     overlong: str = "truncate"  # chat: a conversation longer than the row: truncate (at a turn) or drop
 

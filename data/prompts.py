@@ -68,10 +68,11 @@ def held_out(record: dict, field: str, fraction: float) -> bool:
 
 
 class PromptSet:
-    """A stage's prompt records, split into training and held-out ones, with their token ids.
+    """A stage's prompt records, split into training (`train`) and held-out (`eval`) ones, with their token ids
+    (`train_ids`, `eval_ids`: each prompt rendered and tokenized once).
 
-    `batch(k, n)`: the n training prompts of rollout k, epoch after epoch through a seeded shuffle (a function
-    of k alone, so a resumed run asks the same prompts)."""
+    `batch(k, n)`: the indices into `train` of the n prompts of rollout k, epoch after epoch through a seeded
+    shuffle (a function of k alone, so a resumed run asks the same prompts)."""
 
     def __init__(self, data_cfg, stage_name: str, tokenizer, policy, holdout: float = 0.0):
         stage = next(s for s in data_cfg.stages if s.name == stage_name)
@@ -81,24 +82,21 @@ class PromptSet:
         cfg = data_cfg.sources[next(iter(stage.mixture))]
         self.field, self.seed = cfg.text_field, data_cfg.seed
         renderer = GLMRenderer(tokenizer) if cfg.template is None else TemplateRenderer(cfg.template, tokenizer)
-        self.encode = functools.partial(generation_prompt, renderer)
         records = read_records(cfg, policy)
         split = [held_out(r, self.field, holdout) for r in records]
         self.train = [r for r, h in zip(records, split) if not h]
         self.eval = [r for r, h in zip(records, split) if h]
         if not self.train:
             raise ConfigError(f"eval.holdout: {holdout} leaves no training prompt in source {cfg.name}")
+        self.train_ids = [generation_prompt(renderer, r[self.field]) for r in self.train]
+        self.eval_ids = [generation_prompt(renderer, r[self.field]) for r in self.eval]
 
-    def ids(self, record: dict) -> np.ndarray:
-        return self.encode(record[self.field])
-
-    def batch(self, k: int, n: int) -> list[tuple[int, dict]]:
-        """(index into `train`, record) of the n prompts of rollout k."""
+    def batch(self, k: int, n: int) -> list[int]:
+        """The indices into `train` of the n prompts of rollout k."""
         out = []
         for i in range(k * n, (k + 1) * n):
             epoch, at = divmod(i, len(self.train))
-            j = int(self._order(epoch)[at])
-            out.append((j, self.train[j]))
+            out.append(int(self._order(epoch)[at]))
         return out
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from glm5_jax.errors import ConfigError
-from glm5_jax.rl.feed import response_ids
+from glm5_jax.train.evaluate import eval_due
 
 EVAL_SEED = 0  # every evaluation draws with the same seed: the figures differ by the weights alone
 
@@ -23,19 +23,16 @@ class RLEvaluator:
                                   f"{run.stages[index].name}'s prompts; raise it")
 
     def due(self, step: int, stage_end: bool) -> bool:
-        c = self.cfg
-        return (c.interval_steps is not None and step % c.interval_steps == 0) or (c.at_stage_end and stage_end)
+        return eval_due(self.cfg, step, stage_end)
 
     def run_at(self, stage, program, params, buffers) -> dict:
         """{"reward", "solved", "failed", "samples", "response_len"} of the stage's held-out prompts."""
         rl, prompts = self.setup.rl[stage.index], self.setup.prompts[stage.index]
-        records = prompts.eval[:rl.eval_prompts]
+        n = min(rl.eval_prompts, len(prompts.eval))
         samples = self.setup.engine(stage).generate(
-            params, buffers, [prompts.ids(r) for r in records], rl.eval_samples, version=0, seed=EVAL_SEED,
-            first_sample_id=0, prompt_indices=list(range(len(records))))
-        texts = [self.setup.tokenizer.decode(response_ids(s, self.setup.eos)) for s in samples]
-        scores = self.setup.rewards(stage).score([(t, records[s.group]) for t, s in zip(texts, samples)])
-        rewards = np.array([np.nan if s.reward is None else s.reward for s in scores])
+            params, buffers, prompts.eval_ids[:n], rl.eval_samples, version=0, seed=EVAL_SEED, first_sample_id=0,
+            prompt_indices=list(range(n)))
+        rewards = self.setup.score(stage, samples, prompts.eval[:n])
         ok = ~np.isnan(rewards)
         return {"reward": float(rewards[ok].mean()) if ok.any() else float("nan"),
                 "solved": float(np.mean(rewards[ok] >= 1.0)) if ok.any() else float("nan"),

@@ -4,11 +4,12 @@
 rollout happens every `rl.updates_per_rollout` optimizer steps (the *weight version* is the step it starts
 at): the stage's next prompts (data/prompts.py) are answered G times each by the rollout engine from the
 weights of that step (generating), the answers scored by the reward in worker processes (scoring), their
-group advantages computed, the trainer's own log-probs of the samples taken with the same weights (old_logp;
-the rollout's log-probs against them give rho, which IcePop reads), and the samples split into the steps'
-batches (training). Everything a rollout depends on is a function of the step (its prompts, its random
-seed) or of the weights, so a resumed run makes the same rollouts; the batches of a rollout not yet trained
-are kept in the checkpoint's data state (`state()`), so a stop between them resumes exactly.
+group advantages computed (and the teacher's or the KL reference's log-probs, where the objective reads them),
+and the samples split into the steps' batches (training). The trainer's old_logp is the rollout's own
+scoring pass (RLSetup.extra_logprobs says why), so rho = 1 here. Everything a rollout depends on is a
+function of the step (its prompts, its random seed) or of the weights, so a resumed run makes the same
+rollouts; the batches of a rollout not yet trained are kept in the checkpoint's data state (`state()`), so a
+stop between them resumes exactly.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ class RLFeed:
 
     ahead = False
 
-    def __init__(self, run, setup, states: dict | None = None, out=print):
+    def __init__(self, run, setup, states: dict | None = None):
         if jax.process_count() > 1:
             raise ConfigError("objective: RL stages run in one process (the rollout engine is not multi-process)")
-        self.run, self.setup, self.out, self.shards, self.indices = run, setup, out, 1, [0]
+        self.run, self.setup, self.shards, self.indices = run, setup, 1, [0]
         self.pending: list[dict] = []  # the batches of the current rollout not yet handed out
         self.report_next: dict = {}
         saved = (states or {}).get("rl")
@@ -72,25 +73,21 @@ class RLFeed:
         k = (state.step - d.start_step) // rl.updates_per_rollout
         chosen = prompts.batch(k, n_prompts)
         t0 = time.perf_counter()
-        engine = self.setup.engine(stage)
-        samples = engine.generate(state.params, state.buffers, [prompts.ids(r) for _, r in chosen], rl.group_size,
-                                  version=state.step, seed=hash_seed(self.run.recipe.seed, state.step),
-                                  first_sample_id=state.step * per_step, prompt_indices=[i for i, _ in chosen])
+        samples = self.setup.engine(stage).generate(
+            state.params, state.buffers, [prompts.train_ids[i] for i in chosen], rl.group_size, version=state.step,
+            seed=hash_seed(self.run.recipe.seed, state.step), first_sample_id=state.step * per_step,
+            prompt_indices=chosen)
         t1 = time.perf_counter()
-        texts = [self.setup.tokenizer.decode(response_ids(s, self.setup.eos)) for s in samples]
-        scores = self.setup.rewards(stage).score([(t, chosen[s.group][1]) for t, s in zip(texts, samples)])
-        for s, sc in zip(samples, scores):
-            s.reward, s.failure = sc.reward, (None if sc.reward is not None else sc.reason)
+        rewards = self.setup.score(stage, samples, [prompts.train[i] for i in chosen])
         t2 = time.perf_counter()
-        rewards = np.array([np.nan if s.reward is None else s.reward for s in samples], np.float64)
         valid = ~np.isnan(rewards)
         groups = np.array([s.group for s in samples])
         advantages = adv_lib.group_advantages(np.nan_to_num(rewards), groups, valid, self.setup.normalize_std(stage))
-        batch = to_batch(samples, spec.seq_len, per_step * rl.updates_per_rollout, 1)
-        batch = {k: v[0] for k, v in batch.items()}  # [samples, L]
+        batch = {k: v[0] for k, v in to_batch(samples, spec.seq_len, len(samples), 1).items()}  # [samples, L]
         scored = batch["targets"] >= 0
         batch["advantages"] = np.where(scored, advantages[:, None], 0.0).astype(np.float32)
-        batch.update(self.setup.extra_logprobs(stage, state, batch))  # old_logp, and teacher_logp / ref_logp
+        batch["old_logp"] = batch["rollout_logp"]  # (the trainer's program, same layout: RLSetup.extra_logprobs)
+        batch.update(self.setup.extra_logprobs(stage, batch))  # teacher_logp / ref_logp
         t3 = time.perf_counter()
         lengths = np.array([len(s.tokens) - s.prompt_length for s in samples])
         self.report_next = {
@@ -115,9 +112,3 @@ class RLFeed:
 def hash_seed(seed: int, step: int) -> int:
     """The rollout's sampling seed: a function of the run's seed and the step (so a resumed run redraws it)."""
     return int(np.random.SeedSequence([seed, step]).generate_state(1)[0])
-
-
-def response_ids(sample, eos: tuple) -> np.ndarray:
-    """The answer's token ids: what the model wrote after the prompt, less a final EOS."""
-    r = sample.tokens[sample.prompt_length:]
-    return r[:-1] if len(r) and int(r[-1]) in eos else r

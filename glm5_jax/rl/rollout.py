@@ -17,7 +17,6 @@ from glm5_jax.checkpoint.naming import to_state
 from glm5_jax.errors import ConfigError
 from glm5_jax.generate.runner import Generator, check_max_length, eos_ids
 from glm5_jax.generate.sampling import Sampling
-from glm5_jax.model.state import abstract_state
 from glm5_jax.rl.scoring import BASE_FIELDS, Scorer, to_batch
 from glm5_jax.sharding.context import Parallelism
 
@@ -88,8 +87,8 @@ class RolloutEngine:
         self.temperature, self.max_new_tokens, self.max_length = temperature, max_new_tokens, max_length
         # Prompts are prefilled max_length - max_new_tokens wide when they fit it: one prefill program for all.
         self.prompt_slots = max(1, max_length - max_new_tokens)
-        self.abstract = abstract_state(model_cfg)
         self.scorer = Scorer(model_cfg, par, temperature)
+        self.abstract = self.scorer.abstract
         self._generator: Generator | None = None  # built on the first call, then given each call's weights
 
     def generator(self, params: dict, buffers: dict) -> Generator:

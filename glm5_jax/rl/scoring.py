@@ -29,7 +29,7 @@ class Scorer:
     def __init__(self, model_cfg, par: Parallelism, temperature: float):
         if not temperature > 0:
             raise ConfigError(f"temperature: must be > 0 to score samples; got {temperature}")
-        abstract = abstract_state(model_cfg)
+        self.abstract = abstract = abstract_state(model_cfg)  # (the model's structure; the engine's decoder too)
         self.par, self.temperature = par, temperature
         self.param_shardings = flatten(state_shardings(abstract.params, par))
         self.buffer_shardings = flatten(state_shardings(abstract.buffers, par))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from glm5_jax.errors import CheckpointError, ConfigError
 from glm5_jax.train.setup import is_hf_directory
 
@@ -64,11 +66,13 @@ class RLSetup:
             if room < 1:
                 raise ConfigError(f"{key}.rl.max_new_tokens: {rl.max_new_tokens} leaves no room for a prompt in the "
                                   f"data stage's seq_len {s.data.seq_len}")
-            for i, r in enumerate(prompts.train + prompts.eval):
-                if len(prompts.ids(r)) > room:
-                    raise ConfigError(f"{key}.rl.max_new_tokens: a prompt of {len(prompts.ids(r))} tokens ("
-                                      f"{str(r[prompts.field])[:40]!r}...) and {rl.max_new_tokens} new tokens exceed the "
-                                      f"data stage's seq_len {s.data.seq_len}")
+            ids = prompts.train_ids + prompts.eval_ids
+            longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+            if len(ids[longest]) > room:
+                text = str((prompts.train + prompts.eval)[longest][prompts.field])[:40]
+                raise ConfigError(f"{key}.rl.max_new_tokens: a prompt of {len(ids[longest])} tokens ({text!r}...) "
+                                  f"and {rl.max_new_tokens} new tokens exceed the data stage's seq_len "
+                                  f"{s.data.seq_len}")
             if s.step.objective == "distill":
                 self._teacher_config(rl.teacher, f"{key}.rl.teacher")
             elif rl.teacher is not None:
@@ -105,6 +109,16 @@ class RLSetup:
         rl = self.rl[stage.index]
         return self._cached(("rewards", stage.index), lambda: RewardPool(rl.reward, rl.reward_workers,
                                                                         rl.reward_timeout))
+
+    def score(self, stage, samples, items) -> np.ndarray:
+        """Reward every sample (its answer, the tokens after the prompt less a final EOS, decoded, against its
+        prompt's record `items[sample.group]`) with the stage's reward; fills `reward` / `failure` and returns
+        the rewards [N] float64, NaN where the reward failed."""
+        texts = [self.tokenizer.decode(answer_ids(s, self.eos)) for s in samples]
+        scores = self.rewards(stage).score([(t, items[s.group]) for t, s in zip(texts, samples)])
+        for s, sc in zip(samples, scores):
+            s.reward, s.failure = sc.reward, (None if sc.reward is not None else sc.reason)
+        return np.array([np.nan if s.reward is None else s.reward for s in samples], np.float64)
 
     def close(self):
         for key, value in list(self._cache.items()):
@@ -157,16 +171,24 @@ class RLSetup:
             return tuple({k: variables[k] for k in names[part]} for part in ("params", "buffers"))
         return self._cached(("policy", directory), load)
 
-    def extra_logprobs(self, stage, state, batch: dict) -> dict:
-        """The log-prob fields the loop computes for a rollout's samples `batch` ([samples, L]): `old_logp` (the
-        trainer's, with the weights that made the rollout), `teacher_logp` (distill), `ref_logp` (KL term)."""
+    def extra_logprobs(self, stage, batch: dict) -> dict:
+        """The log-prob fields besides the rollout's for a rollout's samples `batch` ([samples, L]):
+        `teacher_logp` (distill) and `ref_logp` (KL term). The trainer's `old_logp` is the rollout's own
+        `rollout_logp`: the engine runs in the trainer's layout and dtype and scores with the trainer's program
+        over the same batch, so recomputing it would give the same bits (docs/post-training.md, "Log-prob
+        parity")."""
         from glm5_jax.checkpoint.store import CheckpointReader
 
-        rl, trainer = self.rl[stage.index], self.engine(stage).scorer
-        out = {"old_logp": trainer(state.params, state.buffers, batch)}
+        rl, out = self.rl[stage.index], {}
         if stage.step.objective == "distill":
             tcfg = CheckpointReader(rl.teacher).config
             out["teacher_logp"] = self.scorer(stage, tcfg)(*self._policy(rl.teacher, tcfg), batch)
         if stage.step.loss_cfg.kl_weight > 0:
-            out["ref_logp"] = trainer(*self._policy(self.reference, stage.step.model_cfg), batch)
+            out["ref_logp"] = self.engine(stage).scorer(*self._policy(self.reference, stage.step.model_cfg), batch)
         return out
+
+
+def answer_ids(sample, eos: tuple) -> np.ndarray:
+    """A sample's answer: the token ids the model wrote after the prompt, less a final EOS."""
+    r = sample.tokens[sample.prompt_length:]
+    return r[:-1] if len(r) and int(r[-1]) in eos else r

@@ -73,6 +73,11 @@ def run_eval(program, params, buffers, batches) -> dict:
     return {"loss": mean("loss"), "lm": lm, "ppl": math.exp(min(lm, 700.0)), "tokens": tokens}
 
 
+def eval_due(cfg, step: int, stage_end: bool) -> bool:
+    """Whether the recipe's `eval` section (`cfg`) asks for an evaluation after step `step`."""
+    return (cfg.interval_steps is not None and step % cfg.interval_steps == 0) or (cfg.at_stage_end and stage_end)
+
+
 class Evaluator:
     """The recipe's `eval` section during training: when to evaluate, and on which held-out microbatches."""
 
@@ -83,8 +88,7 @@ class Evaluator:
         self._batches: dict = {}
 
     def due(self, step: int, stage_end: bool) -> bool:
-        c = self.cfg
-        return (c.interval_steps is not None and step % c.interval_steps == 0) or (c.at_stage_end and stage_end)
+        return eval_due(self.cfg, step, stage_end)
 
     def run_at(self, stage, program, params, buffers) -> dict:
         """{"loss", "lm", "ppl", "tokens"} of the stage's held-out microbatches (the same ones every time)."""

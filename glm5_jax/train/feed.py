@@ -51,7 +51,7 @@ def feed_opener(run, out=print):
         from glm5_jax.rl.feed import RLFeed
 
         check_vocab("data", run.rl.tokenizer.vocab_size, run.model_cfg)
-        return lambda shards, states, start: RLFeed(run, run.rl, states, out)
+        return lambda shards, states, start: RLFeed(run, run.rl, states)
     pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
                         accumulate={s.name: s.data.accumulate for s in run.stages},
                         holdout=("train", run.recipe.eval.holdout))

@@ -32,6 +32,7 @@ from glm5_jax.accounting.peak import device_peak
 from glm5_jax.checkpoint.manager import CheckpointManager
 from glm5_jax.checkpoint.outputs import check_output
 from glm5_jax.errors import TrainingStopped
+from glm5_jax.rl.evaluate import RLEvaluator
 from glm5_jax.rl.setup import with_rl
 from glm5_jax.train import step as S
 from glm5_jax.train.agree import agree
@@ -206,13 +207,8 @@ def train(recipe: Recipe, out=print) -> dict:
     run = with_rl(in_starting_layout(resolve(recipe), os.path.join(os.path.abspath(recipe.run_dir), "checkpoints")))
     open_feed = feed_opener(run, out)
     evaluator = None
-    if recipe.eval.enabled:
-        if run.rl is not None:
-            from glm5_jax.rl.evaluate import RLEvaluator
-
-            evaluator = RLEvaluator(run)
-        else:
-            evaluator = Evaluator(run)
+    if recipe.eval.enabled:  # (an RL run's held-out figures are rewards, a data run's losses)
+        evaluator = RLEvaluator(run) if run.rl is not None else Evaluator(run)
     abstract = S.abstract_state(run.model_cfg, recipe.seed)
     programs = Programs(run, abstract, out)
     created = not os.path.exists(run_dir)
