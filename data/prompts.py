@@ -72,7 +72,7 @@ class PromptSet:
     (`train_ids`, `eval_ids`: each prompt rendered and tokenized once).
 
     `batch(k, n)`: the indices into `train` of the n prompts of rollout k, epoch after epoch through a seeded
-    shuffle (a function of k alone, so a resumed run asks the same prompts)."""
+    shuffle (a function of k alone, so a resumed run asks the same prompts); `draw(i)`: the i-th of that order."""
 
     def __init__(self, data_cfg, stage_name: str, tokenizer, policy, holdout: float = 0.0):
         stage = next(s for s in data_cfg.stages if s.name == stage_name)
@@ -93,11 +93,12 @@ class PromptSet:
 
     def batch(self, k: int, n: int) -> list[int]:
         """The indices into `train` of the n prompts of rollout k."""
-        out = []
-        for i in range(k * n, (k + 1) * n):
-            epoch, at = divmod(i, len(self.train))
-            out.append(int(self._order(epoch)[at]))
-        return out
+        return [self.draw(i) for i in range(k * n, (k + 1) * n)]
+
+    def draw(self, i: int) -> int:
+        """The index into `train` of the i-th prompt drawn (0, 1, ...: rollout k of n prompts draws k*n ...)."""
+        epoch, at = divmod(i, len(self.train))
+        return int(self._order(epoch)[at])
 
     def _order(self, epoch: int) -> np.ndarray:
         if getattr(self, "_epoch", None) != epoch:

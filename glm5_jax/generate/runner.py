@@ -144,7 +144,8 @@ class Generator:
     def generate(self, prompts, max_new_tokens: int, max_length: int | None = None, *,
                  return_logits: bool = False, seed: int | None = None,
                  prompt_slots: int | None = None) -> GenerationResult:
-        """Continue each prompt (a 1-D int array) by up to `max_new_tokens`, stopping a row at an EOS id.
+        """Continue each prompt (a 1-D int array) by up to `max_new_tokens` (one bound, or one per prompt),
+        stopping a row at an EOS id.
 
         max_length: cache slots (default longest prompt + max_new_tokens); rows stop when full.
         return_logits: also keep, per generated token, the logits it was chosen from (plain decoding).
@@ -154,14 +155,17 @@ class Generator:
         cfg, s = self.cfg, self.sampling
         lengths = np.array([len(p) for p in prompts], np.int32)
         B, P = len(prompts), max(int(lengths.max()), prompt_slots or 0)
-        T = max_length or P + max_new_tokens
+        limit = np.broadcast_to(np.asarray(max_new_tokens, np.int64), (B,))
+        if limit.min() < 1:
+            raise ConfigError(f"max_new_tokens: must be >= 1; got {int(limit.min())}")
+        T = max_length or P + int(limit.max())
         check_max_length(cfg, T)
         if T <= P:
             raise ConfigError(f"--max-length: {T} leaves no room after the longest prompt ({P} tokens)")
         extra = -B % (self.par.axis_size("batch") if self.par is not None else 1)
         if extra:  # fill the last batch shard with copies of the last prompt, dropped from the result
-            r = self.generate(list(prompts) + [prompts[-1]] * extra, max_new_tokens, T, return_logits=return_logits,
-                              seed=seed, prompt_slots=prompt_slots)
+            r = self.generate(list(prompts) + [prompts[-1]] * extra, np.concatenate([limit, limit[-1:].repeat(extra)]),
+                              T, return_logits=return_logits, seed=seed, prompt_slots=prompt_slots)
             return dataclasses.replace(r, sequences=r.sequences[:B], prompt_lengths=r.prompt_lengths[:B],
                                        logits=None if r.logits is None else r.logits[:B],
                                        token_logprobs=None if r.token_logprobs is None else r.token_logprobs[:B])
@@ -180,7 +184,7 @@ class Generator:
             seq[np.arange(B), n] = np.asarray(token)
             logits = [[np.asarray(last[i])] for i in range(B)] if return_logits else None
             token_lp = None if self.speculative else [[float(v)] for v in np.asarray(lp)]
-            done = np.isin(seq[np.arange(B), n], eos) | (n + 1 >= T) | (max_new_tokens <= 1)
+            done = np.isin(seq[np.arange(B), n], eos) | (n + 1 >= T) | (limit <= 1)
             produced = np.ones(B, np.int64)
             steps, row_steps, committed = 0, 0, 0  # committed: tokens from decode steps, summed over rows
             compiled, start = None, None
@@ -211,7 +215,7 @@ class Generator:
                             logits[i].append(np.asarray(last[i]))
                         if token_lp is not None:
                             token_lp[i].append(float(lp[i]))
-                        if t in eos or produced[i] >= max_new_tokens or n[i] + 1 >= T:
+                        if t in eos or produced[i] >= limit[i] or n[i] + 1 >= T:
                             done[i] = True
                             break
             seconds = time.perf_counter() - start if start is not None else 0.0

@@ -24,14 +24,15 @@ from glm5_jax.errors import ConfigError
 from glm5_jax.rl import advantages as adv_lib
 from glm5_jax.rl.scoring import to_batch
 from glm5_jax.rl.objectives import rho_quantiles
+from glm5_jax.rl.setup import item_budget
 from glm5_jax.train.step import BATCH_AXES
 
 
-def _encode(a: np.ndarray) -> dict:
+def encode_array(a: np.ndarray) -> dict:
     return {"dtype": str(a.dtype), "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode()}
 
 
-def _decode(d: dict) -> np.ndarray:
+def decode_array(d: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["data"]), np.dtype(d["dtype"])).reshape(d["shape"]).copy()
 
 
@@ -40,6 +41,7 @@ class RLFeed:
     last rollout's batches are used up; `ahead` is False (a batch needs the previous step's weights)."""
 
     ahead = False
+    reset_optimizer = False
 
     def __init__(self, run, setup, states: dict | None = None):
         if jax.process_count() > 1:
@@ -49,7 +51,7 @@ class RLFeed:
         self.report_next: dict = {}
         saved = (states or {}).get("rl")
         if saved:
-            self.pending = [{k: _decode(v) for k, v in b.items()} for b in saved["pending"]]
+            self.pending = [{k: decode_array(v) for k, v in b.items()} for b in saved["pending"]]
 
     def next_batch(self, stage, state):
         """(global batch {field: [accumulate, rows, L]}, microbatches it takes) of the next step."""
@@ -76,7 +78,7 @@ class RLFeed:
         samples = self.setup.engine(stage).generate(
             state.params, state.buffers, [prompts.train_ids[i] for i in chosen], rl.group_size, version=state.step,
             seed=hash_seed(self.run.recipe.seed, state.step), first_sample_id=state.step * per_step,
-            prompt_indices=chosen)
+            prompt_indices=chosen, budgets=[item_budget(rl.max_new_tokens, prompts.train[i]) for i in chosen])
         t1 = time.perf_counter()
         rewards = self.setup.score(stage, samples, [prompts.train[i] for i in chosen])
         t2 = time.perf_counter()
@@ -102,7 +104,7 @@ class RLFeed:
 
     def state(self) -> dict:
         """The data state document: the batches of the current rollout still to train."""
-        return {"shards": 1, "states": {"rl": {"pending": [{k: _encode(v) for k, v in b.items()}
+        return {"shards": 1, "states": {"rl": {"pending": [{k: encode_array(v) for k, v in b.items()}
                                                            for b in self.pending]}}}
 
     def close(self):

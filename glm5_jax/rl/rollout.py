@@ -33,11 +33,14 @@ class Sample:
     prompt_length: int
     trained: np.ndarray  # bool: tokens the model wrote and that train (prompt and tool results: False)
     logprobs: np.ndarray  # float32: recorded by the scoring pass
-    version: int  # the weight version that generated it
+    version: int  # the weight version that generated it (with several: the oldest, the one staleness counts)
     finished: bool  # ended by an EOS, not by the length cap
     reward: float | None = None
     failure: str | None = None  # why the sample cannot be trained on (it then trains nothing)
     sample_logprobs: np.ndarray | None = None  # float32: the decoder's own log-probs (same places), for logging
+    # int32 per token: the weight version that drew it (-1: the prompt); None: every token drew from `version`.
+    # An asynchronous rollout that continues with newer weights (a partial rollout) has several.
+    token_versions: np.ndarray | None = None
 
     @property
     def response(self) -> np.ndarray:
@@ -106,16 +109,20 @@ class RolloutEngine:
         return (0 if self._generator is None else self._generator.compiles) + self.scorer.compiles
 
     def generate(self, params: dict, buffers: dict, prompts: list[np.ndarray], group_size: int, version: int,
-                 seed: int, first_sample_id: int, prompt_indices: list[int]) -> list[Sample]:
+                 seed: int, first_sample_id: int, prompt_indices: list[int],
+                 budgets: list[int] | None = None) -> list[Sample]:
         """Samples first_sample_id, ...: group_size per prompt, prompt after prompt; their `logprobs` from
-        the scoring pass over the weights that generated them."""
+        the scoring pass over the weights that generated them. budgets: each prompt's response length bound
+        (default max_new_tokens for all)."""
         if len(prompt_indices) != len(prompts):
             raise ConfigError(f"prompt_indices: {len(prompt_indices)} for {len(prompts)} prompts")
         if group_size < 1:
             raise ConfigError(f"group_size: must be >= 1; got {group_size}")
         check_prompts(prompts, self.max_length, prompt_indices)
         rows = [np.asarray(p, np.int32) for p in prompts for _ in range(group_size)]
-        result = self.generator(params, buffers).generate(rows, self.max_new_tokens, self.max_length, seed=seed,
+        limits = [self.max_new_tokens if budgets is None else min(budgets[i // group_size], self.max_new_tokens)
+                  for i in range(len(rows))]
+        result = self.generator(params, buffers).generate(rows, limits, self.max_length, seed=seed,
                                                           prompt_slots=self.prompt_slots)
         eos = set(eos_ids(self.cfg))
         samples = []

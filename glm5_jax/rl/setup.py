@@ -82,11 +82,29 @@ class RLSetup:
                                   "checkpoint; set init_from")
             if s.step.trainable != "no_indexer":
                 raise ConfigError(f"{key}.trainable: RL keeps the DSA indexer frozen; use no_indexer")
+            for i, record in enumerate(prompts.train + prompts.eval):
+                b = record.get("max_new_tokens", 1)
+                if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+                    raise ConfigError(f"{key}: prompt {i} (source record) max_new_tokens must be a positive integer; "
+                                      f"got {b!r}")
+            if rl.asynchronous is not None:
+                self._check_async(s, rl, key)
+        if len({self.rl[s.index].asynchronous is None for s in stages}) > 1:
+            raise ConfigError("stages: every RL stage of a run sets rl.asynchronous, or none does")
+        self.asynchronous = self.rl[stages[0].index].asynchronous is not None  # (Ray rollout workers)
         self._cache: dict = {}
         init = run.recipe.init_from
         # The KL term's reference: the weights the run started from (a transformers directory as converted).
         self.reference = None if not init else os.path.join(run.recipe.run_dir, "init-from-hf") \
             if is_hf_directory(init) else init
+
+    @staticmethod
+    def _check_async(stage, rl, key):
+        if rl.updates_per_rollout != 1:
+            raise ConfigError(f"{key}.rl.updates_per_rollout: an asynchronous stage trains each sample once (the "
+                              f"buffer gives every step new samples); drop it, or set 1")
+        if stage.step.objective == "distill":
+            raise ConfigError(f"{key}.objective: distill rolls out synchronously (drop rl.asynchronous)")
 
     def _teacher_config(self, path, key):
         from glm5_jax.checkpoint.store import CheckpointReader
@@ -192,3 +210,9 @@ def answer_ids(sample, eos: tuple) -> np.ndarray:
     """A sample's answer: the token ids the model wrote after the prompt, less a final EOS."""
     r = sample.tokens[sample.prompt_length:]
     return r[:-1] if len(r) and int(r[-1]) in eos else r
+
+
+def item_budget(bound: int, item: dict) -> int:
+    """A prompt's response length bound: the stage's `rl.max_new_tokens`, or the prompt record's own
+    `max_new_tokens` where it is smaller (a task whose answers are short)."""
+    return min(bound, int(item.get("max_new_tokens", bound)))

@@ -41,17 +41,20 @@ def choose_shards(run, saved: int | None = None, warn=print) -> int:
 def feed_opener(run, out=print):
     """`(shards, states, start_step) -> Feed`: the run's training data (its pipeline opened once, the held-out
     split left out), checked against the model's vocabulary; what `glm5 train` and `glm5 bench` read. A run
-    whose stages train on rollouts reads an `RLFeed` (glm5_jax/rl/feed.py) instead."""
+    whose stages train on rollouts reads an `RLFeed` (glm5_jax/rl/feed.py), or with `rl.asynchronous` an
+    `AsyncRLFeed` (glm5_jax/rl/async_feed.py), instead."""
     from glm5_jax.rl.setup import is_rl
 
     if run.rl is None and any(is_rl(s) for s in run.stages):  # (glm5 bench: data stages only)
         raise ConfigError("stages: an RL stage's batches are rollouts of the weights being trained; glm5 bench "
                           "reads data stages (time an RL stage's step with glm5 plan or glm5 train)")
     if run.rl is not None:
+        from glm5_jax.rl.async_feed import AsyncRLFeed
         from glm5_jax.rl.feed import RLFeed
 
         check_vocab("data", run.rl.tokenizer.vocab_size, run.model_cfg)
-        return lambda shards, states, start: RLFeed(run, run.rl, states)
+        feed = AsyncRLFeed if run.rl.asynchronous else RLFeed
+        return lambda shards, states, start: feed(run, run.rl, states)
     pipe = DataPipeline(run.data_cfg, process_index=0, process_count=1,
                         accumulate={s.name: s.data.accumulate for s in run.stages},
                         holdout=("train", run.recipe.eval.holdout))
@@ -64,9 +67,11 @@ class Feed:
 
     The protocol the trainer reads batches by (`RLFeed` follows it too): `next_batch(stage, state)`, `ahead`
     (whether the next step's batch may be read while a step computes), `report()` (host-side metrics of the
-    batches handed out, merged into the step's record), `state()`, `close()`, `shards`, `indices`."""
+    batches handed out, merged into the step's record), `reset_optimizer` (the trainer resets the optimizer
+    state before the batch just read, then clears it), `state()`, `close()`, `shards`, `indices`."""
 
     ahead = True  # batches do not depend on the weights: the next one is read while a step computes
+    reset_optimizer = False  # set by a feed whose last batch is to start from fresh optimizer state
 
     def __init__(self, run, pipe: DataPipeline, shards: int, start_step: int = 0, states=None):
         self.run, self.shards = run, shards

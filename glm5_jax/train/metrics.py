@@ -162,8 +162,12 @@ def format_record(r: dict) -> str:
     if r.get("reward_mean") is not None:  # (an RL step that rolled out: rewards, answers, phases' seconds)
         parts[3:3] = [f"reward {r['reward_mean']:.3f} (group std {r['reward_group_std']:.3f})",
                       f"answer {r['response_len_mean']:.1f} tok", f"entropy {r['entropy']:.3f}",
-                      f"clipped {100 * r['clipped_share']:.1f}%",
-                      f"generate {r['generate_s']:.1f} s  reward {r['reward_s']:.1f} s"]
+                      f"clipped {100 * r['clipped_share']:.1f}%"]
+        if "generate_s" in r:  # (synchronous: the rollout's phases)
+            parts.insert(7, f"generate {r['generate_s']:.1f} s  reward {r['reward_s']:.1f} s")
+        else:  # (asynchronous: how fresh the samples were, how long the trainer waited for them)
+            parts.insert(7, f"staleness {r['staleness_mean']:.2f} (max {r['staleness_max']})  dropped "
+                            f"{r['dropped_stale']}  waited {r['wait_s']:.2f} s  rollout busy {100 * r['rollout_busy']:.0f}%")
     if r.get("expert_load_max_over_mean") is not None:
         parts.append(f"load max/mean {r['expert_load_max_over_mean']:.2f}")
     if r.get("skipped"):

@@ -301,6 +301,8 @@ def _run(run: Run, open_feed, programs: Programs, abstract, ckpt: CheckpointMana
                 stopped = "sigterm-compiling"  # (the compile thread still runs: `glm5 train` exits without teardown)
                 break
             data, count = batch or it.next_batch(stage, state)
+            if it.reset_optimizer:  # (asynchronous RL after a weight push: rl.asynchronous.reset_optimizer)
+                state.opt_state, it.reset_optimizer = program.init_optimizer(state.params), False
             lr = float(stage.schedule(state.step - stage.data.start_step))
             dispatched = time.perf_counter()
             state.params, state.buffers, state.opt_state, metrics = program(
