@@ -37,3 +37,17 @@ NOT_CALLABLE = 3
 def e_share(response, item):
     """The share of the response's characters that are "e": a reward any policy can learn in a few steps."""
     return response.count("e") / max(len(response), 1)
+
+
+def naps(response, item):
+    """Sleeps `item["nap"]` seconds, then the length (the reward service's concurrency test)."""
+    time.sleep(item["nap"])
+    return float(len(response))
+
+
+def sandboxed(response, item):
+    """Runs the response as code in the sandbox: 1 if it ran to its end, else 0 with the sandbox's reason."""
+    from glm5_jax.rl import rewards, sandbox
+
+    result = sandbox.run(response, time_limit=10)
+    return rewards.Score(1.0 if result.ok else 0.0, result.reason)

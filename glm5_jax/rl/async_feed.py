@@ -76,7 +76,7 @@ class AsyncRLFeed:
         import ray
 
         from glm5_jax.rl.buffer import SampleBuffer
-        from glm5_jax.rl.rewards import reward_service
+        from glm5_jax.rl.reward_service import reward_service
         from glm5_jax.rl.worker import WorkerSpec
 
         self.close_actors()
@@ -236,6 +236,7 @@ class AsyncRLFeed:
         if self.actors is None:
             return
         stops = [w.stop.remote() for w in self.actors["workers"]]
+        stops.append(self.actors["rewards"].close.remote())
         ray.wait(stops, num_returns=len(stops), timeout=30)
         for handle in self.actors["workers"] + [self.actors["buffer"], self.actors["rewards"]]:
             ray.kill(handle, no_restart=True)
