@@ -112,6 +112,12 @@ def _init_params(init) -> dict:
      "stages.0.rl.teacher: the teacher's vocabulary (300 ids) is not the model's (512)"),
     ({"stage": {"trainable": "all"}},
      "stages.0.trainable: RL keeps the DSA indexer frozen; use no_indexer"),
+    ({"stage": {"rl": {"asynchronous": {"workers": 0}}}},
+     "stages.0.rl.asynchronous.workers: must be"),
+    ({"stage": {"rl": {"asynchronous": {"placement": "ring"}}}},
+     "stages.0.rl.asynchronous.placement: must be pack or spread; got 'ring'"),
+    ({"stage": {"rl": {"asynchronous": {"workers": 2}}}},  # (the recipe's updates_per_rollout is 2)
+     "stages.0.rl.updates_per_rollout: an asynchronous stage trains each sample once"),
 ])
 def test_bad_rl_input_is_one_line_before_compiling(tmp_path, init, change, message):
     teacher = tmp_path / "teacher"

@@ -31,6 +31,7 @@ from glm5_jax.train.step import BATCH_AXES
 
 POLL_S = 0.01  # seconds between looks at the buffer while the trainer waits
 CHECK_S = 2.0  # seconds between looks at the workers' health while it waits
+PLACE_S = 120  # seconds Ray gets to find room for the rollout workers
 ARRAYS = ("tokens", "trained", "logprobs", "sample_logprobs", "token_versions")
 
 
@@ -93,20 +94,31 @@ class AsyncRLFeed:
                           rl.max_new_tokens, stage.data.seq_len, a.worker_rows or 2 * rl.group_size,
                           a.segment_tokens, a.worker_devices, self.run.recipe.seed)
         # (the workers start at the first push, which tells them the arrays' names, shapes and dtypes)
-        self.actors = {"buffer": buffer, "rewards": rewards, "workers": [], "spec": spec, "options": _worker_options(a)}
+        self.actors = {"buffer": buffer, "rewards": rewards, "workers": [], "spec": spec,
+                       "options": _worker_options(a, self.run.recipe.compilation_cache)}
         self.stage = stage
 
     def _start_workers(self, like: dict):
+        """The rollout workers, one bundle each of a placement group (`rl.asynchronous.placement`)."""
         import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from glm5_jax.rl.worker import RolloutWorker
 
-        a = self.setup.rl[self.stage.index].asynchronous
-        actor = ray.remote(RolloutWorker).options(**self.actors["options"])
+        a, options = self.setup.rl[self.stage.index].asynchronous, self.actors["options"]
+        bundle = {"CPU": options["num_cpus"], "GPU": options.get("num_gpus", 0), **options.get("resources", {})}
+        bundle = {k: v for k, v in bundle.items() if v}
+        group = self.actors["group"] = placement_group([bundle] * a.workers, strategy=a.placement.upper())
+        if not group.wait(timeout_seconds=PLACE_S):
+            raise TrainingStopped(f"rl.asynchronous: Ray could not place {a.workers} rollout workers of {bundle} "
+                                  f"({a.placement}) within {PLACE_S} s; the cluster has {ray.cluster_resources()}")
+        actor = ray.remote(RolloutWorker)
         # (the constructor's larger arguments as objects this feed holds: a restarted worker reads them again)
         spec, like = self.actors["args"] = ray.put(self.actors["spec"]), ray.put(like)
-        self.actors["workers"] = [actor.remote(i, spec, self.actors["buffer"], self.actors["rewards"], like)
-                                  for i in range(a.workers)]
+        self.actors["workers"] = [
+            actor.options(**options, scheduling_strategy=PlacementGroupSchedulingStrategy(group, i))
+            .remote(i, spec, self.actors["buffer"], self.actors["rewards"], like) for i in range(a.workers)]
 
     # -- the protocol -----------------------------------------------------------------------------------------
 
@@ -240,6 +252,10 @@ class AsyncRLFeed:
         ray.wait(stops, num_returns=len(stops), timeout=30)
         for handle in self.actors["workers"] + [self.actors["buffer"], self.actors["rewards"]]:
             ray.kill(handle, no_restart=True)
+        if "group" in self.actors:
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self.actors["group"])
         self.actors = None
 
     def close(self):
@@ -271,10 +287,14 @@ class _Budget:
         return item_budget(self.bound, item)
 
 
-def _worker_options(a) -> dict:
-    """A rollout worker's Ray options: restarted when it dies, its devices, JAX told how many it has."""
+def _worker_options(a, cache: str | None) -> dict:
+    """A rollout worker's Ray options: restarted when it dies, its devices, JAX told how many it has and where
+    the recipe's compilation cache is (a restarted worker reads its programs back)."""
     platform = jax.devices()[0].platform
     env = {"PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)}
+    if cache:
+        env.update(JAX_COMPILATION_CACHE_DIR=os.path.abspath(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     options = {"num_cpus": a.worker_cpus, "max_restarts": -1, "max_concurrency": 2}
     if platform == "cpu":
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={a.worker_devices}")

@@ -17,6 +17,7 @@ class AsyncConfig:
     workers: int = 2  # rollout worker actors
     worker_devices: int = 1  # JAX devices of each worker (CPU: simulated devices; GPU: GPUs Ray assigns it)
     worker_cpus: float = 1.0  # Ray CPUs each worker reserves
+    placement: str = "pack"  # the workers' placement group strategy: pack (fewest nodes) or spread (most nodes)
     worker_rows: int | None = None  # samples a worker decodes at once (None: 2 x group_size)
     segment_tokens: int = 16  # tokens decoded between looks for new weights and finished samples
     max_staleness: int = 2  # tau: a sample whose oldest token is more than tau versions behind is dropped
@@ -70,9 +71,10 @@ def async_from_dict(values, key: str) -> AsyncConfig:
         fail(f"{key}.max_staleness", f"must be an integer >= 0; got {cfg.max_staleness!r}")
     for name in ("worker_cpus", "push_bucket_mb"):
         v = getattr(cfg, name)
-        if not is_number(v) or v < 0 or (name == "push_bucket_mb" and v == 0):
-            fail(f"{key}.{name}", f"must be a {'positive' if name == 'push_bucket_mb' else 'non-negative'} number; "
-                 f"got {v!r}")
+        if not is_number(v) or v <= 0:
+            fail(f"{key}.{name}", f"must be a positive number; got {v!r}")
+    if cfg.placement not in ("pack", "spread"):
+        fail(f"{key}.placement", f"must be pack or spread; got {cfg.placement!r}")
     for name in ("reset_optimizer", "dashboard"):
         boolean(f"{key}.{name}", getattr(cfg, name))
     if cfg.address is not None and (not isinstance(cfg.address, str) or not cfg.address):
