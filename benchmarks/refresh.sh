@@ -7,7 +7,8 @@
 #                launch/quickstart.sh itself (every program's compile time, the total);
 #   benchmarks/  data_throughput.py, input_overlap.py, generate_speed.py, optimizer_compare.py,
 #                long_context.py (compile only: the layer's memory; timing the real layer on CPU takes minutes
-#                per length) and expert_matmul.py at small shapes.
+#                per length), expert_matmul.py at small shapes, weight_push.py (asynchronous RL's weight pushes
+#                against a memory copy) and rl_async.py (synchronous against asynchronous RL, ~4 minutes).
 #
 #   bash benchmarks/refresh.sh            # about 15 minutes on 2 cores; results in runs/benchmarks/
 #
@@ -60,4 +61,6 @@ run optimizer-compare $PY benchmarks/optimizer_compare.py
 run long-context $PY benchmarks/long_context.py --lengths 4096,16384 --compile-only "" --run-up-to 0
 run expert-matmul $PY benchmarks/expert_matmul.py --tokens 2048 --hidden 256 --ffn 128 --experts 16 --topk 4 \
   --dtype float32 --repeats 5 --json "$R/expert-matmul.json"
+run weight-push $PY benchmarks/weight_push.py --repeats 5
+run rl-async $PY benchmarks/rl_async.py --out "$R/rl-async"
 $PY -m glm5_jax.bench.summary "$R" BENCHMARKS.md

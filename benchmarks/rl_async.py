@@ -94,6 +94,10 @@ def measure(path: str, run_dir: str, workers: int, skip: int) -> dict:
                 [r["reward_mean"] for r in timed[-10:]]))}
 
 
+def _name(workers: int) -> str:
+    return "synchronous" if not workers else f"asynchronous, {workers} worker{'s' * (workers > 1)}"
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
@@ -131,15 +135,15 @@ def main() -> int:
         path = recipe(out, init, data, args.steps, args.cap, workers, cache)
         r = measure(path, os.path.join(out, f"run-{workers}"), workers, args.skip)
         rows.append((workers, r))
-        print(f"  {'synchronous' if not workers else f'asynchronous, {workers} workers'}: {r['command_s']:.0f} s "
-              f"command", flush=True)
-    print(f"| run | samples | wall (steps {args.skip + 1}..) | s/step | trainer busy | rollout busy | staleness | reward (last 10) |")
+        print(f"  {_name(workers)}: {r['command_s']:.0f} s command", flush=True)
+    print(f"| run | samples | wall (steps {args.skip + 1}..) | s/step | trainer busy | rollout busy | staleness | "
+          "reward (last 10) |")
     print("|---|---|---|---|---|---|---|---|")
     base = rows[0][1]["wall_s"]
     for workers, r in rows:
-        name = "synchronous" if not workers else f"asynchronous, {workers} worker{'s' * (workers > 1)}"
-        print(f"| {name} | {r['samples']} | {r['wall_s']:.1f} s ({base / r['wall_s']:.2f}x) | "
-              f"{r['wall_s'] / r['steps']:.2f} | {100 * max(0.0, r['trainer_busy']):.0f}% | {100 * r['rollout_busy']:.0f}% | "
+        print(f"| {_name(workers)} | {r['samples']} | {r['wall_s']:.1f} s ({base / r['wall_s']:.2f}x) | "
+              f"{r['wall_s'] / r['steps']:.2f} | {100 * max(0.0, r['trainer_busy']):.0f}% | "
+              f"{100 * min(1.0, r['rollout_busy']):.0f}% | "
               f"{r['staleness_mean']:.2f} (dropped {r['dropped_stale']}) | {r['reward_mean']:.3f} |")
     with open(os.path.join(out, "rl-async.json"), "w") as f:
         json.dump({str(w): r for w, r in rows}, f, indent=1)

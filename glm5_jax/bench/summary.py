@@ -26,7 +26,7 @@ LADDER = (("flops-one", "one device", "the analytic count's own setting: every m
           ("bench-quickstart", "pipeline 2 x expert 2 x tensor 2 (quickstart)", "the quickstart layout"),
           ("flops-mb4", "the quickstart with 4 microbatches", "the pipeline bubble (M + S - 1) / M: 1.5 -> 1.25"))
 SCRIPTS = ("data-throughput", "input-overlap", "generate-speed", "optimizer-compare", "long-context",
-           "expert-matmul")
+           "expert-matmul", "weight-push", "rl-async")
 METHOD = [
     "- `glm5 bench` builds each stage's step as `glm5 train` does (`train.setup.resolve`, "
     "`train.step.build_step`, `run_state.restore_or_init`, the trainer's data `Feed`) and times `lower()` and `compile()`, then "
@@ -39,7 +39,7 @@ METHOD = [
     "in a child process, its own peak RSS;",
     "- benchmarks/*.py: each script's own output, as printed.",
 ]
-_NOISE = re.compile(r"^([WIE]\d{4} |WARNING: Logging|Failed to find host bounds|=== Source|learning/|E\d{4}|\s*$)")
+_NOISE = re.compile(r"^([WIE]\d{4} |WARNING: Logging|Token authentication is enabled|Failed to find host bounds|=== Source|learning/|E\d{4}|\s*$)")
 
 
 def _load(results: str, name: str) -> dict | None:
