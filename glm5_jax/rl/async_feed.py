@@ -68,8 +68,8 @@ class AsyncRLFeed:
         from glm5_jax.rl import cluster
 
         a = next(iter(setup.rl.values())).asynchronous
-        self.started = cluster.start(a.address, dashboard=a.dashboard, num_cpus=max(
-            int(np.ceil(r.asynchronous.workers * r.asynchronous.worker_cpus)) + 1 for r in setup.rl.values()))["started"]
+        cpus = max(int(np.ceil(r.asynchronous.workers * r.asynchronous.worker_cpus)) + 1 for r in setup.rl.values())
+        self.started = cluster.start(a.address, dashboard=a.dashboard, num_cpus=cpus)["started"]
 
     # -- starting ---------------------------------------------------------------------------------------------
 
