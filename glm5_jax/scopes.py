@@ -24,3 +24,4 @@ PIPELINE = "glm5.pipeline"  # the pipeline's stage iterations (sharding/pipeline
 # Loops whose trip count depends on runtime values (the compiled HLO has none for them).
 ACCUMULATE = "glm5.accumulate"  # the train step's loop over its microbatches (glm5_jax/train/step.py)
 TOPK_MERGE = "glm5.topk_merge"  # the indexer's merge of key chunks into a query block's running top-k
+FLASH_KEYS = "glm5.flash_keys"  # dense attention's loop over the key blocks one query block sees (model/flash.py)

@@ -113,3 +113,32 @@ def test_scope_names_in_a_name_stack():
     assert hlo.scope_key("jit(step)/jit(glm5_attention)/dot_general") == hlo.UNSCOPED  # a function's name
     assert parts.part(f"{scopes.ATTENTION}/{scopes.INDEXER}/{scopes.TOPK_MERGE}") == "attention, indexer"
     assert parts.part(f"{scopes.PIPELINE}/{scopes.ROUTED_EXPERTS} (backward)") == parts.part(scopes.ROUTED_EXPERTS)
+
+
+def test_flash_key_trips_by_hand():
+    # 128 positions in blocks of 16: query block b computes key blocks 0..b (one document a row)
+    assert loops.flash_key_trips(128, 16) == sum(range(1, 9)) / 8
+    # two context shards: shard 1's blocks are 4..7 of the whole row, so they see 5..8 key blocks
+    assert loops.flash_key_trips(128, 16, context=2) == (sum(range(1, 5)) + sum(range(5, 9))) / 8
+
+
+def test_dense_attention_counted_at_its_key_trips_equals_the_analytic_count():
+    """The compiled dense step, its key-block loops at `loops.flash_key_trips`: the loop bodies do what the
+    analytic count says, pair for pair (forward, the block's recompute, the backward with its scores again:
+    B P H (18C + 10dr)), and the whole attention part is the analytic attention within 2% (the latent
+    projections' input gradient is all the difference)."""
+    from glm5_jax.accounting import analytic as F
+    from glm5_jax.plan.measure import run
+
+    r = run("tiny", ["num_nextn_predict_layers=0", "remat_policy=none"], devices=2, seq_len=128, global_batch=2,
+            loss_overrides=["dsa=dense"])
+    cfg, count = r.inputs.cfg, r.counted
+    assert {d["scope"] for d in count.dynamic} == {scopes.FLASH_KEYS}
+    assert all(d["trips"] == loops.flash_key_trips(128, cfg.attention_query_block) for d in count.dynamic)
+    keys = sum(v for k, v in count.by_scope.items() if scopes.FLASH_KEYS in k)
+    pairs = F.dense_pairs(128, 1, cfg.attention_query_block)
+    C, dr = cfg.kv_lora_rank, cfg.qk_rope_head_dim
+    per_device = 2 * pairs * cfg.num_attention_heads * (18 * C + 10 * dr) * cfg.num_hidden_layers / 2
+    assert keys == per_device
+    analytic = sum(f.per_device for f in r.flops if "attention" in f.name)
+    assert 0.98 < parts.by_part(count.by_scope)["attention, indexer"] / analytic <= 1.0, analytic

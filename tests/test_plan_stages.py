@@ -47,7 +47,7 @@ def _text(table) -> str:
     from rich.console import Console
 
     out = io.StringIO()
-    Console(file=out, width=180).print(table)
+    Console(file=out, width=260).print(table)
     return out.getvalue()
 
 

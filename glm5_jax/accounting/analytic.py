@@ -28,6 +28,8 @@ ql/C q/kv LoRA ranks, dn/dr/dv nope/rope/value head dims, K = index_topk, Hi/Di 
 - MTP (`mtp_depths` > 0), per depth: eh_proj 6T 2D D, one MoE decoder layer (its attention, indexer,
   router and experts as above) and the output head again.
 - Muon Newton-Schulz (per matrix m x n, m <= n, per iteration): 4 m^2 n + 2 m^3
+- `dsa: dense`'s blocks (hardware, not model FLOPs): each query block is rematerialised and the key loop's
+  backward recomputes the scores: B P H (6C+4dr) + 2T(ql H(dn+dr) + C H(dn+dv)) per layer (`dense_recompute`).
 - rematerialisation (hardware, not model FLOPs): the forward work the policy recomputes in backward
   (`full`: every layer's forward; `save_dots_no_batch`: the batched einsums of the attention core, the
   indexer scores and the absorbed kv_b products; `save_dots`/`none`: nothing).
@@ -147,6 +149,20 @@ def dense_core(cfg, work: Work, batch: int, seq: int) -> tuple[str, str, float, 
             pairs / (work.context * block * block))
 
 
+def dense_recompute(cfg, work: Work, batch: int, seq: int) -> float:
+    """FLOPs per layer `dsa: dense`'s blocked path computes again in the backward (hardware, not model FLOPs):
+    each query block's forward under its remat (queries, the key absorption, the core and w_uv; o_proj's output
+    is not needed again) and, in the key loop's backward, the scores: B P H (6C+4dr) + 2T(ql H(dn+dr) +
+    C H(dn+dv)). 0 for the splash kernel and for rows of one block."""
+    H, C, dn, dr, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                        cfg.v_head_dim)
+    if seq <= cfg.attention_query_block or dense_kernel(work.platform, work.context, seq, (dn + dr, dv)) == "splash":
+        return 0.0
+    pairs = dense_pairs(seq, work.context, min(cfg.attention_query_block, seq // work.context))
+    per_token = cfg.q_lora_rank * H * (dn + dr) + C * H * (dn + dv)
+    return batch * pairs * H * (6 * C + 4 * dr) + 2 * batch * seq * per_token
+
+
 def expert_tiles(cfg, work: Work, tokens: int) -> tuple[int, int]:
     """(tile rows, tiles per device of one MoE call over `tokens` tokens); (0, 1) when ragged_dot runs.
 
@@ -239,6 +255,8 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
     indexer = (idx_proj + idx_scores) * n_idx if indexer_runs else 0.0
     remat = remat_flops(cfg, core, indexer, idx_scores * n_idx if indexer_runs else 0.0, sparse, T, w_attn,
                         n_all, n_moe)
+    if dsa_mode == "dense" and (again := dense_recompute(cfg, work, batch, seq) * (n_all + mtp_depths)):
+        out.append(Flops("dense attention blocks' recompute", "B P H (6C+4dr) + 2T(ql H(dn+dr) + C H(dn+dv)) x layers", again, again / work.split, scan * core_loops * accumulate, model=False))
     if remat:
         out.append(Flops(f"remat recompute ({cfg.remat_policy})", "forward work the policy recomputes", remat,
                          remat / work.split, scan * (blocks if cfg.remat_policy != "full" else 1) * accumulate,

@@ -15,7 +15,7 @@ from glm5_jax import scopes
 PARTS = (("routed experts (grouped matmul)", (scopes.ROUTED_EXPERTS,)),
          ("router", (scopes.ROUTER,)),
          ("dense FFN, shared expert", (scopes.FFN,)),
-         ("attention, indexer", (scopes.ATTENTION, scopes.INDEXER, scopes.TOPK_MERGE)),
+         ("attention, indexer", (scopes.ATTENTION, scopes.INDEXER, scopes.TOPK_MERGE, scopes.FLASH_KEYS)),
          ("output heads (main and MTP depths)", (scopes.HEAD,)),
          ("MTP input projection", (scopes.MTP_PROJECTION,)),
          ("Muon Newton-Schulz", (scopes.NEWTON_SCHULZ,)),

@@ -20,6 +20,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from glm5_jax import scopes
 from glm5_jax.model.blocks import map_blocks
 from glm5_jax.model.dsa import visible
 from glm5_jax.model.rope import apply_rope
@@ -70,7 +71,8 @@ def _forward(q, k, q_pos, q_seg, k_seg, bounds, scale, block, width):
 
     shape = q.shape[:3]
     init = (jnp.full(shape, MASKED), jnp.zeros(shape), jnp.zeros((*shape, width)))
-    m, l, acc = jax.lax.fori_loop(bounds[0], bounds[1] + 1, step, init)
+    with jax.named_scope(scopes.FLASH_KEYS):
+        m, l, acc = jax.lax.fori_loop(bounds[0], bounds[1] + 1, step, init)
     l = jnp.where(l > 0, l, 1.0)  # a query that sees no key (padding) gets 0
     return (acc / l[..., None]).astype(q.dtype), m + jnp.log(l)
 
@@ -108,7 +110,8 @@ def _attend_bwd(scale, block, width, res, g):
         return dq, jax.lax.dynamic_update_slice_in_dim(dk, old + dkj, j * block, axis=1)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32))
-    dq, dk = jax.lax.fori_loop(bounds[0], bounds[1] + 1, step, init)
+    with jax.named_scope(scopes.FLASH_KEYS):
+        dq, dk = jax.lax.fori_loop(bounds[0], bounds[1] + 1, step, init)
     return dq.astype(q.dtype), dk.astype(k.dtype), None, None, None, None
 
 

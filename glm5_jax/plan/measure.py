@@ -172,12 +172,25 @@ def step_flops(inputs: PlanInputs) -> list[F.Flops]:
                             accumulate=spec.accumulate, dsa_mode=spec.loss_cfg.dsa)
 
 
+def compiled_flops(inputs: PlanInputs, compiled):
+    """Matmul FLOPs per device of the compiled program, every loop at its trip count
+    (`glm5_jax.accounting.compiled.count_flops`); None when the compiler refused the program."""
+    from glm5_jax.accounting import compiled as hlo
+    from glm5_jax.accounting import loops
+
+    if compiled is None:
+        return None
+    spec = inputs.step.spec
+    return hlo.count_flops(compiled.as_text(), loops.step_trips(spec, inputs.par.axis_size("length"), spec.accumulate))
+
+
 @dataclasses.dataclass
 class PlanResult:
     inputs: PlanInputs
     memory: Memory
     flops: list[F.Flops]
     xla_flops: float
+    counted: object  # accounting.compiled.Count of the compiled program (None: refused for memory)
     lower_s: float
     compile_s: float
     peak_rss: int
@@ -205,8 +218,9 @@ class PlanResult:
 def measure(inputs: PlanInputs, target: Target, device_memory: int | None) -> PlanResult:
     """Compile `inputs`' step and measure it."""
     c = compile_step(inputs)
-    return PlanResult(inputs, memory(inputs, c.compiled), step_flops(inputs), xla_flops(c.compiled), c.lower_s,
-                      c.compile_s, peak_rss_bytes(), device_memory, target, c.error)
+    return PlanResult(inputs, memory(inputs, c.compiled), step_flops(inputs), xla_flops(c.compiled),
+                      compiled_flops(inputs, c.compiled), c.lower_s, c.compile_s, peak_rss_bytes(), device_memory,
+                      target, c.error)
 
 
 def run(model: str, overrides=(), layout: str | None = None, layout_overrides=(), devices: int | None = None,

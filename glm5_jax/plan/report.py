@@ -18,13 +18,15 @@ def _sci(x: float) -> str:
 
 
 def verdict(result: PlanResult) -> str:
-    """`fits (12.3 GiB free)`, `DOES NOT FIT (4.1 GiB over)`, or the compiler's out-of-memory message."""
+    """`fits (12.3 GiB free, 12.8% of the device)`, `DOES NOT FIT (4.1 GiB over)`, or the compiler's out-of-memory message."""
     if result.error is not None:
         return f"DOES NOT FIT: the compiler: {result.error}"
     if result.device_memory is None:
         return f"fits (the compiler accepted it; no HBM figure for {result.inputs.par.mesh.devices.flat[0].device_kind})"
     headroom = result.device_memory - result.memory.peak
-    return f"{'fits' if headroom >= 0 else 'DOES NOT FIT'} ({_gib(abs(headroom))} {'free' if headroom >= 0 else 'over'})"
+    if headroom >= 0:
+        return f"fits ({_gib(headroom)} free, {headroom / result.device_memory:.1%} of the device)"
+    return f"DOES NOT FIT ({_gib(-headroom)} over)"
 
 
 def short_verdict(result: PlanResult) -> str:
@@ -34,7 +36,9 @@ def short_verdict(result: PlanResult) -> str:
     if result.device_memory is None:
         return "yes (the compiler accepted it)"
     headroom = result.device_memory - result.memory.peak
-    return f"yes ({_gib(headroom)} free)" if headroom >= 0 else f"no ({_gib(-headroom)} over)"
+    if headroom < 0:
+        return f"no ({_gib(-headroom)} over)"
+    return f"yes ({_gib(headroom)} free, {headroom / result.device_memory:.1%})"
 
 
 def compiler(result: PlanResult) -> str:
@@ -83,7 +87,18 @@ def flops_table(result: PlanResult):
     t.add_row("analytic total (+ optimizer, remat)", "", _sci(sum(f.flops for f in result.flops)),
               _sci(per_device_total(result.flops)), "", _sci(loops_once(result.flops)), style="bold")
     t.add_row("XLA cost_analysis", "per-device program", "", _sci(result.xla_flops), "", "", style="bold")
+    if result.counted is not None:
+        t.add_row("compiled matmuls", "HLO walked, loops at their trip counts", "", _sci(result.counted.flops), "",
+                  _sci(result.counted.once), style="bold")
     return t
+
+
+def flops_cells(result: PlanResult) -> tuple[str, str]:
+    """(analytic FLOPs per device, compiled matmul FLOPs per device / analytic) of one step."""
+    total = per_device_total(result.flops)
+    if result.counted is None or not total:
+        return _sci(total), "-"
+    return _sci(total), f"{_sci(result.counted.flops)} ({result.counted.flops / total:.3f})"
 
 
 def per_device_total(flops: list[F.Flops]) -> float:
@@ -117,6 +132,11 @@ def notes(result: PlanResult) -> list[str]:
     lines.append(f"Compiled by {compiler(result)}: experts run {work.expert_matmul}{dispatch} as the model "
                  f"chooses for {result.inputs.par.platform} devices. Parameters {cfg.param_dtype}, compute "
                  f"{cfg.dtype}, remat {cfg.remat_policy}.")
+    if result.counted is not None:
+        dynamic = ", ".join(sorted({d["scope"] or "unscoped" for d in result.counted.dynamic}))
+        lines.append(f"compiled / analytic per device = {result.counted.flops / total:.3f}: the matrix products of "
+                     "the compiled program, every loop at its trip count (loops without one: "
+                     f"{dynamic or 'none'}, counted as glm5_jax/accounting/loops.py says).")
     lines.append(f"lower {result.lower_s:.1f} s, compile {result.compile_s:.1f} s, peak RSS of this process "
                  f"{result.peak_rss / GIB:.2f} GiB.")
     return lines
@@ -125,7 +145,7 @@ def notes(result: PlanResult) -> list[str]:
 def console():
     from rich.console import Console
 
-    return Console(width=None if sys.stdout.isatty() else 180)
+    return Console(width=None if sys.stdout.isatty() else 260)
 
 
 def print_report(result: PlanResult, out=None):
@@ -153,17 +173,19 @@ def stage_table(rows):
     t = Table(title="stages", title_justify="left")
     for col, justify in (("stage", "left"), ("layout", "left"), ("sequence", "right"), ("rows per step", "right"),
                          ("accumulation", "right"), ("dsa / trainable", "left"), ("per-device peak", "right"),
-                         ("fits", "left"), ("time", "right")):
+                         ("fits", "left"), ("FLOPs a device", "right"), ("compiled (/ analytic)", "right"),
+                         ("time", "right")):
         t.add_column(col, justify=justify, no_wrap=col not in ("layout", "fits"))
     for r in rows:
         time_s = f"{r.seconds:.0f} s"
         if r.result is None:
-            t.add_row(r.name, r.layout, "", "", "", "", "", f"[red]no: {r.error}[/]", time_s)
+            t.add_row(r.name, r.layout, "", "", "", "", "", f"[red]no: {r.error}[/]", "", "", time_s)
             continue
         res = r.result
         colour = "green" if res.fits else "red"
         t.add_row(r.name, r.layout, f"{r.seq_len:,}", f"{r.rows:,}", f"{r.accumulate} x {r.micro_rows}",
-                  f"{r.dsa} / {r.trainable}", _gib(res.memory.peak), f"[{colour}]{short_verdict(res)}[/]", time_s)
+                  f"{r.dsa} / {r.trainable}", _gib(res.memory.peak), f"[{colour}]{short_verdict(res)}[/]",
+                  *flops_cells(res), time_s)
     return t
 
 
@@ -174,9 +196,10 @@ def print_stage_row(row, out=None):
         out.print(f"stage {row.name}: no plan: {row.error}", highlight=False)
     else:
         tpu = f"; {versions()}" if row.result.target.is_tpu else ""
+        analytic, counted = flops_cells(row.result)
         out.print(f"stage {row.name}: {row.seq_len:,} x {row.rows:,} rows ({row.accumulate} x {row.micro_rows}), "
-                  f"peak {_gib(row.result.memory.peak)}: {verdict(row.result)}; {row.seconds:.0f} s{tpu}",
-                  highlight=False)
+                  f"peak {_gib(row.result.memory.peak)}: {verdict(row.result)}; FLOPs a device: analytic {analytic}, "
+                  f"compiled {counted}; {row.seconds:.0f} s{tpu}", highlight=False)
     sys.stdout.flush()
 
 
