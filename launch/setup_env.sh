@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv with glm5-jax installed in editable mode. `--test` adds the test extras
-# (transformers and the CPU build of PyTorch, the numerical oracle) and the `tpu` extra (libtpu, the TPU
-# compiler `glm5 plan --target tpu:...` uses; tests/test_plan_tpu.py). Idempotent; safe to rerun.
+# (transformers and the CPU build of PyTorch, the numerical oracle), the `tpu` extra (libtpu, the TPU
+# compiler `glm5 plan --target tpu:...` uses; tests/test_plan_tpu.py) and the `gpu-plan` extra (jax's CUDA
+# plugin, the GPU compiler of `--target gpu:...`; tests/test_plan_gpu.py). Idempotent; safe to rerun.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -15,6 +16,9 @@ if [ "${1:-}" = "--test" ]; then
   # the TPU compile test then skips (it skips only when libtpu is not installed).
   if ! .venv/bin/python -m pip install -q -e ".[test,tpu]"; then
     echo "setup_env.sh: the tpu extra (libtpu for $(.venv/bin/python -c 'import jax; print("jax", jax.__version__)')) does not install on $(.venv/bin/python -V); glm5 plan --target tpu and its test are unavailable" >&2
+  fi
+  if ! .venv/bin/python -m pip install -q -e ".[test,gpu-plan]"; then
+    echo "setup_env.sh: the gpu-plan extra (jax's CUDA plugin) does not install on $(.venv/bin/python -V); glm5 plan --target gpu and its test are unavailable" >&2
   fi
 else
   .venv/bin/python -m pip install -q -e .

@@ -21,7 +21,7 @@ def run(args):
         raise ConfigError("--config / --recipe: give one: --config MODEL plans one step, --recipe RECIPE its stages")
     if args.devices is not None and args.devices < 1:
         raise ConfigError(f"--devices: must be a positive integer; got {args.devices}")
-    if args.devices is not None and target.is_tpu:
+    if args.devices is not None and target.compile_only:
         raise ConfigError(f"--devices: the topology of --target {target.name} gives the devices")
     recipe = None
     if args.recipe is not None:
@@ -35,8 +35,8 @@ def run(args):
         stages.select(recipe, args.stage)
     elif args.stage is not None or args.overrides:
         raise ConfigError(f"{'--stage' if args.stage is not None else args.overrides[0]}: only with --recipe")
-    if target.is_tpu:
-        devices = targets.tpu_devices(target)
+    if target.compile_only:
+        devices = targets.compile_devices(target)
     else:
         n = args.devices or (8 if recipe is None else stages.devices_needed(recipe))
         if n is None:
@@ -70,14 +70,15 @@ def run(args):
 
 def register(sub):
     pl = sub.add_parser("plan", help="compile a train step (or every stage of a recipe) ahead of time for simulated "
-                        "CPU devices or a TPU topology: memory and FLOPs")
+                        "CPU devices, a TPU topology or GPUs: memory and FLOPs")
     what = pl.add_mutually_exclusive_group()
     what.add_argument("--config", default=None, help="model preset name, YAML file or HF config.json: plan one step")
     what.add_argument("--recipe", default=None, help="recipe preset name (glm5, quickstart) or YAML file: plan its "
                       "stages, each with the step that trains it")
     pl.add_argument("--stage", default=None, help="with --recipe: the stage to plan, or all (default all)")
     pl.add_argument("--target", default="cpu", help="cpu (simulated devices, XLA:CPU: an upper bound; default), or "
-                    "a TPU slice compiled by libtpu: tpu:v5p-512, tpu:v6e-256, tpu:v5p:4x8x8 (docs/plan.md)")
+                    "a TPU slice compiled by libtpu: tpu:v5p-512, tpu:v6e-256, tpu:v5p:4x8x8, or GPUs compiled by XLA's GPU "
+                    "compiler: gpu:h100-256, gpu:h200-128 (docs/plan.md)")
     pl.add_argument("--layout", default=None, help="layout preset (configs/layouts/NAME.yaml) or YAML file")
     pl.add_argument("--devices", type=int, default=None, help="simulated CPU devices (default 8; with --recipe the "
                     "recipe's layout's size)")
@@ -86,8 +87,8 @@ def register(sub):
                     help="sequences per step (default: one per batch shard and pipeline microbatch, x --accumulate)")
     pl.add_argument("--accumulate", type=int, default=None,
                     help="microbatches per step (gradient accumulation), as a recipe stage's `accumulate` (default 1)")
-    pl.add_argument("--device-memory", default=None, help="memory of one device on --target cpu, e.g. 80GB, 96GiB "
-                    "(default 80GB; a TPU target's compiler knows its HBM)")
+    pl.add_argument("--device-memory", default=None, help="memory of one device on --target cpu or gpu:..., e.g. "
+                    "80GB, 96GiB (default 80GB; a GPU's nominal capacity; a TPU target's compiler knows its HBM)")
     key_values(pl, "--override", "model config override, e.g. num_hidden_layers=6 (repeatable)")
     key_values(pl, "--layout-override", "layout override, e.g. mesh.tensor=8 (repeatable)")
     key_values(pl, "--opt", "optimizer config setting (default: GLM-5's Muon-Split) (repeatable)")

@@ -1,5 +1,6 @@
-"""The devices a plan compiles for: N simulated CPU devices (`--target cpu`), or a TPU slice described by
-libtpu's topology (`--target tpu:v5p-512`), compiled by the real TPU compiler on a host without a TPU.
+"""The devices a plan compiles for: N simulated CPU devices (`--target cpu`), a TPU slice described by
+libtpu's topology (`--target tpu:v5p-512`), compiled by the real TPU compiler on a host without a TPU, or
+GPUs compiled for by XLA's GPU compiler without a GPU (`--target gpu:h100-256`, glm5_jax/plan/gpus.py).
 
 TPU product names, by what their number counts (docs/plan.md):
 
@@ -33,7 +34,8 @@ TPU_MEMORY = {"TPU v5": int(95.74 * GIB), "TPU v5 lite": int(15.75 * GIB), "TPU 
 # Product name -> (libtpu generation name, chips per counted unit, topology dimensions)
 _PRODUCTS = {"v5p": ("v5p", 0.5, 3), "v5e": ("v5e", 1, 2), "v6e": ("v6e", 1, 2)}
 TARGET_FORMS = ("cpu", "tpu:v5p-N (N TensorCores, 2 per chip)", "tpu:v5e-N / tpu:v6e-N (N chips)",
-                "tpu:GEN:AxB[xC] (a topology libtpu knows, in chips: v5p:4x8x8, v6e:16x16, tpu7x:2x2x1)")
+                "tpu:GEN:AxB[xC] (a topology libtpu knows, in chips: v5p:4x8x8, v6e:16x16, tpu7x:2x2x1)",
+                "gpu:h100-N / gpu:h200-N (N GPUs: up to 8 on one host, else whole hosts of 8)")
 TPU_ENV = {"JAX_PLATFORMS": "cpu", "TPU_SKIP_MDS_QUERY": "1", "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
@@ -48,15 +50,21 @@ def parse_bytes(text: str, key: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What the plan compiles for. `topology`: libtpu's name (`v5p:4x8x8`), None for CPU."""
+    """What the plan compiles for. `topology`: libtpu's name (`v5p:4x8x8`), a GPU kind and count (`h100:256`),
+    None for CPU."""
 
     name: str
-    platform: str  # "cpu" | "tpu"
+    platform: str  # "cpu" | "tpu" | "gpu"
     topology: str | None = None
 
     @property
     def is_tpu(self) -> bool:
         return self.platform == "tpu"
+
+    @property
+    def compile_only(self) -> bool:
+        """A TPU or GPU target: devices described to their compiler, none present."""
+        return self.platform != "cpu"
 
 
 def _bad_target(text: str, why: str = "") -> ConfigError:
@@ -93,6 +101,17 @@ def parse_target(text: str) -> Target:
     m = re.fullmatch(r"tpu:([a-z0-9]+):(\d+(?:x\d+){1,2})", text)
     if m:
         return Target(text, "tpu", f"{m.group(1)}:{m.group(2)}")
+    m = re.fullmatch(r"gpu:([a-z0-9]+)-(\d+)", text)
+    if m:
+        from glm5_jax.plan.gpus import GPUS, PER_HOST
+
+        kind, count = m.group(1), int(m.group(2))
+        if kind not in GPUS:
+            raise _bad_target(text, f"unknown GPU {kind!r} (GPUs: {', '.join(GPUS)})")
+        if count < 1 or (count > PER_HOST and count % PER_HOST):
+            raise _bad_target(text, f"gpu:{kind}-N counts GPUs: 1 to {PER_HOST} on one host, else a multiple of "
+                              f"{PER_HOST}")
+        return Target(text, "gpu", f"{kind}:{count}")
     raise _bad_target(text)
 
 
@@ -133,12 +152,29 @@ def tpu_devices(target: Target) -> list:
     return list(topology.devices)
 
 
+def compile_devices(target: Target) -> list:
+    """The compile-only devices of a TPU or GPU target."""
+    if target.is_tpu:
+        return tpu_devices(target)
+    from glm5_jax.plan.gpus import gpu_devices
+
+    kind, count = target.topology.split(":")
+    return gpu_devices(kind, int(count))
+
+
 def device_memory(devices, target: Target, given: str | None) -> int | None:
-    """Bytes of one device: `--device-memory` on CPU (default 80GB); the TPU kind's HBM (`TPU_MEMORY`)."""
+    """Bytes of one device: `--device-memory` on CPU (default 80GB) and GPUs (default the GPU's nominal
+    capacity); the TPU kind's HBM (`TPU_MEMORY`)."""
+    if target.platform == "gpu":
+        from glm5_jax.plan.gpus import GPUS
+
+        default = GPUS[target.topology.split(":")[0]].memory
+        return default if given is None else parse_bytes(given, "--device-memory")
     if not target.is_tpu:
         return parse_bytes("80GB" if given is None else given, "--device-memory")
     if given is not None:
-        raise ConfigError("--device-memory: only for --target cpu (on a TPU target the compiler knows the HBM)")
+        raise ConfigError("--device-memory: only for --target cpu and gpu:... (on a TPU target the compiler knows "
+                          "the HBM)")
     return TPU_MEMORY.get(devices[0].device_kind)
 
 

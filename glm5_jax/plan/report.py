@@ -45,6 +45,11 @@ def compiler(result: PlanResult) -> str:
     """Which compiler gave the figures: XLA:CPU (simulated devices), or libtpu's TPU compiler and versions."""
     if result.target.is_tpu:
         return f"TPU compiler ({result.target.name} = {result.target.topology}; {versions()})"
+    if result.target.platform == "gpu":
+        from glm5_jax.plan import gpus
+
+        count = len(result.inputs.par.mesh.devices.flat)
+        return f"GPU compiler ({result.target.name} = {gpus.topology(count)} slices x hosts x GPUs; {gpus.versions()})"
     return "XLA:CPU on simulated devices (an upper bound)"
 
 
@@ -195,11 +200,11 @@ def print_stage_row(row, out=None):
     if row.result is None:
         out.print(f"stage {row.name}: no plan: {row.error}", highlight=False)
     else:
-        tpu = f"; {versions()}" if row.result.target.is_tpu else ""
+        by = f"; {compiler(row.result)}" if row.result.target.compile_only else ""
         analytic, counted = flops_cells(row.result)
         out.print(f"stage {row.name}: {row.seq_len:,} x {row.rows:,} rows ({row.accumulate} x {row.micro_rows}), "
                   f"peak {_gib(row.result.memory.peak)}: {verdict(row.result)}; FLOPs a device: analytic {analytic}, "
-                  f"compiled {counted}; {row.seconds:.0f} s{tpu}", highlight=False)
+                  f"compiled {counted}; {row.seconds:.0f} s{by}", highlight=False)
     sys.stdout.flush()
 
 
