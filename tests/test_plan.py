@@ -139,7 +139,8 @@ def test_tpu_product_names_map_to_topologies():
 
 @pytest.mark.parametrize("target,message", [
     ("gpu", "--target: expected one of cpu, tpu:v5p-N (N TensorCores, 2 per chip), tpu:v5e-N / tpu:v6e-N (N chips), "
-            "tpu:GEN:AxB[xC] (a topology libtpu knows, in chips: v5p:4x8x8, v6e:16x16, tpu7x:2x2x1); got 'gpu'"),
+            "tpu:GEN:AxB[xC] (a topology libtpu knows, in chips: v5p:4x8x8, v6e:16x16, tpu7x:2x2x1), gpu:h100-N / "
+            "gpu:h200-N (N GPUs: up to 8 on one host, else whole hosts of 8); got 'gpu'"),
     ("tpu:v5p-6", "--target: v5p-N counts TensorCores (2 per chip), at least 8; expected one of cpu, "),
     ("tpu:v6e-12", "--target: v6e-N counts chips, a power of two; expected one of cpu, "),
 ])

@@ -172,13 +172,16 @@ def step_flops(inputs: PlanInputs) -> list[F.Flops]:
                             accumulate=spec.accumulate, dsa_mode=spec.loss_cfg.dsa)
 
 
-def compiled_flops(inputs: PlanInputs, compiled):
+def compiled_flops(inputs: PlanInputs, compiled, target: Target):
     """Matmul FLOPs per device of the compiled program, every loop at its trip count
-    (`glm5_jax.accounting.compiled.count_flops`); None when the compiler refused the program."""
+    (`glm5_jax.accounting.compiled.count_flops`); None when the compiler refused the program, and for a TPU
+    target: the TPU compiler's optimized program carries no loop trip counts, writes products as
+    convolutions over grouped features and runs the expert and attention kernels as custom calls, none of
+    which the count reads (XLA:CPU and the GPU compiler keep the trip counts and plain products)."""
     from glm5_jax.accounting import compiled as hlo
     from glm5_jax.accounting import loops
 
-    if compiled is None:
+    if compiled is None or target.is_tpu:
         return None
     spec = inputs.step.spec
     return hlo.count_flops(compiled.as_text(), loops.step_trips(spec, inputs.par.axis_size("length"), spec.accumulate))
@@ -219,7 +222,7 @@ def measure(inputs: PlanInputs, target: Target, device_memory: int | None) -> Pl
     """Compile `inputs`' step and measure it."""
     c = compile_step(inputs)
     return PlanResult(inputs, memory(inputs, c.compiled), step_flops(inputs), xla_flops(c.compiled),
-                      compiled_flops(inputs, c.compiled), c.lower_s, c.compile_s, peak_rss_bytes(), device_memory,
+                      compiled_flops(inputs, c.compiled, target), c.lower_s, c.compile_s, peak_rss_bytes(), device_memory,
                       target, c.error)
 
 

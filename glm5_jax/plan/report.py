@@ -142,6 +142,10 @@ def notes(result: PlanResult) -> list[str]:
         lines.append(f"compiled / analytic per device = {result.counted.flops / total:.3f}: the matrix products of "
                      "the compiled program, every loop at its trip count (loops without one: "
                      f"{dynamic or 'none'}, counted as glm5_jax/accounting/loops.py says).")
+    elif result.target.is_tpu:
+        lines.append("No compiled count on a TPU target: the TPU compiler's optimized program keeps no loop trip "
+                     "counts and runs the expert and attention kernels as custom calls; plan the same stage with "
+                     "--target gpu:... or cpu for one.")
     lines.append(f"lower {result.lower_s:.1f} s, compile {result.compile_s:.1f} s, peak RSS of this process "
                  f"{result.peak_rss / GIB:.2f} GiB.")
     return lines
