@@ -256,7 +256,8 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
     remat = remat_flops(cfg, core, indexer, idx_scores * n_idx if indexer_runs else 0.0, sparse, T, w_attn,
                         n_all, n_moe)
     if dsa_mode == "dense" and (again := dense_recompute(cfg, work, batch, seq) * (n_all + mtp_depths)):
-        out.append(Flops("dense attention blocks' recompute", "B P H (6C+4dr) + 2T(ql H(dn+dr) + C H(dn+dv)) x layers", again, again / work.split, scan * core_loops * accumulate, model=False))
+        out.append(Flops("dense attention blocks' recompute", "B P H (6C+4dr) + 2T(ql H(dn+dr) + C H(dn+dv)) x layers",
+                         again, again / work.split, scan * core_loops * accumulate, model=False))
     if remat:
         out.append(Flops(f"remat recompute ({cfg.remat_policy})", "forward work the policy recomputes", remat,
                          remat / work.split, scan * (blocks if cfg.remat_policy != "full" else 1) * accumulate,

@@ -77,8 +77,8 @@ def register(sub):
                       "stages, each with the step that trains it")
     pl.add_argument("--stage", default=None, help="with --recipe: the stage to plan, or all (default all)")
     pl.add_argument("--target", default="cpu", help="cpu (simulated devices, XLA:CPU: an upper bound; default), or "
-                    "a TPU slice compiled by libtpu: tpu:v5p-512, tpu:v6e-256, tpu:v5p:4x8x8, or GPUs compiled by XLA's GPU "
-                    "compiler: gpu:h100-256, gpu:h200-128 (docs/plan.md)")
+                    "a TPU slice compiled by libtpu: tpu:v5p-512, tpu:v6e-256, tpu:v5p:4x8x8, or GPUs compiled "
+                    "by XLA's GPU compiler: gpu:h100-256, gpu:h200-128 (docs/plan.md)")
     pl.add_argument("--layout", default=None, help="layout preset (configs/layouts/NAME.yaml) or YAML file")
     pl.add_argument("--devices", type=int, default=None, help="simulated CPU devices (default 8; with --recipe the "
                     "recipe's layout's size)")

@@ -62,6 +62,12 @@ class Target:
         return self.platform == "tpu"
 
     @property
+    def gpu(self) -> tuple[str, int]:
+        """(GPU kind, count) of a `gpu:KIND-N` target."""
+        kind, count = self.topology.split(":")
+        return kind, int(count)
+
+    @property
     def compile_only(self) -> bool:
         """A TPU or GPU target: devices described to their compiler, none present."""
         return self.platform != "cpu"
@@ -138,11 +144,9 @@ def tpu_devices(target: Target) -> list:
     for key, value in TPU_ENV.items():
         os.environ.setdefault(key, value)
     import jax
-    from jax._src import xla_bridge
     from jax.experimental import topologies
 
-    if not xla_bridge.backends_are_initialized():  # the host's own backend is CPU: no TPU is opened
-        jax.config.update("jax_platforms", "cpu")
+    host_backend_cpu()
 
     try:
         topology = topologies.get_topology_desc(platform="tpu", topology_name=target.topology)
@@ -152,14 +156,22 @@ def tpu_devices(target: Target) -> list:
     return list(topology.devices)
 
 
+def host_backend_cpu():
+    """Keep this process's own backend on CPU before JAX starts: a compile-only target opens no device."""
+    import jax
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        jax.config.update("jax_platforms", "cpu")
+
+
 def compile_devices(target: Target) -> list:
     """The compile-only devices of a TPU or GPU target."""
     if target.is_tpu:
         return tpu_devices(target)
     from glm5_jax.plan.gpus import gpu_devices
 
-    kind, count = target.topology.split(":")
-    return gpu_devices(kind, int(count))
+    return gpu_devices(*target.gpu)
 
 
 def device_memory(devices, target: Target, given: str | None) -> int | None:
@@ -168,7 +180,7 @@ def device_memory(devices, target: Target, given: str | None) -> int | None:
     if target.platform == "gpu":
         from glm5_jax.plan.gpus import GPUS
 
-        default = GPUS[target.topology.split(":")[0]].memory
+        default = GPUS[target.gpu[0]].memory
         return default if given is None else parse_bytes(given, "--device-memory")
     if not target.is_tpu:
         return parse_bytes("80GB" if given is None else given, "--device-memory")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import importlib.util
-import os
 
 from glm5_jax.errors import ConfigError
 
@@ -77,12 +76,11 @@ def gpu_devices(kind: str, count: int) -> list:
     if plugin_version() is None or importlib.util.find_spec("jax_plugins.xla_cuda12") is None:
         raise ConfigError(f"--target gpu:{kind}-{count}: needs the GPU compiler, jax's CUDA plugin: pip install -e "
                           f"'.[gpu-plan]' (docs/plan.md); {versions()}")
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host's own backend: no GPU is opened
-    import jax
     from jax._src import xla_bridge
 
-    if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", "cpu")
+    from glm5_jax.plan.devices import host_backend_cpu
+
+    host_backend_cpu()
     shape = topology(count)
     topo = xla_bridge.make_pjrt_topology("cuda", shape, target_config=target_config(GPUS[kind]), topology=shape)
     return list(topo._make_compile_only_devices())

@@ -184,7 +184,8 @@ def compiled_flops(inputs: PlanInputs, compiled, target: Target):
     if compiled is None or target.is_tpu:
         return None
     spec = inputs.step.spec
-    return hlo.count_flops(compiled.as_text(), loops.step_trips(spec, inputs.par.axis_size("length"), spec.accumulate))
+    trips = loops.step_trips(spec, inputs.par.axis_size("length"), spec.accumulate)
+    return hlo.count_flops(compiled.as_text(), trips)
 
 
 @dataclasses.dataclass
@@ -222,8 +223,8 @@ def measure(inputs: PlanInputs, target: Target, device_memory: int | None) -> Pl
     """Compile `inputs`' step and measure it."""
     c = compile_step(inputs)
     return PlanResult(inputs, memory(inputs, c.compiled), step_flops(inputs), xla_flops(c.compiled),
-                      compiled_flops(inputs, c.compiled, target), c.lower_s, c.compile_s, peak_rss_bytes(), device_memory,
-                      target, c.error)
+                      compiled_flops(inputs, c.compiled, target), c.lower_s, c.compile_s, peak_rss_bytes(),
+                      device_memory, target, c.error)
 
 
 def run(model: str, overrides=(), layout: str | None = None, layout_overrides=(), devices: int | None = None,

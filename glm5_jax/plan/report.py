@@ -18,7 +18,8 @@ def _sci(x: float) -> str:
 
 
 def verdict(result: PlanResult) -> str:
-    """`fits (12.3 GiB free, 12.8% of the device)`, `DOES NOT FIT (4.1 GiB over)`, or the compiler's out-of-memory message."""
+    """`fits (12.3 GiB free, 12.8% of the device)`, `DOES NOT FIT (4.1 GiB over)`, or the compiler's out-of-memory
+    message."""
     if result.error is not None:
         return f"DOES NOT FIT: the compiler: {result.error}"
     if result.device_memory is None:
@@ -42,14 +43,15 @@ def short_verdict(result: PlanResult) -> str:
 
 
 def compiler(result: PlanResult) -> str:
-    """Which compiler gave the figures: XLA:CPU (simulated devices), or libtpu's TPU compiler and versions."""
+    """Which compiler gave the figures: XLA:CPU (simulated devices), libtpu's TPU compiler or XLA's GPU compiler,
+    and versions."""
     if result.target.is_tpu:
         return f"TPU compiler ({result.target.name} = {result.target.topology}; {versions()})"
     if result.target.platform == "gpu":
         from glm5_jax.plan import gpus
 
-        count = len(result.inputs.par.mesh.devices.flat)
-        return f"GPU compiler ({result.target.name} = {gpus.topology(count)} slices x hosts x GPUs; {gpus.versions()})"
+        shape = gpus.topology(result.target.gpu[1])
+        return f"GPU compiler ({result.target.name} = {shape} slices x hosts x GPUs; {gpus.versions()})"
     return "XLA:CPU on simulated devices (an upper bound)"
 
 
