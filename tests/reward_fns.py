@@ -39,6 +39,15 @@ def e_share(response, item):
     return response.count("e") / max(len(response), 1)
 
 
+def gated(response, item):
+    """e_share, held while the file item["gate"] exists (and saying so in item["gate"] + ".held"): while it is held,
+    the rollout worker that asked keeps the samples as work in flight."""
+    while os.path.exists(item["gate"]):
+        open(item["gate"] + ".held", "w").close()
+        time.sleep(0.05)
+    return e_share(response, item)
+
+
 def naps(response, item):
     """Sleeps `item["nap"]` seconds, then the length (the reward service's concurrency test)."""
     time.sleep(item["nap"])

@@ -87,7 +87,6 @@ def test_conversion_peak_memory_is_bounded(tmp_path):
     print(f"\nmodel {mb(size)} (largest stacked array {mb(largest)}); bare process {mb(baseline)}; "
           f"peak RSS hf-to-orbax {mb(to_orbax)}, orbax-to-hf {mb(to_hf)}")
     # What conversion adds to a bare process is a small fraction of the model (one input file mapped at
-    # a time, one tensor in flight); the bare process itself varies by ~70 MiB between runs, so the
-    # whole-process bound leaves room for that.
+    # a time, one tensor in flight). The bare process itself is no measure of conversion: it is what the
+    # installed libraries load (jax's CUDA plugin, when installed, adds ~120 MiB to every process).
     assert to_orbax - baseline < size / 4 and to_hf - baseline < size / 4
-    assert to_orbax < 0.7 * size and to_hf < 0.7 * size

@@ -1,5 +1,6 @@
 """Asynchronous RL on Ray (glm5_jax/rl/async_feed.py, worker.py, buffer.py) through `glm5 train`: two rollout
-workers generate while the trainer trains; one is killed with SIGKILL mid-run and Ray restarts it; SIGTERM to
+workers generate while the trainer trains; both are killed with SIGKILL mid-run, one of them holding work (its
+samples' reward held back by a gate), and Ray restarts them; SIGTERM to
 the driver saves and stops with every process Ray started gone; the resumed run finishes. Every trained
 sample is within the staleness bound, none is trained at two steps, the engines' log-probs of tokens the
 trainer's current weights drew equal the trainer's own, and partial rollouts carry several versions."""
@@ -20,32 +21,47 @@ TAU = 1
 ASYNC = {"workers": 2, "max_staleness": TAU, "segment_tokens": 4, "worker_rows": 8}
 
 
-def _recipe(tmp_path, init_dir) -> str:
-    return rl_recipe(tmp_path, init_dir, stage={"steps": 14, "rl": {"updates_per_rollout": 1, "asynchronous": ASYNC}},
-                     eval={"holdout": 0.2, "interval_steps": 7, "at_start": False})
+def _recipe(tmp_path, init_dir, gate) -> str:
+    """The RL recipe with every prompt's reward held while the file `gate` exists (tests/reward_fns.py:gated)."""
+    recipe = rl_recipe(tmp_path, init_dir, stage={"steps": 14, "rl": {"updates_per_rollout": 1, "asynchronous": ASYNC,
+                                                                      "reward": "tests.reward_fns:gated"}},
+                       eval={"holdout": 0.2, "interval_steps": 7, "at_start": False})
+    prompts = tmp_path / "p.jsonl"
+    items = [{**json.loads(line), "gate": str(gate)} for line in prompts.read_text().splitlines()]
+    prompts.write_text("".join(json.dumps(i) + "\n" for i in items))
+    return recipe
 
 
 def _workers(proc) -> list[psutil.Process]:
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if "RolloutWorker" in " ".join(p.cmdline())]
 
 
-def _wait(proc, run_dir, what, timeout=300):
+def _until(proc, done, timeout=300):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if any(what(r) for r in u.records(run_dir)):
+        if done():
             return
         assert proc.poll() is None, proc.stdout.read()
         time.sleep(0.2)
     raise AssertionError("timed out")
 
 
-def test_async_run_survives_a_killed_worker_and_sigterm(tmp_path, init):
-    recipe, run_dir = _recipe(tmp_path, init), tmp_path / "run"
+def _wait(proc, run_dir, what, timeout=300):
+    """Until what(record) holds for a record of RUN_DIR/metrics.jsonl."""
+    _until(proc, lambda: any(what(r) for r in u.records(run_dir)), timeout)
+
+
+def test_async_run_survives_killed_workers_and_sigterm(tmp_path, init):
+    gate = tmp_path / "gate"
+    recipe, run_dir = _recipe(tmp_path, init, gate), tmp_path / "run"
     proc = u.start(recipe, run_dir, devices=2)
     _wait(proc, run_dir, lambda r: r["step"] >= 2)
-    victim = _workers(proc)[0]
-    victim.send_signal(signal.SIGKILL)
-    _wait(proc, run_dir, lambda r: r.get("worker_restarts", 0) >= 1)  # Ray restarted it and it asked for work
+    gate.touch()  # the next reward is held: the worker that asked for it holds its samples in flight
+    _until(proc, lambda: os.path.exists(f"{gate}.held"))
+    for victim in _workers(proc):
+        victim.send_signal(signal.SIGKILL)
+    gate.unlink()
+    _wait(proc, run_dir, lambda r: r.get("worker_restarts", 0) >= 2)  # Ray restarted both and they asked for work
     started = psutil.Process(proc.pid).children(recursive=True)  # every process Ray started (raylet, workers, ...)
     assert len(_workers(proc)) == 2
     proc.send_signal(signal.SIGTERM)
@@ -60,7 +76,7 @@ def test_async_run_survives_a_killed_worker_and_sigterm(tmp_path, init):
     records = {r["step"]: r for r in u.records(run_dir)}
     assert sorted(records) == list(range(1, 15))
     last = records[14]
-    assert last["regenerated"] >= 1 and last["worker_restarts"] == 1  # the killed worker's lives across both runs
+    assert last["regenerated"] >= 1 and last["worker_restarts"] == 2  # the killed workers' lives across both runs
     assert all(f"staleness_{k}" in last for k in range(TAU + 1)) and "dropped_stale" in last
 
     steps = {}
