@@ -76,7 +76,7 @@ class ModelConfig:
     remat_policy: str = "none"  # what a scanned layer keeps for the backward pass
     attention_query_block: int = 256  # queries per block in sparse (top-k) attention
     logits_block: int = 2048  # positions per block of the LM / MTP heads in the training loss
-    expert_matmul: str = "auto"  # ragged_dot (grouped GEMM), tiled (portable loop), auto: tiled on CPU only
+    expert_matmul: str = "auto"  # ragged_dot (grouped GEMM), tiled (portable loop), auto: ragged_dot on TPU, else tiled
     expert_tile: int = 64  # rows per tile of the tiled expert matmul
     qat: str = "none"  # int4: the routed experts compute with fake-quantized INT4 weights (glm5_jax/model/quant.py)
     qat_group_size: int = 128  # INT4 group: consecutive elements along an expert matrix's input dimension

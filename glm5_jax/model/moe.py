@@ -72,15 +72,16 @@ def expert_matmul_kind(setting: str, platform: str, stages: int = 1, experts: in
     """The grouped matmul the MoE runs: "ragged_dot" or "tiled", for the config's `expert_matmul` setting on
     devices of `platform` ("cpu", "gpu", "tpu") with `stages` pipeline stages and `experts` expert shards.
 
-    `auto` is tiled on CPU (XLA:CPU computes ragged_dot densely, E times the work), ragged_dot elsewhere.
-    Under pipeline x expert parallelism `auto` takes ragged_dot on CPU too: jax 0.10 cannot differentiate
-    the tiled loop inside the expert shard_map under the pipeline's vmap (a varying-axes mismatch in the
-    scan's cotangents), so `layout_check` refuses an explicit "tiled" there. A pure function (no JAX): the
-    analytic FLOP count (glm5_jax/accounting/analytic.py) asks it too.
+    `auto` is ragged_dot on TPU (a grouped GEMM) and tiled on CPU and GPU, whose compilers in jax 0.10 turn
+    ragged_dot into a dot over every local expert with the other experts' rows masked (E times the work, and
+    E masked copies of the rows; docs/plan.md). Under pipeline x expert parallelism `auto` takes ragged_dot
+    there too: jax 0.10 cannot differentiate the tiled loop inside the expert shard_map under the pipeline's
+    vmap (a varying-axes mismatch in the scan's cotangents), so `layout_check` refuses an explicit "tiled"
+    there. A pure function (no JAX): the analytic FLOP count (glm5_jax/accounting/analytic.py) asks it too.
     """
     if setting != "auto":
         return setting
-    return "tiled" if platform == "cpu" and not (stages > 1 and experts > 1) else "ragged_dot"
+    return "tiled" if platform in ("cpu", "gpu") and not (stages > 1 and experts > 1) else "ragged_dot"
 
 
 class TiledGroups:
@@ -88,8 +89,8 @@ class TiledGroups:
 
     The portable grouped matmul: every group is padded to whole tiles, and a loop over tiles multiplies
     each by its own group's matrix, so the work is the grouped product plus at most one partial tile per
-    group. Used where `jax.lax.ragged_dot` has no grouped kernel (XLA:CPU computes it densely, E times the
-    work).
+    group. Used where `jax.lax.ragged_dot` has no grouped kernel (XLA:CPU and XLA:GPU compute it densely, E
+    times the work).
     """
 
     def __init__(self, sizes, n_rows: int, tile: int):
