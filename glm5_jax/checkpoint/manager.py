@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 
 import jax
@@ -39,6 +40,7 @@ from glm5_jax.errors import CheckpointReadError, CheckpointWriteError, Glm5Error
 log = logging.getLogger("glm5.train")
 
 ARRAYS, DOCUMENT = "arrays", "document"  # the kinds of item a checkpoint step holds
+WRITERS_TIMEOUT_S = 60  # how long a failed save's other writers get to end before its files are removed
 
 class CheckpointManager:
     """A run's checkpoints and its save policy (`policy`: interval_steps, interval_seconds, max_to_keep,
@@ -132,6 +134,7 @@ class CheckpointManager:
             if cause is None:
                 raise
             self._in_flight = None
+            _join_orbax_threads(WRITERS_TIMEOUT_S)
             self._remove_uncommitted(step)
             raise CheckpointWriteError(f"{os.path.dirname(self.directory)}: {cause} while saving step {step}") from None
 
@@ -203,6 +206,16 @@ class CheckpointManager:
             if os.path.exists(src):
                 shutil.move(src, dst)
         self.mngr = self._open()
+
+
+def _join_orbax_threads(timeout: float):
+    """Wait for the threads Orbax runs a save on. Its commit writes each item on a thread of its own and reports
+    the first failure while the others go on; removed under them, their step's directory would fail them with
+    tracebacks of their own, or come back in part. (A finished save leaves no such thread.)"""
+    deadline = time.monotonic() + timeout
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and type(t).__module__.startswith("orbax."):
+            t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _reason(e: Exception) -> str:
