@@ -83,7 +83,12 @@ def test_dsa_modes_count_their_attention():
     names = lambda mode: {f.name: f.flops for f in F.analytic_flops(cfg, work, 2, 64, dsa_mode=mode)}
     sparse, warmup, adapt = names("sparse"), names("warmup"), names("sparse_adapt")
     assert "attention core (sparse, top-k)" in sparse and "attention core (dense, full L x L)" in warmup
-    assert adapt["indexer scores (fwd + bwd (DSA training))"] == 3 * sparse["indexer scores (fwd only)"]
+    # 2 rows of 64: 128 queries in blocks of 16, 8 heads of 16 (+1: the weights), 4 layers with an indexer
+    per_key = 2 * 128 * 8 * 17 * 4
+    scores = lambda counts: counts["indexer scores (selection, KL)"]
+    assert scores(sparse) == per_key * 16 * (1 + 2 + 3 + 4) / 4  # the blocks' causal chunks of 16 keys, forward
+    assert scores(adapt) == scores(sparse) + 3 * per_key * 16  # + the KL over the 16 selected keys, trained
+    assert scores(warmup) == 3 * per_key * 64  # the KL over every key, trained; no selection
 
 
 def test_the_module_is_pure_and_the_trainer_uses_it():

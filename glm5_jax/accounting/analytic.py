@@ -21,8 +21,12 @@ ql/C q/kv LoRA ranks, dn/dr/dv nope/rope/value head dims, K = index_topk, Hi/Di 
 - attention core, sparse (seq > K; absorbed MLA over K gathered latents): 6 Tq H K (2C + dr), Tq = queries
   padded to whole query blocks
 - indexer ('full' layers, whenever it runs: seq > K, or a DSA training mode): projections
-  2T(ql Hi Di + D Di + D Hi), scores 2 Tq L Hi (Di + 1). Forward only in plain training (its output is integer
-  top-k indices: no gradient flows back); x3 in the DSA warm-up and sparse adaptation, where its KL trains it.
+  2T(ql Hi Di + D Di + D Hi), forward only in plain training (its output is integer top-k indices: no
+  gradient flows back), x3 in the DSA warm-up and sparse adaptation, where its KL trains it. Scores
+  (`indexer_scores`): the top-k selection of the sparse modes, forward only, 2 Tq S Hi (Di + 1), S the keys a
+  query block scores (`scored_chunks`: the chunks of max(K, b) keys up to its last query, about half of L);
+  the KL, forward and backward, 3 x 2 Tq L Hi (Di + 1) over every key in the warm-up and 3 x 2 Tq K Hi (Di + 1)
+  over the selected keys in sparse adaptation.
 - dense FFN: 6T * 3 D I;  MoE: router 6T D E, routed experts 6T k 3 D F, shared expert 6T 3 D Fs
 - output head: 6T D V. The embedding is a gather (0).
 - MTP (`mtp_depths` > 0), per depth: eh_proj 6T 2D D, one MoE decoder layer (its attention, indexer,
@@ -132,6 +136,32 @@ def dense_pairs(seq: int, context: int, block: int) -> int:
     return sum(((s * local + q) // block + 1) * block * block for s in range(context) for q in last)
 
 
+def scored_chunks(seq: int, topk: int, block: int, context: int = 1) -> float:
+    """Mean key chunks (of max(topk, block) keys) DSA's top-k selection scores per query block of `block`
+    queries, over the blocks of all `context` sequence shards: the chunks up to the block's last query
+    (`model.dsa.select_topk`; query positions are the row positions 0..seq-1)."""
+    local = seq // context
+    chunk = max(topk, block)
+    n_chunks = -(-seq // chunk)
+    block = min(block, local)
+    needed = [min((s * local + min(q + block, local) - 1) // chunk + 1, n_chunks)
+              for s in range(context) for q in range(0, local, block)]
+    return sum(needed) / len(needed)
+
+
+def indexer_scores(cfg, batch: int, seq: int, context: int, dsa_mode: str) -> tuple[float, float, str]:
+    """(forward FLOPs, forward + backward FLOPs, formula) of one full layer's indexer scores when it runs:
+    the sparse modes' top-k selection (forward only) and the KL of the DSA modes (trained)."""
+    sparse, Tq, _ = attention_shape(cfg, batch, seq, context, dsa_mode)
+    K, b = cfg.index_topk, cfg.attention_query_block
+    per_key = 2 * Tq * cfg.index_n_heads * (cfg.index_head_dim + 1)
+    select = per_key * scored_chunks(seq, K, b, context) * max(K, b) if sparse else 0.0
+    kl_keys = {"warmup": seq, "sparse_adapt": K}.get(dsa_mode, 0)
+    formula = " + ".join((["2 Tq S Hi (Di+1)"] if sparse else [])
+                         + ([f"3 x 2 Tq {'L' if dsa_mode == 'warmup' else 'K'} Hi (Di+1)"] if kl_keys else []))
+    return select + per_key * kl_keys, select + 3 * per_key * kl_keys, formula
+
+
 def dense_core(cfg, work: Work, batch: int, seq: int) -> tuple[str, str, float, float]:
     """(name, formula, FLOPs per layer, loop trips a cost analysis folds) of `dsa: dense`'s attention core."""
     H, C, dn, dr, dv = (cfg.num_attention_heads, cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
@@ -204,7 +234,8 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
         core_formula += " x layers"
     indexer_runs = sparse or (dsa_mode in ("warmup", "sparse_adapt") and seq > K)
     trains = 3 if dsa_mode in ("warmup", "sparse_adapt") else 1  # the DSA modes differentiate the indexer's KL
-    idx_proj, idx_scores = 2 * T * (ql * Hi * Di + D * Di + D * Hi), 2 * Tq * seq * Hi * (Di + 1)
+    idx_proj = 2 * T * (ql * Hi * Di + D * Di + D * Hi)
+    idx_forward, idx_scores, idx_formula = indexer_scores(cfg, batch, seq, work.context, dsa_mode)
     micro_tokens = batch // accumulate // work.pipeline_microbatches * seq
     _, tiles = expert_tiles(cfg, work, micro_tokens)
     groups = layer_groups(cfg)
@@ -228,8 +259,8 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
         how = "fwd + bwd (DSA training)" if trains == 3 else "fwd only"
         out += [part(f"indexer projections ({how})", f"{trains} x 2T(ql Hi Di + D Di + D Hi) x full layers",
                      trains * idx_proj * n_idx, scan),
-                part(f"indexer scores ({how})", f"{trains} x 2 Tq L Hi (Di+1) x full layers",
-                     trains * idx_scores * n_idx, scan * blocks)]
+                part("indexer scores (selection, KL)", f"({idx_formula}) x full layers", idx_scores * n_idx,
+                     scan * blocks)]
     k, Fe, E, Fs = cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.n_routed_experts, \
         cfg.shared_intermediate_size
     if n_all - n_moe:
@@ -243,7 +274,7 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
     out.append(part("output head", "6T D V", 6 * T * D * V))
     if mtp_depths:
         layer = 6 * T * (w_attn + 2 * D * D + D * E + 3 * D * (k * Fe + Fs) + D * V) + core + \
-            (trains * (idx_proj + idx_scores) if indexer_runs else 0)
+            (trains * idx_proj + idx_scores if indexer_runs else 0)
         out.append(part("MTP", "depths x (6T(attn + 2D D + D E + 3D(k F + Fs) + D V) + core (+ indexer))",
                         mtp_depths * layer, mtp_depths * core_loops))
     ns = newton_schulz_flops(routes, opt_cfg) if routes and opt_cfg is not None else 0.0
@@ -252,8 +283,8 @@ def analytic_flops(cfg, work: Work, batch: int, seq: int, routes: dict | None = 
         loops = ns / newton_schulz_flops(routes, opt_cfg, once=True)
         out.append(Flops("Muon Newton-Schulz", f"{opt_cfg.ns_steps} x (4 m^2 n + 2 m^3) per matrix", ns, ns_device,
                          loops, model=False))
-    indexer = (idx_proj + idx_scores) * n_idx if indexer_runs else 0.0
-    remat = remat_flops(cfg, core, indexer, idx_scores * n_idx if indexer_runs else 0.0, sparse, T, w_attn,
+    indexer = (idx_proj + idx_forward) * n_idx if indexer_runs else 0.0
+    remat = remat_flops(cfg, core, indexer, idx_forward * n_idx if indexer_runs else 0.0, sparse, T, w_attn,
                         n_all, n_moe)
     if dsa_mode == "dense" and (again := dense_recompute(cfg, work, batch, seq) * (n_all + mtp_depths)):
         out.append(Flops("dense attention blocks' recompute", "B P H (6C+4dr) + 2T(ql H(dn+dr) + C H(dn+dv)) x layers",

@@ -21,22 +21,13 @@ built inside its own `glm5_jax.scopes` name, which is how the compiled loop is r
 from __future__ import annotations
 
 from glm5_jax import scopes
-from glm5_jax.accounting.analytic import dense_pairs
+from glm5_jax.accounting.analytic import dense_pairs, scored_chunks
 
 
 def topk_merge_trips(seq_len: int, topk: int, block: int, context: int = 1) -> float:
-    """Mean trips of the top-k merge loop per query block, over the blocks of all `context` shards."""
-    local = seq_len // context
-    chunk = max(topk, block)
-    n_chunks = -(-seq_len // chunk)
-    block = min(block, local)  # (map_blocks' block of a shard)
-    n_blocks = -(-local // block)
-    trips = []
-    for shard in range(context):
-        for b in range(n_blocks):
-            last = shard * local + min((b + 1) * block, local) - 1  # the block's last real query position
-            trips.append(min(last // chunk + 1, n_chunks) - 1)
-    return sum(trips) / len(trips)
+    """Mean trips of the top-k merge loop per query block, over the blocks of all `context` shards: every chunk
+    the block scores but the first (`analytic.scored_chunks`)."""
+    return scored_chunks(seq_len, topk, block, context) - 1
 
 
 def flash_key_trips(seq_len: int, block: int, context: int = 1) -> float:
