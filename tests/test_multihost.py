@@ -203,7 +203,8 @@ def test_bad_coordinator_and_wrong_process_count_are_one_line(recipe, tmp_path):
     port = free_port()
     procs = [start_process(0, 2, port, recipe, tmp_path / "c", PP),
              start_process(1, 2, port, recipe, tmp_path / "c", PP, JAX_NUM_PROCESSES="3")]
-    outs = [p.communicate(timeout=120)[0] for p in procs]
+    # (each waits for the other up to init_timeout 60 s after starting JAX: minutes on a loaded 2-core machine)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [2, 2], outs
     assert all("process count: the processes disagree (process 0: 2, process 1: 3" in o for o in outs), outs
 
